@@ -1,0 +1,72 @@
+# desanet: the two commands a newcomer needs are `sudo make demo` and `sudo make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV    := .venv
+PY      := $(VENV)/bin/python
+PYTEST  := $(PY) -m pytest
+STAMP   := $(VENV)/.desanet-installed
+
+# Debian packages the gateway and the test tiers need.
+DEB_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-dev \
+	iproute2 iputils-ping nftables iperf3 ethtool build-essential \
+	linux-image-amd64 qemu-system-x86 busybox-static postgresql
+
+.PHONY: setup deb-packages venv build lint test test-unit test-kernel test-vm bench bench-quick demo clean
+
+setup: deb-packages venv build
+
+deb-packages:
+	bash gateway/setup-host.sh $(DEB_PACKAGES)
+
+$(VENV)/bin/python:
+	/usr/bin/python3 -m venv --system-site-packages $(VENV)
+
+# pip runs only when setup.py changed since the last install: a second `make setup` is quick.
+$(STAMP): setup.py pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet --upgrade "pip>=23" "setuptools>=61" wheel "cython>=3.0,<4" "numpy>=1.24,<3"
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+build: $(STAMP)
+	$(PY) setup.py --quiet build_ext --inplace
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+# pytest exits 5 when it collects nothing: every tier here must run tests, so that is a failure.
+define run_pytest
+	rc=0; $(PYTEST) $(1) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: no tests collected in $(1)" >&2; exit 1; fi; exit $$rc
+endef
+
+test-unit: setup
+	$(call run_pytest,tests/unit -m unit)
+
+test-kernel: setup
+	$(call run_pytest,tests/kernel -m kernel)
+
+test-vm: setup
+	$(PY) -m tests.vm.run
+
+bench-quick: setup
+	for m in $$(ls benchmarks/*.py | xargs -n1 basename | sed 's/\.py$$//' | grep -v -e '^__init__$$' -e '^common$$'); do \
+		echo "== benchmarks.$$m --quick"; $(PY) -m benchmarks.$$m --quick --json /tmp/desanet-bench-$$m.json; \
+	done
+
+test: setup lint test-unit test-kernel test-vm bench-quick
+
+bench: setup
+	mkdir -p bench-results
+	for m in $$(ls benchmarks/*.py | xargs -n1 basename | sed 's/\.py$$//' | grep -v -e '^__init__$$' -e '^common$$'); do \
+		echo "== benchmarks.$$m"; $(PY) -m benchmarks.$$m --json bench-results/$$m.json; \
+	done
+
+demo: setup
+	$(VENV)/bin/desanet demo
+
+clean:
+	rm -rf build *.egg-info cython_ext/*.c cython_ext/*.so .mypy_cache .ruff_cache .pytest_cache

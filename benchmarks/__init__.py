@@ -1,0 +1,1 @@
+"""Reproducible benchmarks, each against a named peer measured in the same run."""

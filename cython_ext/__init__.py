@@ -1,0 +1,1 @@
+"""The aggregator hot path in Cython and its pure-Python/numpy twin."""

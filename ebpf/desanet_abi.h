@@ -1,0 +1,59 @@
+/* desanet_abi.h: everything the datapath and its Python side share.
+ *
+ * Included by the BPF program and compiled by the ABI unit test; mirrored in
+ * ebpf/abi.py, whose sizes and offsets that test checks against this file.
+ * Change a struct here and in abi.py together, never one alone.
+ */
+#ifndef DESANET_ABI_H
+#define DESANET_ABI_H
+
+#include <linux/types.h>
+
+/* Slot 0 collects traffic that matches no subscriber. */
+#define DESANET_SLOT_UNMATCHED 0
+/* Subscribers a datapath holds unless configured otherwise (slots 1..capacity). */
+#define DESANET_DEFAULT_CAPACITY 65536
+/* Prefixes per subscriber the LPM trie is sized for (capacity * this). */
+#define DESANET_PREFIXES_PER_SUBSCRIBER 4
+
+/* Map names, as pinned under <bpffs>/desanet/<gateway id>/<interface>/. */
+#define DESANET_MAP_SUBSCRIBERS "subscribers" /* LPM trie: desanet_lpm_key -> __u32 slot */
+#define DESANET_MAP_COUNTERS "counters"       /* per-CPU array: slot -> desanet_counters */
+#define DESANET_MAP_SLOTS "slots"             /* array: slot -> desanet_slot */
+#define DESANET_MAP_SETTINGS "settings"       /* array[1]: desanet_settings */
+
+/* desanet_slot.flags */
+#define DESANET_SLOT_BLOCKED 0x1 /* drop the subscriber's traffic (suspended, blocked) */
+
+/* IPv4 and IPv6 share one trie: an IPv4 address is stored IPv4-mapped
+ * (::ffff:a.b.c.d) with prefixlen + 96. */
+struct desanet_lpm_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/* IP bytes (header + payload, no link layer) and packets, per slot and CPU.
+ * A GSO super-packet counts as the packets it leaves as on the wire. */
+struct desanet_counters {
+	__u64 up_bytes;
+	__u64 up_pkts;
+	__u64 down_bytes;
+	__u64 down_pkts;
+};
+
+/* What the shaper asks of a slot: the HTB classids to put in skb->priority
+ * (0 = leave priority alone, the HTB default class takes it) and flags. */
+struct desanet_slot {
+	__u32 down_classid;
+	__u32 up_classid;
+	__u32 flags;
+	__u32 reserved;
+};
+
+/* Global settings, key 0. */
+struct desanet_settings {
+	__u32 upload_ifindex; /* IFB device carrying the upload HTB tree; 0 = none */
+	__u32 reserved;
+};
+
+#endif /* DESANET_ABI_H */

@@ -1,0 +1,1 @@
+"""The gateway: composition root, configuration, subscriber registry, service loop and CLI."""

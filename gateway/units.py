@@ -1,0 +1,86 @@
+"""Parsing of the units operators write: tc-style rates, byte sizes, durations."""
+
+import re
+
+from gateway.errors import ValidationError
+
+_RATE_UNITS = {
+    "bit": 1,
+    "kbit": 1_000,
+    "mbit": 1_000_000,
+    "gbit": 1_000_000_000,
+    "bps": 8,
+    "kbps": 8_000,
+    "mbps": 8_000_000,
+    "gbps": 8_000_000_000,
+}
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1_000,
+    "mb": 1_000_000,
+    "gb": 1_000_000_000,
+    "tb": 1_000_000_000_000,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
+_TIME_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_NUMBER = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def _split(text: str, what: str) -> tuple[float, str]:
+    match = _NUMBER.match(text)
+    if not match:
+        raise ValidationError(f"{what} {text!r} is not a number with a unit")
+    return float(match.group(1)), match.group(2).lower()
+
+
+def parse_rate_bps(text: str) -> int:
+    """Parse a tc-style rate ("512kbit", "2mbit", "1.5mbit") into bits per second.
+
+    tc's units: `bit`/`kbit`/`mbit`/`gbit` are bits, `bps`/`kbps`/... are bytes.
+    """
+    value, unit = _split(text, "rate")
+    if unit not in _RATE_UNITS:
+        raise ValidationError(f"rate {text!r}: unknown unit {unit!r} (use kbit, mbit, gbit)")
+    rate = int(round(value * _RATE_UNITS[unit]))
+    if rate <= 0:
+        raise ValidationError(f"rate {text!r} must be above zero")
+    return rate
+
+
+def parse_bytes(text: str) -> int:
+    """Parse a byte size ("50GB", "512MiB", "1000") into bytes (GB = 10^9, GiB = 2^30)."""
+    value, unit = _split(text, "size")
+    unit = unit or "b"
+    if unit not in _SIZE_UNITS:
+        raise ValidationError(f"size {text!r}: unknown unit {unit!r} (use MB, GB, TB, GiB)")
+    return int(round(value * _SIZE_UNITS[unit]))
+
+
+def parse_duration_ms(text: str) -> float:
+    """Parse a duration ("600ms", "1s", "250us") into milliseconds."""
+    value, unit = _split(text, "duration")
+    if unit not in _TIME_UNITS:
+        raise ValidationError(f"duration {text!r}: unknown unit {unit!r} (use us, ms, s)")
+    duration = value * _TIME_UNITS[unit]
+    if duration <= 0:
+        raise ValidationError(f"duration {text!r} must be above zero")
+    return duration
+
+
+def format_rate(rate_bps: float) -> str:
+    """Render bits per second for people: "19.2 Mbit/s"."""
+    for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if rate_bps >= scale:
+            return f"{rate_bps / scale:.1f} {unit}"
+    return f"{rate_bps:.0f} bit/s"
+
+
+def format_bytes(count: float) -> str:
+    """Render a byte count for people: "1.25 GB"."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{count:.0f} B"

@@ -1,0 +1,1 @@
+"""Shaping: plans (desired HTB trees), kernel read-back, diff and apply through pyroute2."""

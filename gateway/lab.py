@@ -138,14 +138,18 @@ class Village:
     def popen(self, netns: str, cmd: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
         """Start a process inside `netns`; it is killed by `close()` if still running."""
         proc: subprocess.Popen[bytes] = subprocess.Popen(
-            ["ip", "netns", "exec", netns, *cmd], start_new_session=True, **kwargs  # type: ignore[call-overload]
+            ["ip", "netns", "exec", netns, *cmd],
+            start_new_session=True,
+            **kwargs,  # type: ignore[call-overload]
         )
         self._procs.append(proc)
         return proc
 
     def truth(self, sub: SubscriberHost) -> Truth:
         """Read the nftables ground-truth counters in the subscriber's namespace."""
-        data = json.loads(run(["nft", "-j", "list", "counters", "table", "inet", "desanet_truth"], sub.netns))
+        data = json.loads(
+            run(["nft", "-j", "list", "counters", "table", "inet", "desanet_truth"], sub.netns)
+        )
         counters = {
             item["counter"]["name"]: item["counter"]
             for item in data["nftables"]
@@ -198,7 +202,11 @@ def _no_offloads(dev: str, netns: str) -> None:
     # nftables counts a GSO/GRO super-packet once, as one big IP packet; the
     # datapath counts it as the packets it leaves as. Turning offloads off on
     # the lab's veths makes the ground truth count wire packets too.
-    run(["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off", "tx", "off"], netns, check=False)
+    run(
+        ["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off", "tx", "off"],
+        netns,
+        check=False,
+    )
 
 
 def build_village(n_subscribers: int, offloads: bool = False, tag: str | None = None) -> Village:
@@ -228,11 +236,35 @@ def _build(v: Village, n_subscribers: int, offloads: bool) -> None:
     run(["ip", "netns", "add", v.gw_ns])
     for ns in (v.inet_ns, v.gw_ns):
         run(["ip", "link", "set", "lo", "up"], ns)
-        run(["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"], ns)
+        run(
+            [
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+            ns,
+        )
     gw, inet = v.gw_ns, v.inet_ns
     run(["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"], gw)
 
-    run(["ip", "link", "add", "wan", "netns", gw, "type", "veth", "peer", "name", "uplink", "netns", inet])
+    run(
+        [
+            "ip",
+            "link",
+            "add",
+            "wan",
+            "netns",
+            gw,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "uplink",
+            "netns",
+            inet,
+        ]
+    )
     run(["ip", "addr", "add", f"{GW_WAN_V4}/24", "dev", "wan"], gw)
     run(["ip", "addr", "add", f"{GW_WAN_V6}/64", "dev", "wan", "nodad"], gw)
     run(["ip", "link", "set", "wan", "up"], gw)
@@ -257,8 +289,32 @@ def _build(v: Village, n_subscribers: int, offloads: bool) -> None:
         run(["ip", "netns", "add", ns])
         v.subscribers.append(SubscriberHost(index=i, netns=ns, ipv4=ipv4, ipv6=ipv6, gw_port=port))
         run(["ip", "link", "set", "lo", "up"], ns)
-        run(["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"], ns)
-        run(["ip", "link", "add", port, "netns", gw, "type", "veth", "peer", "name", "eth0", "netns", ns])
+        run(
+            [
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+            ns,
+        )
+        run(
+            [
+                "ip",
+                "link",
+                "add",
+                port,
+                "netns",
+                gw,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns,
+            ]
+        )
         run(["ip", "link", "set", port, "master", "br-lan", "up"], gw)
         run(["ip", "addr", "add", f"{ipv4}/16", "dev", "eth0"], ns)
         run(["ip", "addr", "add", f"{ipv6}/64", "dev", "eth0", "nodad"], ns)
@@ -268,7 +324,12 @@ def _build(v: Village, n_subscribers: int, offloads: bool) -> None:
         if not offloads:
             _no_offloads("eth0", ns)
             _no_offloads(port, gw)
-        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=_TRUTH_RULESET.format(v4=ipv4, v6=ipv6), text=True, check=True)
+        subprocess.run(
+            ["ip", "netns", "exec", ns, "nft", "-f", "-"],
+            input=_TRUTH_RULESET.format(v4=ipv4, v6=ipv6),
+            text=True,
+            check=True,
+        )
     if not offloads:
         _no_offloads("br-lan", gw)
     _wait_for_reachability(v)
@@ -287,9 +348,12 @@ def _wait_for_reachability(v: Village) -> None:
 
 
 def _ping_ok(netns: str, addr: str) -> bool:
-    return subprocess.run(
-        ["ip", "netns", "exec", netns, "ping", "-c1", "-W1", "-q", addr], capture_output=True
-    ).returncode == 0
+    return (
+        subprocess.run(
+            ["ip", "netns", "exec", netns, "ping", "-c1", "-W1", "-q", addr], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 @contextlib.contextmanager

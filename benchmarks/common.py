@@ -1,0 +1,118 @@
+"""What every benchmark shares: arguments, machine description, the table and the JSON file.
+
+A benchmark module builds a `Report`, adds rows (one per measured case, its
+peer measured in the same run) and headline figures (the keys its issue names),
+then calls `report.finish(args)`, which prints the table and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    """The arguments every benchmark takes: --quick and --json FILE."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (make test)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    return parser.parse_args()
+
+
+def machine() -> dict[str, Any]:
+    """Kernel, CPU model and core count, stated in every report."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"kernel": platform.release(), "cpu": cpu, "cores": os.cpu_count() or 1}
+
+
+def timed(fn: Callable[[], object], repeat: int) -> list[float]:
+    """Wall-clock seconds of `repeat` calls of `fn`."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    """Median of a non-empty list."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+@dataclass
+class Report:
+    """Rows of a benchmark table plus its headline figures."""
+
+    name: str
+    columns: list[str]
+    quick: bool = False
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    headline: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, **row: Any) -> None:
+        self.rows.append(row)
+
+    def render(self) -> str:
+        info = machine()
+        lines = [
+            f"benchmark {self.name}{' (quick)' if self.quick else ''}: "
+            f"kernel {info['kernel']}, {info['cpu']}, {info['cores']} cores",
+        ]
+        cells = [[_fmt(row.get(col, "")) for col in self.columns] for row in self.rows]
+        widths = [
+            max(len(c), *(len(r[i]) for r in cells)) if cells else len(c)
+            for i, c in enumerate(self.columns)
+        ]
+        lines.append("  ".join(c.rjust(w) for c, w in zip(self.columns, widths, strict=True)))
+        lines.append("  ".join("-" * w for w in widths))
+        lines.extend("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in cells)
+        if self.headline:
+            lines.append(
+                "headline: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.headline.items())
+            )
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def finish(self, args: argparse.Namespace) -> None:
+        """Print the table; write the JSON file when asked."""
+        print(self.render(), flush=True)
+        if args.json:
+            doc = {
+                "benchmark": self.name,
+                "quick": self.quick,
+                "machine": machine(),
+                "rows": self.rows,
+                "headline": self.headline,
+                "notes": self.notes,
+            }
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value == 0 or abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 1:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
+    return str(value)

@@ -1,0 +1,323 @@
+"""The loader: compile the datapath with BCC, pin its maps, attach it to the LAN interface.
+
+Maps live in bpffs under <bpffs>/desanet/<gateway id>/<lan>/, so a restarted
+loader finds the same counters and keeps counting; `detach()` removes the tc
+filters, the clsact qdisc and the pins, leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import platform
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ebpf import abi, bpf_syscall
+from ebpf.prefixes import KeyTuple, key_of, parse_prefix, prefix_of
+from gateway.errors import DatapathError, ValidationError
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("datapath.bpf.c")
+BPFFS = Path("/sys/fs/bpf")
+# clsact's two hooks, as tc parents.
+PARENT_INGRESS = 0xFFFFFFF2
+PARENT_EGRESS = 0xFFFFFFF3
+FILTER_PRIO = 0xDE5A >> 4  # a fixed priority so a re-attach replaces our own filter
+_GATEWAY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_MS_NOCLOEXEC = 0
+
+
+def _mount_bpffs(root: Path) -> None:
+    if os.path.ismount(root):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", str(root).encode(), b"bpf", _MS_NOCLOEXEC, None) != 0:
+        err = ctypes.get_errno()
+        raise DatapathError(f"cannot mount bpffs at {root}: {os.strerror(err)}")
+
+
+def compile_program(capacity: int, pin_dir: Path) -> Any:
+    """Compile the datapath with BCC for `capacity` subscribers, maps pinned under `pin_dir`."""
+    from bcc import BPF  # imported here: only the kernel side needs BCC
+
+    headers = Path("/lib/modules") / platform.release() / "build"
+    if not (headers / "include").exists():
+        raise DatapathError(
+            f"BCC needs kernel headers at {headers} and finds none: run `sudo make setup`"
+        )
+    cflags = [
+        f"-I{SOURCE.parent}",
+        f"-DDESANET_CAPACITY={capacity}",
+        f'-DDESANET_PIN_DIR="{pin_dir}"',
+        "-Wno-macro-redefined",
+    ]
+    try:
+        return BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+    except Exception as err:  # BCC raises bare Exception on compile and load errors
+        raise DatapathError(f"the datapath did not compile or load: {err}") from err
+
+
+class Datapath:
+    """The metering and steering program of one LAN interface of one gateway."""
+
+    def __init__(
+        self,
+        lan: str,
+        gateway_id: str,
+        *,
+        capacity: int = abi.DEFAULT_CAPACITY,
+        upload_ifb: str | None = None,
+        bpffs: Path = BPFFS,
+    ) -> None:
+        if not _GATEWAY_ID.match(gateway_id):
+            raise ValidationError(
+                f"gateway id {gateway_id!r}: use letters, digits, '.', '_' or '-' (at most 63)"
+            )
+        if not 1 <= capacity <= 4_000_000:
+            raise ValidationError(
+                f"datapath capacity {capacity} must be 1 to 4,000,000 subscribers"
+            )
+        self.lan = lan
+        self.gateway_id = gateway_id
+        self.capacity = capacity
+        self.upload_ifb = upload_ifb
+        self.bpffs = bpffs
+        self.pin_dir = bpffs / "desanet" / gateway_id / lan
+        self._bpf: Any = None
+        self._owner: dict[KeyTuple, int] = {}
+
+    # -- attach / detach -------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Compile, pin and attach; a second attach replaces the program and keeps the counters."""
+        if os.geteuid() != 0:
+            raise DatapathError("attaching the datapath needs root (CAP_BPF and CAP_NET_ADMIN)")
+        with IPRoute() as ipr:
+            lan_index = self._ifindex(ipr, self.lan)
+            upload_index = self._ifindex(ipr, self.upload_ifb) if self.upload_ifb else 0
+        _mount_bpffs(self.bpffs)
+        created_pins = not self.pin_dir.exists()
+        self._check_pinned_capacity()
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            bpf = compile_program(self.capacity, self.pin_dir)
+            ingress = bpf.load_func(b"desanet_ingress", bpf.SCHED_CLS)
+            egress = bpf.load_func(b"desanet_egress", bpf.SCHED_CLS)
+            self._attach_filters(lan_index, ingress, egress)
+        except BaseException:
+            if created_pins:
+                self._unpin()
+            raise
+        self._bpf = bpf
+        self._set_settings(upload_index)
+        self._load_owners()
+        log.info(
+            "datapath attached to %s (capacity %d, maps in %s)",
+            self.lan,
+            self.capacity,
+            self.pin_dir,
+        )
+
+    def detach(self) -> None:
+        """Remove the filters, the clsact qdisc and the pinned maps of this interface."""
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=self.lan)
+            if found:
+                with contextlib.suppress(NetlinkError):
+                    ipr.tc("del", "clsact", found[0])
+        self._bpf = None
+        self._owner.clear()
+        self._unpin()
+        log.info("datapath detached from %s", self.lan)
+
+    @staticmethod
+    def _ifindex(ipr: IPRoute, name: str) -> int:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            raise DatapathError(f"interface {name!r} does not exist")
+        return int(found[0])
+
+    def _check_pinned_capacity(self) -> None:
+        path = self.pin_dir / abi.MAP_COUNTERS
+        if not path.exists():
+            return
+        fd = bpf_syscall.obj_get(str(path))
+        try:
+            shape = bpf_syscall.map_shape(fd)
+        finally:
+            os.close(fd)
+        if shape.max_entries != self.capacity + 1:
+            raise DatapathError(
+                f"the counters pinned at {path} hold {shape.max_entries - 1} subscribers, not "
+                f"{self.capacity}: publish the usage, then `desanet stop --detach` before changing capacity"
+            )
+
+    def _attach_filters(self, index: int, ingress: Any, egress: Any) -> None:
+        with IPRoute() as ipr:
+            created_qdisc = False
+            try:
+                ipr.tc("add", "clsact", index)
+                created_qdisc = True
+            except NetlinkError as err:
+                if err.code != errno.EEXIST:
+                    raise DatapathError(f"cannot add clsact to {self.lan}: {err}") from err
+            try:
+                for parent, fn in ((PARENT_INGRESS, ingress), (PARENT_EGRESS, egress)):
+                    ipr.tc(
+                        "replace-filter",
+                        "bpf",
+                        index,
+                        handle=1,
+                        prio=FILTER_PRIO,
+                        parent=parent,
+                        fd=fn.fd,
+                        name=fn.name.decode(),
+                        direct_action=True,
+                        protocol=0x0003,  # ETH_P_ALL
+                    )
+            except NetlinkError as err:
+                if created_qdisc:
+                    with contextlib.suppress(NetlinkError):
+                        ipr.tc("del", "clsact", index)
+                raise DatapathError(f"cannot attach the datapath to {self.lan}: {err}") from err
+
+    def _unpin(self) -> None:
+        for name in (abi.MAP_SUBSCRIBERS, abi.MAP_COUNTERS, abi.MAP_SLOTS, abi.MAP_SETTINGS):
+            with contextlib.suppress(FileNotFoundError):
+                (self.pin_dir / name).unlink()
+        # Remove the per-interface, per-gateway and desanet directories once empty.
+        for directory in (self.pin_dir, self.pin_dir.parent, self.pin_dir.parent.parent):
+            with contextlib.suppress(FileNotFoundError, OSError):
+                directory.rmdir()
+
+    # -- provisioning --------------------------------------------------------------------------
+
+    def _table(self, name: str) -> Any:
+        if self._bpf is None:
+            raise DatapathError("the datapath is not attached: call attach() first")
+        return self._bpf.get_table(name)
+
+    def _load_owners(self) -> None:
+        self._owner = {
+            (int(k.prefixlen), bytes(k.addr)): int(v.value)
+            for k, v in self._table("subscribers").items()
+        }
+
+    def _check_slot(self, slot: int) -> None:
+        if not 1 <= slot <= self.capacity:
+            raise ValidationError(
+                f"slot {slot} is outside 1..{self.capacity}: the datapath holds {self.capacity} "
+                "subscribers (raise [meter] capacity)"
+            )
+
+    def provision(
+        self,
+        slot: int,
+        prefixes: Sequence[str],
+        down_classid: int = 0,
+        up_classid: int = 0,
+        flags: int = 0,
+    ) -> None:
+        """Map `prefixes` to `slot` and set its classids; all or nothing."""
+        self._check_slot(slot)
+        keys = [key_of(parse_prefix(p)) for p in prefixes]
+        for key in keys:
+            other = self._owner.get(key)
+            if other is not None and other != slot:
+                raise ValidationError(f"prefix {prefix_of(key)} already belongs to slot {other}")
+        new_keys = [k for k in keys if k not in self._owner]
+        limit = self.capacity * abi.PREFIXES_PER_SUBSCRIBER
+        if len(self._owner) + len(new_keys) > limit:
+            raise DatapathError(f"the datapath holds {limit} prefixes and is full")
+        self.set_slot(slot, down_classid, up_classid, flags)
+        table = self._table("subscribers")
+        written: list[KeyTuple] = []
+        try:
+            for key in new_keys:
+                table[self._key(key)] = ctypes.c_uint32(slot)
+                written.append(key)
+                self._owner[key] = slot
+        except Exception as err:
+            for key in written:
+                with contextlib.suppress(KeyError):
+                    del table[self._key(key)]
+                self._owner.pop(key, None)
+            raise DatapathError(f"slot {slot}: cannot store prefixes: {err}") from err
+        # Prefixes the slot had before and no longer lists are withdrawn.
+        wanted = set(keys)
+        for key in [k for k, owner in self._owner.items() if owner == slot and k not in wanted]:
+            del table[self._key(key)]
+            del self._owner[key]
+
+    def set_slot(self, slot: int, down_classid: int, up_classid: int, flags: int = 0) -> None:
+        """Set the HTB classids (0 = default class) and flags of a slot."""
+        if slot != abi.SLOT_UNMATCHED:
+            self._check_slot(slot)
+        table = self._table("slots")
+        table[ctypes.c_uint32(slot)] = abi.Slot(down_classid, up_classid, flags, 0)
+
+    def unprovision(self, slot: int) -> None:
+        """Withdraw a slot's prefixes and classids; its traffic counts as unmatched from now on."""
+        self._check_slot(slot)
+        table = self._table("subscribers")
+        for key in [k for k, owner in self._owner.items() if owner == slot]:
+            del table[self._key(key)]
+            del self._owner[key]
+        self.set_slot(slot, 0, 0, 0)
+
+    def prefixes(self) -> dict[int, list[str]]:
+        """Slot -> the prefixes that map to it, as the kernel holds them."""
+        result: dict[int, list[str]] = {}
+        for key, slot in self._owner.items():
+            result.setdefault(slot, []).append(str(prefix_of(key)))
+        return result
+
+    def _key(self, key: KeyTuple) -> abi.LpmKey:
+        length, addr = key
+        return abi.LpmKey(length, (ctypes.c_uint8 * 16)(*addr))
+
+    def _set_settings(self, upload_ifindex: int) -> None:
+        self._table("settings")[ctypes.c_uint32(0)] = abi.Settings(upload_ifindex, 0)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def read_counters(self) -> npt.NDArray[np.uint64]:
+        """Cumulative counters, summed over CPUs: shape (capacity + 1, 4), columns abi.COUNTER_FIELDS."""
+        table = self._table("counters")
+        out = np.zeros((self.capacity + 1, len(abi.COUNTER_FIELDS)), dtype=np.uint64)
+        for key, per_cpu in table.items_lookup_batch():
+            row = out[int(getattr(key, "value", key))]
+            for cpu_value in per_cpu:
+                row += np.array(
+                    [getattr(cpu_value, f) for f in abi.COUNTER_FIELDS], dtype=np.uint64
+                )
+        return out
+
+    def program_fd(self, name: str) -> int:
+        """File descriptor of one of the program's functions (for BPF_PROG_TEST_RUN)."""
+        if self._bpf is None:
+            raise DatapathError("the datapath is not attached: call attach() first")
+        return int(self._bpf.load_func(name.encode(), self._bpf.SCHED_CLS).fd)
+
+
+@contextlib.contextmanager
+def attached(lan: str, gateway_id: str, **kwargs: Any) -> Iterator[Datapath]:
+    """A datapath attached for the duration of a `with` block, detached after."""
+    datapath = Datapath(lan, gateway_id, **kwargs)
+    datapath.attach()
+    try:
+        yield datapath
+    finally:
+        datapath.detach()

@@ -161,7 +161,8 @@ class Datapath:
         if shape.max_entries != self.capacity + 1:
             raise DatapathError(
                 f"the counters pinned at {path} hold {shape.max_entries - 1} subscribers, not "
-                f"{self.capacity}: publish the usage, then `desanet stop --detach` before changing capacity"
+                f"{self.capacity}: publish the usage, then `desanet stop --detach` before "
+                "changing capacity"
             )
 
     def _attach_filters(self, index: int, ingress: Any, egress: Any) -> None:
@@ -294,7 +295,7 @@ class Datapath:
     # -- reading -------------------------------------------------------------------------------
 
     def read_counters(self) -> npt.NDArray[np.uint64]:
-        """Cumulative counters, summed over CPUs: shape (capacity + 1, 4), columns abi.COUNTER_FIELDS."""
+        """Cumulative counters summed over CPUs: (capacity + 1, 4), columns abi.COUNTER_FIELDS."""
         table = self._table("counters")
         out = np.zeros((self.capacity + 1, len(abi.COUNTER_FIELDS)), dtype=np.uint64)
         for key, per_cpu in table.items_lookup_batch():

@@ -44,7 +44,7 @@ def parse_rate_bps(text: str) -> int:
     value, unit = _split(text, "rate")
     if unit not in _RATE_UNITS:
         raise ValidationError(f"rate {text!r}: unknown unit {unit!r} (use kbit, mbit, gbit)")
-    rate = int(round(value * _RATE_UNITS[unit]))
+    rate = round(value * _RATE_UNITS[unit])
     if rate <= 0:
         raise ValidationError(f"rate {text!r} must be above zero")
     return rate
@@ -56,7 +56,7 @@ def parse_bytes(text: str) -> int:
     unit = unit or "b"
     if unit not in _SIZE_UNITS:
         raise ValidationError(f"size {text!r}: unknown unit {unit!r} (use MB, GB, TB, GiB)")
-    return int(round(value * _SIZE_UNITS[unit]))
+    return round(value * _SIZE_UNITS[unit])
 
 
 def parse_duration_ms(text: str) -> float:

@@ -1,1 +1,1 @@
-"""Usage: counter polling, usage records, journal, ZeroMQ publisher, billing client and collector."""
+"""Usage: counter polling, usage records, journal, ZeroMQ publisher, billing client."""

@@ -1,0 +1,40 @@
+"""Kernel tier: root, network namespaces, the host kernel. Not being root is a failure, not a skip."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.lab import Village, village
+
+
+@pytest.fixture(autouse=True)
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the kernel tier needs root: run `sudo make test`")
+
+
+@pytest.fixture
+def netns_pair() -> Iterator[tuple[str, str]]:
+    """A throwaway namespace holding a veth pair ("dp0" <-> "dp1"); returns (netns, "dp0")."""
+    name = f"dnt{os.getpid() % 100000}x{id(object()) % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(
+            ["ip", "-n", name, "link", "add", "dp0", "type", "veth", "peer", "name", "dp1"], check=True
+        )
+        subprocess.run(["ip", "-n", name, "link", "set", "dp0", "up"], check=True)
+        subprocess.run(["ip", "-n", name, "link", "set", "dp1", "up"], check=True)
+        yield name, "dp0"
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+@pytest.fixture
+def village4() -> Iterator[Village]:
+    """A lab village of four subscribers, offloads off, always removed afterwards."""
+    with village(4) as lab:
+        yield lab

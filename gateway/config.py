@@ -1,0 +1,307 @@
+"""The gateway configuration file (TOML): parsed, checked and turned into typed settings.
+
+Every error is a `ConfigError` naming the file, the line and the field, so an
+operator can fix it without reading code ("gateway.toml:7: [link] down: rate
+'20mbps' ..."). Nothing here touches the kernel.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.errors import ConfigError, ValidationError
+from gateway.units import parse_duration_ms, parse_rate_bps
+
+LEAF_KINDS = ("fq_codel", "cake", "pfifo")
+SUSPEND_MODES = ("wall", "block")
+_GATEWAY_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_IFNAME = re.compile(r"^[A-Za-z0-9._-]{1,15}$")
+_ENDPOINT = re.compile(r"^(tcp://[^\s:]+:[0-9]{1,5}|ipc://\S+)$")
+_LISTEN = re.compile(r"^([^\s:]+|\[[0-9a-fA-F:]+\]):([0-9]{1,5})$")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """Capacity of the shared uplink in each direction."""
+
+    down_bps: int
+    up_bps: int
+
+
+@dataclass(frozen=True)
+class ShapingConfig:
+    """Leaf qdisc wanted under every subscriber class and the path RTT the AQM is tuned for."""
+
+    leaf: str
+    rtt_ms: float
+    headroom: float
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """Usage stream endpoints and their CURVE keys (plaintext only when asked, loopback only)."""
+
+    usage: str
+    replay: str
+    secret_key: Path | None
+    allowed_keys: Path | None
+    plaintext: bool
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """The control endpoint and what suspension and the fair-use throttle mean."""
+
+    endpoint: str
+    suspend: str
+    wall_down_bps: int
+    wall_up_bps: int
+    fair_use_down_bps: int
+    fair_use_up_bps: int
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `desanet run` needs, checked."""
+
+    path: Path
+    gateway_id: str
+    lan: str
+    state_dir: Path
+    capacity: int
+    link: LinkConfig
+    shaping: ShapingConfig
+    interval_ms: int
+    publish: PublishConfig
+    control: ControlConfig
+    metrics_listen: tuple[str, int] | None
+    subscribers_file: Path
+
+
+_SCHEMA: dict[str, tuple[set[str], set[str]]] = {
+    # section: (required keys, optional keys)
+    "gateway": ({"id", "lan", "state_dir"}, {"capacity"}),
+    "link": ({"down", "up"}, set()),
+    "shaping": (set(), {"leaf", "rtt", "headroom"}),
+    "meter": (set(), {"interval"}),
+    "publish": (
+        {"usage", "replay"},
+        {"secret_key", "allowed_keys", "plaintext"},
+    ),
+    "control": (
+        set(),
+        {"endpoint", "suspend", "wall_down", "wall_up", "fair_use_down", "fair_use_up"},
+    ),
+    "metrics": (set(), {"listen"}),
+    "subscribers": ({"file"}, set()),
+}
+_REQUIRED_SECTIONS = ("gateway", "link", "publish", "subscribers")
+
+
+class _Located:
+    """Finds the line of a section or key in the raw TOML text, for error messages."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def line_of(self, section: str, key: str | None = None) -> int | None:
+        current = None
+        header = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]")
+        for number, line in enumerate(self.lines, start=1):
+            match = header.match(line)
+            if match:
+                current = match.group(1)
+                if key is None and current == section:
+                    return number
+                continue
+            if (
+                key is not None
+                and current == section
+                and re.match(rf"^\s*{re.escape(key)}\s*=", line)
+            ):
+                return number
+        return None
+
+    def error(self, section: str, key: str | None, message: str) -> ConfigError:
+        line = self.line_of(section, key) or (self.line_of(section) if key else None)
+        where = f"{self.path}:{line}" if line else str(self.path)
+        field = f"[{section}] {key}" if key else f"[{section}]"
+        return ConfigError(f"{where}: {field}: {message}")
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and check a gateway TOML file; raises ConfigError naming file, line and field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the configuration: {err.strerror}") from err
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Check configuration text read from `path` (relative paths resolve against its folder)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        line = re.search(r"at line (\d+)", str(err))
+        where = f"{path}:{line.group(1)}" if line else str(path)
+        raise ConfigError(f"{where}: not valid TOML: {err}") from err
+    loc = _Located(path, text)
+    for section, value in doc.items():
+        if section not in _SCHEMA:
+            known = ", ".join(f"[{s}]" for s in _SCHEMA)
+            raise loc.error(section, None, f"unknown section (known: {known})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {section} must be a [section], not a value")
+        required, optional = _SCHEMA[section]
+        for key in value:
+            if key not in required | optional:
+                allowed = ", ".join(sorted(required | optional))
+                raise loc.error(section, key, f"unknown field (allowed: {allowed})")
+        for key in sorted(required - value.keys()):
+            raise loc.error(section, None, f"missing field {key!r}")
+    for section in _REQUIRED_SECTIONS:
+        if section not in doc:
+            raise ConfigError(f"{path}: missing section [{section}]")
+    return _build(doc, loc, path)
+
+
+def _build(doc: Mapping[str, Any], loc: _Located, path: Path) -> Config:
+    def get(section: str, key: str, kind: type[T], default: T | None = None) -> T:
+        value = doc.get(section, {}).get(key, default)
+        if (
+            value is None
+            or not isinstance(value, kind)
+            or isinstance(value, bool) != (kind is bool)
+        ):
+            raise loc.error(section, key, f"expected a {kind.__name__}, got {value!r}")
+        return value
+
+    def parsed(section: str, key: str, parse: Callable[[str], T], default: str | None = None) -> T:
+        text = get(section, key, str, default)
+        try:
+            return parse(text)
+        except ValidationError as err:
+            raise loc.error(section, key, str(err)) from err
+
+    gateway_id = get("gateway", "id", str)
+    if not _GATEWAY_ID.match(gateway_id):
+        raise loc.error(
+            "gateway", "id", f"{gateway_id!r}: use lowercase letters, digits and '-' (max 63)"
+        )
+    lan = get("gateway", "lan", str)
+    if not _IFNAME.match(lan):
+        raise loc.error("gateway", "lan", f"{lan!r} is not an interface name")
+    capacity = get("gateway", "capacity", int, 65536)
+    if not 1 <= capacity <= 1 << 20:
+        raise loc.error("gateway", "capacity", f"{capacity} must be between 1 and 1048576")
+    base = path.parent
+    leaf = get("shaping", "leaf", str, "fq_codel")
+    if leaf not in LEAF_KINDS:
+        raise loc.error("shaping", "leaf", f"{leaf!r} is not one of {', '.join(LEAF_KINDS)}")
+    headroom = doc.get("shaping", {}).get("headroom", 0.05)
+    if isinstance(headroom, bool) or not isinstance(headroom, int | float):
+        raise loc.error("shaping", "headroom", f"expected a number, got {headroom!r}")
+    if not 0 <= headroom < 0.5:
+        raise loc.error("shaping", "headroom", f"{headroom} must be in [0, 0.5)")
+    interval_ms = parsed("meter", "interval", parse_duration_ms, "1s")
+    if not 100 <= interval_ms <= 3_600_000:
+        raise loc.error("meter", "interval", f"{interval_ms:g} ms must be between 100ms and 1h")
+    suspend = get("control", "suspend", str, "wall")
+    if suspend not in SUSPEND_MODES:
+        raise loc.error("control", "suspend", f"{suspend!r} is not one of wall, block")
+    control_endpoint = _endpoint(
+        loc, "control", "endpoint", get("control", "endpoint", str, "tcp://127.0.0.1:7572")
+    )
+    publish = _publish(doc, loc, base, get)
+    if publish.plaintext and not _is_loopback(control_endpoint):
+        raise loc.error(
+            "control", "endpoint", f"{control_endpoint!r}: plaintext is only allowed on loopback"
+        )
+    metrics = doc.get("metrics", {}).get("listen")
+    metrics_listen = None
+    if metrics is not None:
+        text = get("metrics", "listen", str)
+        match = _LISTEN.match(text)
+        if not match or not 0 < int(match.group(2)) < 65536:
+            raise loc.error("metrics", "listen", f"{text!r}: use host:port, e.g. 127.0.0.1:9570")
+        metrics_listen = (match.group(1).strip("[]"), int(match.group(2)))
+    return Config(
+        path=path,
+        gateway_id=gateway_id,
+        lan=lan,
+        state_dir=base / get("gateway", "state_dir", str),
+        capacity=capacity,
+        link=LinkConfig(
+            down_bps=parsed("link", "down", parse_rate_bps),
+            up_bps=parsed("link", "up", parse_rate_bps),
+        ),
+        shaping=ShapingConfig(
+            leaf=leaf,
+            rtt_ms=parsed("shaping", "rtt", parse_duration_ms, "100ms"),
+            headroom=headroom,
+        ),
+        interval_ms=int(interval_ms),
+        publish=publish,
+        control=ControlConfig(
+            endpoint=control_endpoint,
+            suspend=suspend,
+            wall_down_bps=parsed("control", "wall_down", parse_rate_bps, "64kbit"),
+            wall_up_bps=parsed("control", "wall_up", parse_rate_bps, "32kbit"),
+            fair_use_down_bps=parsed("control", "fair_use_down", parse_rate_bps, "1mbit"),
+            fair_use_up_bps=parsed("control", "fair_use_up", parse_rate_bps, "256kbit"),
+        ),
+        metrics_listen=metrics_listen,
+        subscribers_file=base / get("subscribers", "file", str),
+    )
+
+
+def _endpoint(loc: _Located, section: str, key: str, value: str) -> str:
+    if not _ENDPOINT.match(value):
+        raise loc.error(section, key, f"{value!r}: use tcp://host:port or ipc://path")
+    return value
+
+
+def _is_loopback(endpoint: str) -> bool:
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
+    return endpoint.startswith("ipc://") or host in ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def _publish(
+    doc: Mapping[str, Any], loc: _Located, base: Path, get: Callable[..., Any]
+) -> PublishConfig:
+    usage = _endpoint(loc, "publish", "usage", get("publish", "usage", str))
+    replay = _endpoint(loc, "publish", "replay", get("publish", "replay", str))
+    plaintext = get("publish", "plaintext", bool, False)
+    section = doc.get("publish", {})
+    secret = section.get("secret_key")
+    allowed = section.get("allowed_keys")
+    if plaintext:
+        for key, endpoint in (("usage", usage), ("replay", replay)):
+            if not _is_loopback(endpoint):
+                raise loc.error(
+                    "publish", key, f"{endpoint!r}: plaintext is only allowed on loopback or ipc"
+                )
+    elif secret is None or allowed is None:
+        raise loc.error(
+            "publish",
+            None,
+            "set secret_key and allowed_keys (see `desanet keygen`), "
+            "or plaintext = true on loopback",
+        )
+    return PublishConfig(
+        usage=usage,
+        replay=replay,
+        secret_key=base / get("publish", "secret_key", str) if secret is not None else None,
+        allowed_keys=base / get("publish", "allowed_keys", str) if allowed is not None else None,
+        plaintext=plaintext,
+    )

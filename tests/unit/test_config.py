@@ -1,0 +1,105 @@
+"""Configuration checks: every error class names the file, the line and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import load_config, parse_config
+from gateway.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+GOOD = """\
+[gateway]
+id = "desa-sukamaju"
+lan = "br-lan"
+state_dir = "state"
+
+[link]
+down = "20mbit"
+up = "5mbit"
+
+[shaping]
+leaf = "fq_codel"
+rtt = "600ms"
+
+[meter]
+interval = "1s"
+
+[publish]
+usage = "tcp://127.0.0.1:7570"
+replay = "tcp://127.0.0.1:7571"
+plaintext = true
+
+[subscribers]
+file = "subscribers.csv"
+"""
+
+
+def parse(text: str) -> object:
+    return parse_config(text, Path("/etc/desanet/gateway.toml"))
+
+
+def test_good_config_parses_with_units_and_paths() -> None:
+    cfg = parse_config(GOOD, Path("/etc/desanet/gateway.toml"))
+    assert cfg.gateway_id == "desa-sukamaju"
+    assert cfg.link.down_bps == 20_000_000 and cfg.link.up_bps == 5_000_000
+    assert cfg.shaping.rtt_ms == 600 and cfg.shaping.leaf == "fq_codel"
+    assert cfg.interval_ms == 1000
+    assert cfg.state_dir == Path("/etc/desanet/state")
+    assert cfg.subscribers_file == Path("/etc/desanet/subscribers.csv")
+    assert cfg.control.suspend == "wall"
+    assert cfg.metrics_listen is None
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('up = "5mbit"', 'up = "5 megabit"', r"gateway.toml:8: \[link\] up: rate '5 megabit'"),
+        ('down = "20mbit"', "down = 20", r"gateway.toml:7: \[link\] down: expected a str"),
+        ('leaf = "fq_codel"', 'leaf = "sfq"', r":11: \[shaping\] leaf: 'sfq' is not one of"),
+        ('rtt = "600ms"', 'rtt = "0ms"', r":12: \[shaping\] rtt: duration '0ms' must be above"),
+        ('interval = "1s"', 'interval = "10ms"', r":15: \[meter\] interval: 10 ms must be"),
+        ('id = "desa-sukamaju"', 'id = "Desa Sukamaju"', r":2: \[gateway\] id: 'Desa Sukamaju'"),
+        ('lan = "br-lan"', 'lan = "a very long interface"', r":3: \[gateway\] lan: .* not an"),
+        ('lan = "br-lan"', 'lna = "br-lan"', r":3: \[gateway\] lna: unknown field"),
+        ('lan = "br-lan"\n', "", r":1: \[gateway\]: missing field 'lan'"),
+        ("[meter]", "[metre]", r":14: \[metre\]: unknown section"),
+        ('interval = "1s"', 'interval = "1s', r"gateway.toml:15: not valid TOML"),
+        ("plaintext = true", "", r"\[publish\]: set secret_key and allowed_keys"),
+        ('usage = "tcp://127.0.0.1:7570"', 'usage = "udp://x"', r":18: \[publish\] usage: 'udp"),
+        (
+            'usage = "tcp://127.0.0.1:7570"',
+            'usage = "tcp://0.0.0.0:7570"',
+            r":18: \[publish\] usage: .* plaintext is only allowed on loopback",
+        ),
+    ],
+)
+def test_each_error_names_file_line_and_field(old: str, new: str, message: str) -> None:
+    assert old in GOOD
+    with pytest.raises(ConfigError, match=message):
+        parse(GOOD.replace(old, new, 1))
+
+
+def test_missing_section_is_named() -> None:
+    text = GOOD.replace('[subscribers]\nfile = "subscribers.csv"\n', "")
+    with pytest.raises(ConfigError, match=r"missing section \[subscribers\]"):
+        parse(text)
+
+
+def test_optional_sections_are_checked() -> None:
+    text = GOOD + '\n[control]\nsuspend = "drop"\n\n[metrics]\nlisten = "nowhere"\n'
+    with pytest.raises(ConfigError, match=r":26: \[control\] suspend: 'drop' is not one of"):
+        parse(text)
+    text = GOOD + '\n[metrics]\nlisten = "nowhere"\n'
+    with pytest.raises(ConfigError, match=r":26: \[metrics\] listen: 'nowhere': use host:port"):
+        parse(text)
+    cfg = parse_config(GOOD + '\n[metrics]\nlisten = "127.0.0.1:9570"\n', Path("g.toml"))
+    assert cfg.metrics_listen == ("127.0.0.1", 9570)
+
+
+def test_unreadable_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nothere.toml: cannot read the configuration"):
+        load_config(tmp_path / "nothere.toml")

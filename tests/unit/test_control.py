@@ -1,0 +1,190 @@
+"""Control state: plans, suspension, quotas and the fair-use throttle, surviving restarts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ebpf.abi import SLOT_BLOCKED
+from gateway.config import ControlConfig, LinkConfig
+from gateway.control import ControlState
+from gateway.errors import ValidationError
+from gateway.registry import Plan, Subscriber
+
+pytestmark = pytest.mark.unit
+
+LINK = LinkConfig(down_bps=20_000_000, up_bps=5_000_000)
+CONTROL = ControlConfig(
+    endpoint="tcp://127.0.0.1:7572",
+    suspend="wall",
+    wall_down_bps=64_000,
+    wall_up_bps=32_000,
+    fair_use_down_bps=1_000_000,
+    fair_use_up_bps=256_000,
+)
+PLAN = Plan(2_000_000, 10_000_000, 500_000, 2_000_000)
+SUBS = {
+    "s1": Subscriber("s1", "A", ("10.0.0.1",), PLAN, 1_000_000),
+    "s2": Subscriber("s2", "B", ("10.0.0.2",), PLAN, None),
+}
+MAY_2026 = 1_779_000_000_000  # 2026-05-17
+JUNE_2026 = 1_781_000_000_000  # 2026-06-09
+
+
+def fits(sub_id: str, plan: Plan) -> None:
+    if plan.down_min_bps > 15_000_000:
+        raise ValidationError(f"subscriber {sub_id}: guaranteed rates exceed the link")
+
+
+def opened(tmp_path: Path) -> ControlState:
+    state = ControlState(tmp_path / "control.journal", CONTROL, LINK)
+    state.open()
+    return state
+
+
+def ask(state: ControlState, request: object, totals: dict[str, int] | None = None) -> dict:
+    totals = totals or {}
+    reply, _ = state.handle(request, SUBS, lambda s: totals.get(s, 0), fits)
+    return reply
+
+
+def test_plan_change_suspend_and_resume(tmp_path: Path) -> None:
+    state = opened(tmp_path)
+    reply = ask(
+        state,
+        {
+            "op": "plan",
+            "sub": "s2",
+            "down_min": "1mbit",
+            "down_max": "4mbit",
+            "up_min": 128_000,
+            "up_max": "1mbit",
+        },
+    )
+    assert reply["ok"] and reply["plan"]["down_max_bps"] == 4_000_000
+    assert state.enforced(SUBS["s2"]).plan == Plan(1_000_000, 4_000_000, 128_000, 1_000_000)
+    assert ask(state, {"op": "suspend", "sub": "s2"})["state"] == "suspended (wall)"
+    walled = state.enforced(SUBS["s2"])
+    assert walled.plan.down_max_bps == 64_000 and walled.plan.down_min_bps == 64_000
+    assert walled.flags == 0
+    ask(state, {"op": "suspend", "sub": "s2", "mode": "block"})
+    assert state.enforced(SUBS["s2"]).flags == SLOT_BLOCKED
+    assert ask(state, {"op": "resume", "sub": "s2"})["state"] == "active"
+    assert state.enforced(SUBS["s2"]).plan.down_max_bps == 4_000_000
+    ask(state, {"op": "plan_reset", "sub": "s2"})
+    assert state.enforced(SUBS["s2"]).plan == PLAN
+
+
+@pytest.mark.parametrize(
+    ("request_", "error"),
+    [
+        ("plan", "a request is a map"),
+        ({"op": "explode", "sub": "s1"}, "unknown op 'explode'"),
+        ({"op": "resume"}, "'sub' must be a subscriber id"),
+        ({"op": "resume", "sub": "s9"}, "unknown subscriber 's9'"),
+        ({"op": "plan", "sub": "s1", "down_min": "1mbit"}, "plan: down_max must be a rate"),
+        (
+            {
+                "op": "plan",
+                "sub": "s1",
+                "down_min": "3mbit",
+                "down_max": "2mbit",
+                "up_min": "1mbit",
+                "up_max": "1mbit",
+            },
+            "plan: down_min is above down_max",
+        ),
+        (
+            {
+                "op": "plan",
+                "sub": "s1",
+                "down_min": "1mbit",
+                "down_max": "30mbit",
+                "up_min": "1mbit",
+                "up_max": "1mbit",
+            },
+            "above the link's 20.0 Mbit/s",
+        ),
+        (
+            {
+                "op": "plan",
+                "sub": "s1",
+                "down_min": "16mbit",
+                "down_max": "20mbit",
+                "up_min": "1mbit",
+                "up_max": "1mbit",
+            },
+            "subscriber s1: guaranteed rates exceed",
+        ),
+        ({"op": "suspend", "sub": "s1", "mode": "drop"}, "suspend mode 'drop'"),
+        ({"op": "quota", "sub": "s1"}, "quota: give 'bytes'"),
+        ({"op": "quota", "sub": "s1", "bytes": -5}, "above zero"),
+        ({"op": "quota", "sub": "s1", "bytes": "many"}, "size 'many'"),
+    ],
+)
+def test_malformed_requests_get_an_error_and_change_nothing(
+    tmp_path: Path, request_: object, error: str
+) -> None:
+    state = opened(tmp_path)
+    reply = ask(state, request_)
+    assert reply["ok"] is False and error in reply["error"]
+    assert state.subs == {}
+
+
+def test_quota_throttles_to_fair_use_and_reset_lifts_it(tmp_path: Path) -> None:
+    state = opened(tmp_path)
+    assert state.check_quotas(SUBS, {"s1": 5_000, "s2": 7_000}, MAY_2026) == []
+    assert state.check_quotas(SUBS, {"s1": 900_000, "s2": 10**12}, MAY_2026 + 1000) == []
+    events = state.check_quotas(SUBS, {"s1": 1_005_000, "s2": 10**12}, MAY_2026 + 2000)
+    assert [(e.sub, e.kind) for e in events] == [("s1", "throttled")]
+    throttled = state.enforced(SUBS["s1"])
+    assert throttled.state == "fair-use"
+    assert throttled.plan == Plan(1_000_000, 1_000_000, 256_000, 256_000)
+    assert state.check_quotas(SUBS, {"s1": 2_000_000}, MAY_2026 + 3000) == []
+    reply = ask(state, {"op": "quota_reset", "sub": "s1"}, {"s1": 2_000_000})
+    assert reply["state"] == "active" and reply["used"] == 0
+    ask(state, {"op": "quota", "sub": "s2", "bytes": "1MB"}, {"s2": 10**12})
+    assert state.enforced(SUBS["s2"]).state == "fair-use"
+    ask(state, {"op": "quota", "sub": "s2", "bytes": None}, {"s2": 10**12})
+    assert state.enforced(SUBS["s2"]).state == "active" and state.quota_of(SUBS["s2"]) is None
+
+
+def test_new_month_starts_a_new_period(tmp_path: Path) -> None:
+    state = opened(tmp_path)
+    state.check_quotas(SUBS, {"s1": 0}, MAY_2026)
+    state.check_quotas(SUBS, {"s1": 2_000_000}, MAY_2026 + 1000)
+    assert state.enforced(SUBS["s1"]).state == "fair-use"
+    events = state.check_quotas(SUBS, {"s1": 2_000_000}, JUNE_2026)
+    assert [e.kind for e in events] == ["period"]
+    assert state.enforced(SUBS["s1"]).state == "active"
+    assert state.get("s1").period == "2026-06" and state.get("s1").period_base == 2_000_000
+
+
+def test_every_change_survives_a_restart_and_a_torn_record(tmp_path: Path) -> None:
+    state = opened(tmp_path)
+    ask(state, {"op": "suspend", "sub": "s2", "mode": "block"})
+    state.check_quotas(SUBS, {"s1": 0, "s2": 0}, MAY_2026)
+    state.check_quotas(SUBS, {"s1": 3_000_000, "s2": 0}, MAY_2026 + 1)
+    ask(
+        state,
+        {
+            "op": "plan",
+            "sub": "s1",
+            "down_min": "1mbit",
+            "down_max": "3mbit",
+            "up_min": "1mbit",
+            "up_max": "1mbit",
+        },
+    )
+    # Simulate a crash in the middle of the next write.
+    state.close()
+    with open(tmp_path / "control.journal", "ab") as f:
+        f.write(b'0badc0de {"kind":"set","sub":"s2","set":{"suspended":nu')
+    again = ControlState(tmp_path / "control.journal", CONTROL, LINK)
+    assert again.enforced(SUBS["s2"]).flags == SLOT_BLOCKED
+    assert again.enforced(SUBS["s1"]).state == "fair-use"
+    assert again.get("s1").plan == Plan(1_000_000, 3_000_000, 1_000_000, 1_000_000)
+    again.open()
+    assert (tmp_path / "control.journal").read_bytes().count(b"\n") == 1
+    assert ControlState(tmp_path / "control.journal", CONTROL, LINK).subs == again.subs

@@ -1,0 +1,111 @@
+"""Subscribers file checks, stable slots and the reload diff."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import LinkConfig
+from gateway.errors import ConfigError
+from gateway.registry import SlotTable, diff, parse_subscribers
+
+pytestmark = pytest.mark.unit
+
+LINK = LinkConfig(down_bps=20_000_000, up_bps=5_000_000)
+HEADER = "id,name,prefixes,down_min,down_max,up_min,up_max,quota\n"
+ROWS = [
+    "s1,Ibu Sari,10.77.0.10 fd77::11,1mbit,20mbit,256kbit,5mbit,50GB",
+    "s2,Pak Budi,10.77.1.0/24,1mbit,2mbit,256kbit,512kbit,",
+    "s3,Warung,10.77.0.12,2mbit,10mbit,512kbit,2mbit,10GB",
+]
+
+
+def parse(rows: list[str], capacity: int = 100) -> list:
+    return parse_subscribers(HEADER + "\n".join(rows) + "\n", Path("subs.csv"), LINK, capacity)
+
+
+def test_good_file_parses() -> None:
+    subs = parse(ROWS)
+    assert [s.id for s in subs] == ["s1", "s2", "s3"]
+    assert subs[0].prefixes == ("10.77.0.10", "fd77::11")
+    assert subs[0].plan.down_max_bps == 20_000_000 and subs[1].plan.up_max_bps == 512_000
+    assert subs[0].quota_bytes == 50 * 10**9 and subs[1].quota_bytes is None
+    assert subs[2].line == 4
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("s4,X,10.77.0.300,1mbit,2mbit,1mbit,1mbit,", r"subs.csv:5: prefixes: subscriber s4: pre"),
+        ("s4,X,10.77.0.0/8,1mbit,2mbit,1mbit,1mbit,", r":5: prefixes: .*not an IPv4/IPv6"),
+        ("s4,X,,1mbit,2mbit,1mbit,1mbit,", r":5: prefixes: subscriber s4: no address"),
+        ("s4,X,10.9.0.1,1mbit,2mbitz,1mbit,1mbit,", r":5: down_max: subscriber s4: rate '2mbitz'"),
+        ("s4,X,10.9.0.1,3mbit,2mbit,1mbit,1mbit,", r":5: down_min: subscriber s4: 3.0 Mbit/s is"),
+        ("s4,X,10.9.0.1,1mbit,2mbit,1mbit,6mbit,", r":5: up_max: .* above the link's 5.0 Mbit/s"),
+        ("s4,X,10.9.0.1,1mbit,2mbit,1mbit,1mbit,lots", r":5: quota: subscriber s4: size 'lots'"),
+        ("s4,X,10.9.0.1,1mbit,2mbit,1mbit,1mbit,0", r":5: quota: .*above zero"),
+        ("s 4,X,10.9.0.1,1mbit,2mbit,1mbit,1mbit,", r":5: id: 's 4' is not an id"),
+        (
+            "s2,X,10.9.0.1,1mbit,2mbit,1mbit,1mbit,",
+            r":5: id: subscriber s2 already defined on line 3",
+        ),
+        ("s4,X,10.9.0.1,1mbit,2mbit,1mbit", r":5: expected 8 columns, found 6"),
+        (
+            "s4,X,10.77.1.7,1mbit,2mbit,1mbit,1mbit,",
+            r":5: prefixes: subscriber s4: prefix 10.77.1.7 overlaps 10.77.1.0/24 of s2",
+        ),
+        (
+            "s4,X,10.1.0.1 10.1.0.1,1mbit,2mbit,1mbit,1mbit,",
+            r":5: prefixes: subscriber s4: prefix 10.1.0.1 overlaps 10.1.0.1 of itself",
+        ),
+        ("s4,X,10.9.0.1,17mbit,20mbit,1mbit,1mbit,", r"down_min: the guaranteed rates add up to"),
+    ],
+)
+def test_each_error_names_line_field_and_subscriber(row: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse([*ROWS, row])
+
+
+def test_header_and_capacity() -> None:
+    with pytest.raises(ConfigError, match=r"subs.csv:1: header must be exactly"):
+        parse_subscribers("id,name\n", Path("subs.csv"), LINK, 10)
+    with pytest.raises(ConfigError, match=r"3 subscribers exceed the datapath capacity of 2"):
+        parse(ROWS, capacity=2)
+
+
+def test_comments_and_blank_lines_are_skipped() -> None:
+    subs = parse(["# a comment", ROWS[0], "", ROWS[1]])
+    assert [s.id for s in subs] == ["s1", "s2"] and subs[1].line == 5
+
+
+def test_diff_names_each_kind_of_change() -> None:
+    old = parse(ROWS)
+    new = parse(
+        [
+            ROWS[0].replace("fd77::11", "fd77::12"),
+            ROWS[1].replace("2mbit,256kbit", "3mbit,256kbit"),
+            "s5,New,10.77.0.99,1mbit,2mbit,256kbit,512kbit,1GB",
+        ]
+    )
+    d = diff(old, new)
+    assert d.added == ("s5",) and d.removed == ("s3",)
+    assert d.readdressed == ("s1",) and d.replanned == ("s2",) and d.requota == ()
+    assert d.summary() == "+1 -1 ~2"
+    assert diff(old, old).empty
+
+
+def test_slots_are_stable_persisted_and_reused_last(tmp_path: Path) -> None:
+    path = tmp_path / "slots.json"
+    table = SlotTable(path, capacity=4)
+    added, freed = table.assign(["a", "b", "c"])
+    assert added == {"a": 1, "b": 2, "c": 3} and freed == {}
+    table.save()
+    again = SlotTable(path, capacity=4)
+    added, freed = again.assign(["c", "a", "d"])
+    assert added == {"d": 4} and freed == {"b": 2}
+    assert again.slots == {"a": 1, "c": 3, "d": 4}
+    added, _ = again.assign(["c", "a", "d", "e"])
+    assert added == {"e": 2}
+    with pytest.raises(ConfigError, match="no free slot for subscriber f"):
+        again.assign(["a", "c", "d", "e", "f"])

@@ -19,7 +19,7 @@ cdef double BITS_PER_MS = 8000.0
 
 
 def sum_cpus(percpu, out):
-    """Sum a (n_slots, n_cpus, 4) uint64 per-CPU read into `out` (n_slots, 4) uint64; returns out."""
+    """Sum a (n_slots, n_cpus, 4) uint64 per-CPU read into `out` (n_slots, 4); returns out."""
     cdef const uint64_t[:, :, ::1] src = percpu
     cdef uint64_t[:, ::1] dst = out
     cdef Py_ssize_t n = src.shape[0], ncpu = src.shape[1], s, cpu
@@ -88,7 +88,7 @@ cdef class Aggregator:
         self.rate = self._rate
 
     def poll(self, cumulative, t_ms):
-        """Account one read of the cumulative counters taken at `t_ms`; returns the slots that moved.
+        """Account the cumulative counters read at `t_ms`; returns how many slots moved.
 
         A row where any counter went backwards restarted (map recreated,
         reboot): its new raw values are the delta, so no byte is lost and no
@@ -162,7 +162,7 @@ cdef class Aggregator:
         self.rate[s, 1] = 0.0
 
     def rebase(self):
-        """The kernel counters restarted at zero (new map, reboot): count the next raw values whole."""
+        """Kernel counters restarted at zero (new map, reboot): count the next raw values whole."""
         self._last_raw.fill(0)
 
     def use_source(self, identity):

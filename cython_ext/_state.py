@@ -14,7 +14,7 @@ import numpy.typing as npt
 from gateway.errors import DesanetError, ValidationError
 
 STATE_VERSION = 1
-# Columns of a counter row (ebpf/abi.py COUNTER_FIELDS): up bytes, up packets, down bytes, down packets.
+# Columns of a counter row, as ebpf/abi.py COUNTER_FIELDS: up bytes/packets, down bytes/packets.
 N_COLUMNS = 4
 # clock[2] bits: a poll happened (clock[0] valid); an interval is open (clock[1] valid).
 CLOCK_POLLED = 1

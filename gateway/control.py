@@ -23,11 +23,21 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import msgpack
+import zmq
+
 from ebpf.abi import SLOT_BLOCKED
 from gateway.config import ControlConfig, LinkConfig
 from gateway.errors import ControlError, StreamError, ValidationError
 from gateway.registry import Plan, Subscriber
 from gateway.units import format_rate, parse_bytes, parse_rate_bps
+from meter.keys import (
+    ClientSecurity,
+    ServerSecurity,
+    secure_client,
+    secure_server,
+    start_authenticator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -275,11 +285,14 @@ class ControlState:
 
 
 _MISSING = object()
+_MALFORMED = object()
 
 
 def _parse(
     request: object, subscribers: Mapping[str, Subscriber]
 ) -> tuple[str, str, Mapping[str, Any]]:
+    if request is _MALFORMED:
+        raise ControlError("malformed: the body is not msgpack")
     if not isinstance(request, dict):
         raise ControlError("a request is a map with 'op' and 'sub'")
     op, sub_id = request.get("op"), request.get("sub")
@@ -347,3 +360,78 @@ def _decode(raw: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+class ControlEndpoint:
+    """The ROUTER socket billing sends requests to: CURVE + ZAP, the usage stream's allowed keys.
+
+    Served from the service loop's thread (`serve_pending`), so requests and
+    polls never race on the control state. A client with an unknown key never
+    gets through the handshake; a malformed request gets an error reply.
+    """
+
+    def __init__(self, endpoint: str, security: ServerSecurity) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.auth = start_authenticator(self.ctx, security)
+        self.sock: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        # libzmq drops a peer sending a bigger frame before it reaches Python.
+        self.sock.maxmsgsize = MAX_REQUEST_BYTES
+        try:
+            secure_server(self.sock, security, endpoint)
+            self.sock.bind(endpoint)
+        except zmq.ZMQError as err:
+            self.close()
+            raise ControlError(f"cannot bind the control endpoint {endpoint}: {err}") from err
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def serve_pending(self, handler: Callable[[object], dict[str, Any]]) -> int:
+        """Answer every request waiting on the socket; returns how many were answered."""
+        served = 0
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return served
+            # REQ peers send [identity, "", body], DEALER peers [identity, body].
+            envelope, body = frames[:-1], frames[-1]
+            if len(frames) not in (2, 3) or (len(frames) == 3 and frames[1] != b""):
+                reply: dict[str, Any] = {"ok": False, "error": "malformed: one body frame expected"}
+            else:
+                reply = handler(_unpack(body))
+            self.sock.send_multipart([*envelope, msgpack.packb(reply)])
+            served += 1
+
+    def close(self) -> None:
+        """Close the socket and stop the authenticator."""
+        self.sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()
+
+
+def _unpack(body: bytes) -> object:
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError):
+        return _MALFORMED
+
+
+def request(
+    endpoint: str, body: dict[str, Any], security: ClientSecurity, timeout_ms: int = 5000
+) -> dict[str, Any]:
+    """Send one control request and return the reply (billing's side; `desanet control`)."""
+    with zmq.Context() as ctx, ctx.socket(zmq.REQ) as sock:
+        sock.linger = 0
+        secure_client(sock, security)
+        sock.connect(endpoint)
+        sock.send(msgpack.packb(body))
+        if not sock.poll(timeout_ms):
+            raise ControlError(
+                f"no reply from {endpoint} within {timeout_ms} ms (gateway down, or this "
+                "client's key is not in allowed_keys)"
+            )
+        reply = msgpack.unpackb(sock.recv(), raw=False)
+    if not isinstance(reply, dict):
+        raise ControlError(f"{endpoint} sent a reply that is not a map")
+    return reply

@@ -1,0 +1,130 @@
+"""Prometheus metrics of the gateway, served over HTTP by prometheus_client.
+
+Every metric is computed from the latest status snapshot when scraped, so a
+scrape never races the service loop. Names (see docs/operations.md):
+
+  desanet_subscriber_bytes_total{subscriber,direction}    delivered IP bytes since provisioning
+  desanet_subscriber_packets_total{subscriber,direction}  IP packets since provisioning
+  desanet_subscriber_rate_bps{subscriber,direction}       smoothed current rate
+  desanet_subscriber_ceiling_bps{subscriber,direction}    enforced plan ceiling
+  desanet_subscriber_period_bytes{subscriber}             usage in the current quota period
+  desanet_subscriber_quota_bytes{subscriber}              quota in force (absent without one)
+  desanet_subscriber_state{subscriber,state}              1 for the current state
+  desanet_link_capacity_bps{direction}, desanet_link_rate_bps{direction}
+  desanet_link_utilisation_ratio{direction}               rate / capacity
+  desanet_leaf_qdisc_info{wanted,in_use}                  1; wanted != in_use means fallback
+  desanet_usage_seq                                       last published usage seq
+  desanet_subscribers                                     subscribers provisioned
+  desanet_control_requests_total{result}                  control requests by ok / refused
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway.status import Snapshot
+
+
+class GatewayCollector(Collector):
+    """Yields the metrics of the latest snapshot and the control request counts."""
+
+    def __init__(self) -> None:
+        self.snapshot: Snapshot | None = None
+        self.packets: dict[str, tuple[int, int]] = {}
+        self.control_requests = {"ok": 0, "refused": 0}
+
+    def update(self, snapshot: Snapshot, packets: dict[str, tuple[int, int]]) -> None:
+        """Take a new snapshot; `packets` maps subscriber id to (up, down) packet totals."""
+        self.snapshot = snapshot
+        self.packets = packets
+
+    def count_request(self, ok: bool) -> None:
+        """Count one control request by its outcome."""
+        self.control_requests["ok" if ok else "refused"] += 1
+
+    def collect(self) -> Iterator[Any]:
+        requests = CounterMetricFamily(
+            "desanet_control_requests", "Control requests by result", labels=["result"]
+        )
+        for result, count in self.control_requests.items():
+            requests.add_metric([result], count)
+        yield requests
+        snap = self.snapshot
+        if snap is None:
+            return
+        sub_labels = ["subscriber", "direction"]
+        byte_total = CounterMetricFamily(
+            "desanet_subscriber_bytes", "Delivered IP bytes since provisioning", labels=sub_labels
+        )
+        pkt_total = CounterMetricFamily(
+            "desanet_subscriber_packets", "IP packets since provisioning", labels=sub_labels
+        )
+        rate = GaugeMetricFamily(
+            "desanet_subscriber_rate_bps", "Smoothed current rate, bit/s", labels=sub_labels
+        )
+        ceiling = GaugeMetricFamily(
+            "desanet_subscriber_ceiling_bps", "Enforced plan ceiling, bit/s", labels=sub_labels
+        )
+        period = GaugeMetricFamily(
+            "desanet_subscriber_period_bytes", "Usage in the quota period", labels=["subscriber"]
+        )
+        quota = GaugeMetricFamily(
+            "desanet_subscriber_quota_bytes", "Quota in force", labels=["subscriber"]
+        )
+        state = GaugeMetricFamily(
+            "desanet_subscriber_state", "1 for the current state", labels=["subscriber", "state"]
+        )
+        for s in snap.subscribers:
+            up_pkts, down_pkts = self.packets.get(s.id, (0, 0))
+            for direction, total, pkts, bps, cap in (
+                ("up", s.up_total, up_pkts, s.up_bps, s.up_max_bps),
+                ("down", s.down_total, down_pkts, s.down_bps, s.down_max_bps),
+            ):
+                byte_total.add_metric([s.id, direction], total)
+                pkt_total.add_metric([s.id, direction], pkts)
+                rate.add_metric([s.id, direction], bps)
+                ceiling.add_metric([s.id, direction], cap)
+            period.add_metric([s.id], s.period_bytes)
+            if s.quota_bytes is not None:
+                quota.add_metric([s.id], s.quota_bytes)
+            state.add_metric([s.id, s.state], 1)
+        yield from (byte_total, pkt_total, rate, ceiling, period, quota, state)
+        capacity = GaugeMetricFamily(
+            "desanet_link_capacity_bps", "Uplink capacity, bit/s", labels=["direction"]
+        )
+        link_rate = GaugeMetricFamily(
+            "desanet_link_rate_bps", "Uplink rate, bit/s", labels=["direction"]
+        )
+        share = GaugeMetricFamily(
+            "desanet_link_utilisation_ratio", "Rate over capacity", labels=["direction"]
+        )
+        for direction, cap_bps, bps in (
+            ("down", snap.link_down_bps, snap.down_bps),
+            ("up", snap.link_up_bps, snap.up_bps),
+        ):
+            capacity.add_metric([direction], cap_bps)
+            link_rate.add_metric([direction], bps)
+            share.add_metric([direction], bps / cap_bps if cap_bps else 0.0)
+        yield from (capacity, link_rate, share)
+        leaf = GaugeMetricFamily(
+            "desanet_leaf_qdisc_info", "Leaf qdisc wanted and in use", labels=["wanted", "in_use"]
+        )
+        leaf.add_metric([snap.leaf_wanted, snap.leaf_in_use], 1)
+        yield leaf
+        yield GaugeMetricFamily("desanet_usage_seq", "Last published usage seq", value=snap.seq)
+        yield GaugeMetricFamily(
+            "desanet_subscribers", "Subscribers provisioned", value=len(snap.subscribers)
+        )
+
+
+def serve(collector: GatewayCollector, host: str, port: int) -> CollectorRegistry:
+    """Serve `collector` on http://host:port/metrics from a daemon thread."""
+    registry = CollectorRegistry()
+    registry.register(collector)
+    start_http_server(port, addr=host, registry=registry)
+    return registry

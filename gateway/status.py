@@ -1,0 +1,138 @@
+"""The operator's view: a status snapshot the service writes every interval, and its table.
+
+The service writes `status.json` in its state directory atomically after each
+poll; `desanet status` renders it (once, or live with --watch). The snapshot
+is plain JSON so other tools (and the demo) can read it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import DesanetError
+from gateway.units import format_bytes, format_rate
+
+STATUS_FILE = "status.json"
+
+
+@dataclass
+class SubscriberStatus:
+    """One row of the status table."""
+
+    id: str
+    name: str
+    slot: int
+    state: str
+    down_max_bps: int
+    up_max_bps: int
+    down_bps: float
+    up_bps: float
+    down_total: int
+    up_total: int
+    period_bytes: int
+    quota_bytes: int | None
+
+
+@dataclass
+class Snapshot:
+    """What the gateway is doing, as of `t_ms`."""
+
+    gateway: str
+    t_ms: int
+    started_ms: int
+    link_down_bps: int
+    link_up_bps: int
+    leaf_wanted: str
+    leaf_in_use: str
+    seq: int
+    subscribers: list[SubscriberStatus]
+    warnings: list[str] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def down_bps(self) -> float:
+        """Download rate of the whole link."""
+        return sum(s.down_bps for s in self.subscribers)
+
+    @property
+    def up_bps(self) -> float:
+        """Upload rate of the whole link."""
+        return sum(s.up_bps for s in self.subscribers)
+
+
+def write_snapshot(state_dir: Path, snapshot: Snapshot) -> None:
+    """Replace status.json atomically (readers never see half a file)."""
+    path = state_dir / STATUS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(snapshot)))
+    os.replace(tmp, path)
+
+
+def read_snapshot(state_dir: Path) -> Snapshot:
+    """Read the latest status.json of a running (or stopped) service."""
+    path = state_dir / STATUS_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise DesanetError(f"{path}: no status yet; is `desanet run` running?") from err
+    except (OSError, ValueError) as err:
+        raise DesanetError(f"{path}: unreadable status ({err})") from err
+    doc["subscribers"] = [SubscriberStatus(**s) for s in doc["subscribers"]]
+    return Snapshot(**doc)
+
+
+def quota_state(row: SubscriberStatus) -> str:
+    """ "-" without a quota, else the share used ("42%") and whether it is passed."""
+    if row.quota_bytes is None:
+        return "-"
+    share = 100.0 * row.period_bytes / row.quota_bytes
+    return f"{share:.0f}% passed" if row.period_bytes >= row.quota_bytes else f"{share:.0f}%"
+
+
+def render(snap: Snapshot, now_ms: int | None = None) -> str:
+    """The status table: the link, then one row per subscriber, then warnings and recent events."""
+    age = "" if now_ms is None else f", {max(0, now_ms - snap.t_ms) / 1000:.0f}s ago"
+    down_share = snap.down_bps / snap.link_down_bps if snap.link_down_bps else 0.0
+    up_share = snap.up_bps / snap.link_up_bps if snap.link_up_bps else 0.0
+    leaf = snap.leaf_in_use
+    if snap.leaf_in_use != snap.leaf_wanted:
+        leaf = f"{snap.leaf_in_use} (fallback: {snap.leaf_wanted} unavailable)"
+    lines = [
+        f"gateway {snap.gateway}: seq {snap.seq}, {len(snap.subscribers)} subscribers{age}",
+        f"link down {format_rate(snap.down_bps)} of {format_rate(snap.link_down_bps)} "
+        f"({down_share:.0%}), up {format_rate(snap.up_bps)} of {format_rate(snap.link_up_bps)} "
+        f"({up_share:.0%}); leaf qdisc {leaf}",
+        "",
+    ]
+    header = ("id", "name", "state", "plan down/up", "down", "up", "period", "quota")
+    rows: list[Sequence[str]] = [header]
+    for s in snap.subscribers:
+        rows.append(
+            (
+                s.id,
+                s.name[:16],
+                s.state,
+                f"{format_rate(s.down_max_bps)}/{format_rate(s.up_max_bps)}",
+                format_rate(s.down_bps),
+                format_rate(s.up_bps),
+                format_bytes(s.period_bytes),
+                quota_state(s)
+                if s.quota_bytes is None
+                else f"{quota_state(s)} of {format_bytes(s.quota_bytes)}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines.extend(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+    lines.extend(f"warning: {w}" for w in snap.warnings)
+    lines.extend(
+        f"event: {e.get('sub', '')} {e.get('kind', '')}: {e.get('detail', '')}"
+        for e in snap.events[-5:]
+    )
+    return "\n".join(lines)

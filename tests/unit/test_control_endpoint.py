@@ -1,0 +1,80 @@
+"""The control endpoint on loopback: only allowed CURVE keys get in; malformed bodies refused."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from gateway.control import ControlEndpoint, request
+from gateway.errors import ControlError
+from meter.keys import ClientSecurity, KeyPair, ServerSecurity
+
+pytestmark = pytest.mark.unit
+
+
+def keypair() -> KeyPair:
+    public, secret = zmq.curve_keypair()
+    return KeyPair(public, secret)
+
+
+SERVER, BILLING, STRANGER = keypair(), keypair(), keypair()
+
+
+@pytest.fixture
+def endpoint() -> Iterator[ControlEndpoint]:
+    security = ServerSecurity(server=SERVER, allowed_clients=frozenset({BILLING.public}))
+    ep = ControlEndpoint("tcp://127.0.0.1:0", security)
+    stop = threading.Event()
+
+    def echo(req: object) -> dict[str, Any]:
+        if isinstance(req, dict):
+            return {"ok": True, "echo": req}
+        return {"ok": False, "error": f"refused {type(req).__name__}"}
+
+    def serve() -> None:
+        while not stop.is_set():
+            if ep.sock.poll(50):
+                ep.serve_pending(echo)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield ep
+    stop.set()
+    thread.join()
+    ep.close()
+
+
+def test_allowed_client_gets_replies(endpoint: ControlEndpoint) -> None:
+    reply = request(
+        endpoint.endpoint, {"op": "show", "sub": "s1"}, ClientSecurity(SERVER.public, BILLING)
+    )
+    assert reply == {"ok": True, "echo": {"op": "show", "sub": "s1"}}
+
+
+def test_unknown_key_and_plaintext_clients_get_nothing(endpoint: ControlEndpoint) -> None:
+    with pytest.raises(ControlError, match="no reply"):
+        request(endpoint.endpoint, {"op": "show"}, ClientSecurity(SERVER.public, STRANGER), 500)
+    with pytest.raises(ControlError, match="no reply"):
+        request(endpoint.endpoint, {"op": "show"}, ClientSecurity(), 500)
+
+
+def test_malformed_frames_get_error_replies(endpoint: ControlEndpoint) -> None:
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        sock.linger = 0
+        sock.curve_serverkey = SERVER.public
+        sock.curve_publickey = BILLING.public
+        sock.curve_secretkey = BILLING.secret
+        sock.connect(endpoint.endpoint)
+        for frames in ([b"\\xc1garbage"], [b"a", b"b"], [msgpack.packb([1, 2])]):
+            sock.send_multipart(frames)
+            assert sock.poll(2000)
+            reply = msgpack.unpackb(sock.recv_multipart()[-1])
+            assert reply["ok"] is False
+        sock.send_multipart([msgpack.packb({"op": "show"})])
+        assert sock.poll(2000)
+        assert msgpack.unpackb(sock.recv_multipart()[-1])["ok"] is True

@@ -1,0 +1,154 @@
+"""Persistence of the aggregator state and the stream's totals, so that seq and
+`*_total` survive kill -9 and reboots.
+
+The aggregator state is a set of named numpy arrays (`Aggregator.state()`).
+Each journal record carries only the rows that changed since the previous
+record (a "state change"), in the same crc-checked write as the message. A
+checkpoint file holds the full state, the per-subscriber totals and the seq
+they correspond to; recovery loads the checkpoint and applies the changes of
+every newer journal record, giving exactly the state after the last journaled
+message. Checkpoints are replaced atomically (write, fsync, rename, fsync dir).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+
+from gateway.errors import StreamError
+from meter.journal import encode_record, scan_records, split_payload
+
+StateArrays = dict[str, npt.NDArray[Any]]
+CHECKPOINT_NAME = "checkpoint.bin"
+
+
+def _full(arr: npt.NDArray[Any]) -> list[Any]:
+    return ["full", arr.dtype.str, list(arr.shape), np.ascontiguousarray(arr).tobytes()]
+
+
+def _array(dtype: str, shape: list[int], data: bytes) -> npt.NDArray[Any]:
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape).copy()
+
+
+def encode_state_change(prev: Mapping[str, npt.NDArray[Any]] | None, new: StateArrays) -> bytes:
+    """The rows of `new` that differ from `prev` (every array in full when there is no `prev`)."""
+    change: dict[str, Any] = {}
+    for name, arr in new.items():
+        old = prev.get(name) if prev is not None else None
+        if old is None or old.shape != arr.shape or old.dtype != arr.dtype or arr.ndim == 0:
+            change[name] = _full(arr)
+            continue
+        diff = old != arr
+        if arr.ndim > 1:
+            diff = diff.reshape(arr.shape[0], -1).any(axis=1)
+        rows = np.flatnonzero(diff)
+        if rows.size:
+            change[name] = [
+                "rows",
+                rows.astype(np.int64).tobytes(),
+                np.ascontiguousarray(arr[rows]).tobytes(),
+            ]
+    if prev is not None:
+        for name in prev:
+            if name not in new:
+                change[name] = ["gone"]
+    return msgpack.packb(change) if change else b""
+
+
+def apply_state_change(state: StateArrays, change: bytes) -> None:
+    """Apply one journal record's state change to `state`, in place."""
+    if not change:
+        return
+    try:
+        items = msgpack.unpackb(change, raw=False)
+        for name, entry in items.items():
+            kind = entry[0]
+            if kind == "full":
+                state[name] = _array(entry[1], entry[2], entry[3])
+            elif kind == "rows":
+                arr = state[name]
+                rows = np.frombuffer(entry[1], dtype=np.int64)
+                values = np.frombuffer(entry[2], dtype=arr.dtype)
+                arr[rows] = values.reshape((rows.size, *arr.shape[1:]))
+            elif kind == "gone":
+                state.pop(name, None)
+            else:
+                raise ValueError(f"unknown entry kind {kind!r}")
+    except (ValueError, TypeError, KeyError, IndexError) as err:
+        raise StreamError(f"journal state change cannot be applied: {err}") from err
+
+
+@dataclass
+class Checkpoint:
+    """Everything recovery needs at one seq: aggregator state, totals per subscriber, last t1."""
+
+    seq: int = 0
+    t1_ms: int = 0
+    state: StateArrays | None = None
+    totals: dict[str, list[int]] = field(default_factory=dict)
+
+    def save(self, directory: Path, gateway_id: str) -> None:
+        """Replace the checkpoint file atomically."""
+        body = msgpack.packb(
+            {
+                "v": 1,
+                "gw": gateway_id,
+                "seq": self.seq,
+                "t1": self.t1_ms,
+                "state": None
+                if self.state is None
+                else {name: _full(arr) for name, arr in self.state.items()},
+                "totals": self.totals,
+            }
+        )
+        path = directory / CHECKPOINT_NAME
+        tmp = path.with_suffix(".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(encode_record(self.seq, body, b""))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise StreamError(f"cannot write checkpoint {path}: {err}") from err
+
+    @classmethod
+    def load(cls, directory: Path, gateway_id: str) -> Checkpoint:
+        """The saved checkpoint, or an empty one (seq 0) when there is none yet."""
+        path = directory / CHECKPOINT_NAME
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return cls()
+        except OSError as err:
+            raise StreamError(f"cannot read checkpoint {path}: {err}") from err
+        records = list(scan_records(data))
+        if len(records) != 1:
+            raise StreamError(f"checkpoint {path} is damaged (crc): move it aside and restart")
+        body = msgpack.unpackb(split_payload(records[0][2])[0], raw=False)
+        if body.get("gw") != gateway_id:
+            raise StreamError(
+                f"checkpoint {path} belongs to gateway {body.get('gw')!r}, not {gateway_id!r}: "
+                "each gateway needs its own state_dir"
+            )
+        state = body["state"]
+        return cls(
+            seq=body["seq"],
+            t1_ms=body["t1"],
+            state=None
+            if state is None
+            else {name: _array(e[1], e[2], e[3]) for name, e in state.items()},
+            totals={k: list(v) for k, v in body["totals"].items()},
+        )

@@ -130,6 +130,17 @@ class Datapath:
             self.pin_dir,
         )
 
+    def open(self) -> None:
+        """Reach the maps of an already attached datapath without touching tc (a second process)."""
+        if not (self.pin_dir / abi.MAP_COUNTERS).exists():
+            raise DatapathError(
+                f"no datapath is attached to {self.lan} for gateway {self.gateway_id} "
+                f"(nothing pinned at {self.pin_dir})"
+            )
+        self._check_pinned_capacity()
+        self._bpf = compile_program(self.capacity, self.pin_dir)
+        self._load_owners()
+
     def detach(self) -> None:
         """Remove the filters, the clsact qdisc and the pinned maps of this interface."""
         with IPRoute() as ipr:
@@ -208,7 +219,7 @@ class Datapath:
     def _table(self, name: str) -> Any:
         if self._bpf is None:
             raise DatapathError("the datapath is not attached: call attach() first")
-        return self._bpf.get_table(name)
+        return self._bpf.get_table(name.encode())
 
     def _load_owners(self) -> None:
         self._owner = {

@@ -66,9 +66,18 @@ class LabError(DesanetError):
     """The namespace lab could not be built (missing tool, not root, kernel refusal)."""
 
 
+def netns_cmd(netns: str, cmd: Sequence[str]) -> list[str]:
+    """`cmd` run inside network namespace `netns`.
+
+    nsenter enters the network namespace only; `ip netns exec` would also
+    remount /sys, hiding the bpffs where the datapath pins its maps.
+    """
+    return ["nsenter", f"--net=/var/run/netns/{netns}", *cmd]
+
+
 def run(cmd: Sequence[str], netns: str | None = None, check: bool = True) -> str:
     """Run a command (inside `netns` when given) and return its standard output."""
-    full = ["ip", "netns", "exec", netns, *cmd] if netns else list(cmd)
+    full = netns_cmd(netns, cmd) if netns else list(cmd)
     proc = subprocess.run(full, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise LabError(f"{' '.join(full)} failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -138,7 +147,7 @@ class Village:
     def popen(self, netns: str, cmd: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
         """Start a process inside `netns`; it is killed by `close()` if still running."""
         proc: subprocess.Popen[bytes] = subprocess.Popen(
-            ["ip", "netns", "exec", netns, *cmd],
+            netns_cmd(netns, cmd),
             start_new_session=True,
             **kwargs,  # type: ignore[call-overload]
         )
@@ -201,12 +210,11 @@ def subscriber_addresses(index: int) -> tuple[str, str]:
 def _no_offloads(dev: str, netns: str) -> None:
     # nftables counts a GSO/GRO super-packet once, as one big IP packet; the
     # datapath counts it as the packets it leaves as. Turning offloads off on
-    # the lab's veths makes the ground truth count wire packets too.
-    run(
-        ["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off", "tx", "off"],
-        netns,
-        check=False,
-    )
+    # the lab's veths makes the ground truth count wire packets too. TCP still
+    # builds super-packets for software GSO unless the device caps them at one
+    # segment, hence gso_max_segs.
+    run(["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off", "tx", "off"], netns)
+    run(["ip", "link", "set", "dev", dev, "gso_max_segs", "1"], netns)
 
 
 def build_village(n_subscribers: int, offloads: bool = False, tag: str | None = None) -> Village:
@@ -325,7 +333,7 @@ def _build(v: Village, n_subscribers: int, offloads: bool) -> None:
             _no_offloads("eth0", ns)
             _no_offloads(port, gw)
         subprocess.run(
-            ["ip", "netns", "exec", ns, "nft", "-f", "-"],
+            netns_cmd(ns, ["nft", "-f", "-"]),
             input=_TRUTH_RULESET.format(v4=ipv4, v6=ipv6),
             text=True,
             check=True,
@@ -350,7 +358,7 @@ def _wait_for_reachability(v: Village) -> None:
 def _ping_ok(netns: str, addr: str) -> bool:
     return (
         subprocess.run(
-            ["ip", "netns", "exec", netns, "ping", "-c1", "-W1", "-q", addr], capture_output=True
+            netns_cmd(netns, ["ping", "-c1", "-W1", "-q", addr]), capture_output=True
         ).returncode
         == 0
     )

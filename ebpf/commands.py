@@ -1,0 +1,92 @@
+"""`desanet datapath ...`: attach, inspect and detach the datapath by hand."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ebpf import abi
+from ebpf.datapath import Datapath
+from gateway.units import format_bytes
+
+
+def register(subparsers: Any) -> None:
+    """Add the `datapath` verb and its sub-verbs."""
+    parser = subparsers.add_parser(
+        "datapath", help="attach, provision, read or detach the datapath"
+    )
+    verbs = parser.add_subparsers(dest="datapath_command", metavar="ACTION")
+    verbs.required = True
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--lan", required=True, help="interface facing the subscribers")
+        p.add_argument("--gateway-id", required=True, help="gateway id (names the pinned maps)")
+        p.add_argument(
+            "--capacity", type=int, default=abi.DEFAULT_CAPACITY, help="subscriber slots"
+        )
+
+    attach = verbs.add_parser(
+        "attach", help="compile and attach (keeps counters of a previous attach)"
+    )
+    common(attach)
+    attach.add_argument("--upload-ifb", help="IFB device carrying the upload HTB tree")
+    attach.set_defaults(func=_attach)
+
+    detach = verbs.add_parser("detach", help="remove filters, clsact qdisc and pinned maps")
+    common(detach)
+    detach.set_defaults(func=_detach)
+
+    provision = verbs.add_parser("provision", help="map prefixes to a subscriber slot")
+    common(provision)
+    provision.add_argument("--slot", type=int, required=True)
+    provision.add_argument(
+        "--prefixes", required=True, help='space-separated, e.g. "10.0.0.5 fd00::5"'
+    )
+    provision.add_argument("--down-classid", type=lambda v: int(v, 0), default=0)
+    provision.add_argument("--up-classid", type=lambda v: int(v, 0), default=0)
+    provision.set_defaults(func=_provision)
+
+    counters = verbs.add_parser("counters", help="print the cumulative counters of every busy slot")
+    common(counters)
+    counters.set_defaults(func=_counters)
+
+
+def _datapath(args: argparse.Namespace, **kwargs: Any) -> Datapath:
+    return Datapath(args.lan, args.gateway_id, capacity=args.capacity, **kwargs)
+
+
+def _attach(args: argparse.Namespace) -> int:
+    datapath = _datapath(args, upload_ifb=args.upload_ifb)
+    datapath.attach()
+    print(f"datapath attached to {args.lan}; maps pinned in {datapath.pin_dir}")
+    return 0
+
+
+def _detach(args: argparse.Namespace) -> int:
+    _datapath(args).detach()
+    print(f"datapath detached from {args.lan}")
+    return 0
+
+
+def _provision(args: argparse.Namespace) -> int:
+    datapath = _datapath(args)
+    datapath.open()
+    datapath.provision(args.slot, args.prefixes.split(), args.down_classid, args.up_classid)
+    print(f"slot {args.slot}: {' '.join(args.prefixes.split())}")
+    return 0
+
+
+def _counters(args: argparse.Namespace) -> int:
+    datapath = _datapath(args)
+    datapath.open()
+    counters = datapath.read_counters()
+    prefixes = datapath.prefixes()
+    print(f"{'slot':>6} {'up':>12} {'up pkts':>10} {'down':>12} {'down pkts':>10}  prefixes")
+    for slot in counters.any(axis=1).nonzero()[0]:
+        up, up_pkts, down, down_pkts = (int(v) for v in counters[slot])
+        names = " ".join(prefixes.get(int(slot), ["(unmatched)" if slot == 0 else "(withdrawn)"]))
+        print(
+            f"{slot:>6} {format_bytes(up):>12} {up_pkts:>10} {format_bytes(down):>12} "
+            f"{down_pkts:>10}  {names}"
+        )
+    return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import numpy as np
+
 from ebpf import abi
 from ebpf.datapath import Datapath
 from gateway.units import format_bytes
@@ -82,7 +84,7 @@ def _counters(args: argparse.Namespace) -> int:
     counters = datapath.read_counters()
     prefixes = datapath.prefixes()
     print(f"{'slot':>6} {'up':>12} {'up pkts':>10} {'down':>12} {'down pkts':>10}  prefixes")
-    for slot in counters.any(axis=1).nonzero()[0]:
+    for slot in np.flatnonzero(counters.any(axis=1)):
         up, up_pkts, down, down_pkts = (int(v) for v in counters[slot])
         names = " ".join(prefixes.get(int(slot), ["(unmatched)" if slot == 0 else "(withdrawn)"]))
         print(

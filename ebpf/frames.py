@@ -83,7 +83,7 @@ def ipv6(src: str, dst: str, proto: int = IPPROTO_UDP, payload_len: int = 18) ->
 
 
 def udp_frame(src: str, dst: str, frame_len: int, vlan: int | None = None) -> tuple[bytes, int]:
-    """A UDP frame of exactly `frame_len` bytes (>= 14 + 28 or 14 + 48); returns (frame, IP bytes)."""
+    """A UDP frame of exactly `frame_len` bytes; returns (frame, IP bytes it carries)."""
     v6 = ipaddress.ip_address(src).version == 6
     overhead = 14 + (4 if vlan is not None else 0) + (40 if v6 else 20) + 8
     if frame_len < overhead:

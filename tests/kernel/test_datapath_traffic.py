@@ -1,4 +1,4 @@
-"""The datapath under real traffic: its counts equal, exactly, nftables in each subscriber's namespace."""
+"""The datapath under real traffic: counts equal nftables in each subscriber namespace, exactly."""
 
 from __future__ import annotations
 

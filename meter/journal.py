@@ -218,9 +218,9 @@ class Journal:
         """Up to `limit` (seq, message) pairs from `seq` on, as they were published."""
         with self._lock:
             firsts = [s.first_seq for s in self._segments]
-            index = bisect.bisect_right(firsts, seq) - 1
+            index = max(0, bisect.bisect_right(firsts, seq) - 1)
             out: list[tuple[int, bytes]] = []
-            while 0 <= index < len(self._segments) and len(out) < limit:
+            while index < len(self._segments) and len(out) < limit:
                 seg = self._segments[index]
                 start = max(seq, seg.first_seq) - seg.first_seq
                 stop = min(len(seg.offsets), start + limit - len(out))

@@ -1,0 +1,163 @@
+"""The journal and state persistence: crc, torn tails, retention, checkpoint + changes = state."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.errors import StreamError
+from meter.journal import HEADER, Journal, Retention
+from meter.state import Checkpoint, apply_state_change, encode_state_change
+
+pytestmark = pytest.mark.unit
+
+
+def _fill(journal: Journal, first: int, count: int, size: int = 100) -> None:
+    for seq in range(first, first + count):
+        journal.append(seq, bytes([seq % 256]) * size, b"state%d" % seq)
+
+
+def _segment(directory: Path) -> Path:
+    return sorted(directory.glob("*.seg"))[-1]
+
+
+def test_records_read_back_exactly_across_segments(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, Retention(segment_bytes=1000))
+    _fill(journal, 1, 50)
+    assert len(list(tmp_path.glob("*.seg"))) > 5
+    assert (journal.first_seq, journal.last_seq) == (1, 50)
+    got = journal.read(7, 30)
+    assert [s for s, _ in got] == list(range(7, 37))
+    assert all(msg == bytes([s % 256]) * 100 for s, msg in got)
+    assert [s for s, _, _ in journal.records_after(45)] == [46, 47, 48, 49, 50]
+    assert journal.read(51, 10) == []
+    journal.close()
+    reopened = Journal(tmp_path, Retention(segment_bytes=1000))
+    assert reopened.last_seq == 50
+    assert [(s, st) for s, _, st in reopened.records_after(48)] == [
+        (49, b"state49"),
+        (50, b"state50"),
+    ]
+
+
+def test_seq_must_follow(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    _fill(journal, 1, 3)
+    with pytest.raises(StreamError, match="seq 5 after 3"):
+        journal.append(5, b"x", b"")
+
+
+@pytest.mark.parametrize("cut", [1, HEADER.size - 1, HEADER.size + 10, 50])
+def test_torn_last_record_is_dropped_not_misread(tmp_path: Path, cut: int) -> None:
+    journal = Journal(tmp_path)
+    _fill(journal, 1, 10)
+    journal.close()
+    seg = _segment(tmp_path)
+    size = seg.stat().st_size
+    os.truncate(seg, size - cut)
+    reopened = Journal(tmp_path)
+    assert reopened.last_seq == 9
+    assert [s for s, _ in reopened.read(1, 100)] == list(range(1, 10))
+    # The next record takes the torn record's seq and place: nothing is left in between.
+    reopened.append(10, b"fresh", b"")
+    assert reopened.read(10, 1) == [(10, b"fresh")]
+    reopened.close()
+    assert Journal(tmp_path).last_seq == 10
+
+
+def test_flipped_bit_in_last_record_fails_its_crc(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    _fill(journal, 1, 5)
+    journal.close()
+    seg = _segment(tmp_path)
+    data = bytearray(seg.read_bytes())
+    data[-3] ^= 0x40
+    seg.write_bytes(bytes(data))
+    assert Journal(tmp_path).last_seq == 4
+
+
+def test_garbage_after_last_record_is_dropped(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    _fill(journal, 1, 5)
+    journal.close()
+    with open(_segment(tmp_path), "ab") as f:
+        f.write(b"\0" * 7)
+    assert Journal(tmp_path).last_seq == 5
+
+
+def test_damage_inside_an_older_segment_is_refused(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, Retention(segment_bytes=1000))
+    _fill(journal, 1, 30)
+    journal.close()
+    oldest = sorted(tmp_path.glob("*.seg"))[0]
+    data = bytearray(oldest.read_bytes())
+    data[HEADER.size + 5] ^= 1
+    oldest.write_bytes(bytes(data))
+    with pytest.raises(StreamError, match="damaged"):
+        Journal(tmp_path, Retention(segment_bytes=1000))
+
+
+def test_retention_keeps_what_the_checkpoint_does_not_cover(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, Retention(max_bytes=3000, segment_bytes=1000))
+    _fill(journal, 1, 60)
+    assert journal.prune(checkpoint_seq=0) == []
+    removed = journal.prune(checkpoint_seq=60)
+    assert removed
+    total = sum(p.stat().st_size for p in tmp_path.glob("*.seg"))
+    assert total <= 3000 + 1000
+    assert journal.last_seq == 60
+    assert journal.first_seq > 1
+    assert journal.read(1, 5)[0][0] == journal.first_seq
+
+
+def test_retention_by_age(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, Retention(max_age_s=60, segment_bytes=1000))
+    _fill(journal, 1, 30)
+    oldest = sorted(tmp_path.glob("*.seg"))[0]
+    os.utime(oldest, (1, 1))
+    assert journal.prune(checkpoint_seq=30) == [oldest]
+
+
+def test_state_changes_rebuild_the_state_exactly() -> None:
+    rng = np.random.default_rng(5)
+    state = {
+        "total": rng.integers(0, 2**63, size=(1000, 4), dtype=np.uint64),
+        "clock": np.array([1, 2, 3], dtype=np.int64),
+    }
+    rebuilt: dict[str, np.ndarray] = {}
+    apply_state_change(rebuilt, encode_state_change(None, state))
+    prev = {k: v.copy() for k, v in state.items()}
+    for step in range(20):
+        rows = rng.choice(1000, size=step * 3, replace=False)
+        state["total"][rows, rng.integers(0, 4)] += np.uint64(7)
+        state["clock"][0] = step
+        change = encode_state_change(prev, state)
+        assert len(change) < 1000 * 4 * 8 // 2
+        apply_state_change(rebuilt, change)
+        prev = {k: v.copy() for k, v in state.items()}
+    state["new"] = np.ones(3, dtype=np.uint8)
+    del state["clock"]
+    apply_state_change(rebuilt, encode_state_change(prev, state))
+    assert rebuilt.keys() == state.keys()
+    for name, arr in state.items():
+        assert np.array_equal(rebuilt[name], arr) and rebuilt[name].dtype == arr.dtype
+    assert encode_state_change(state, state) == b""
+
+
+def test_checkpoint_round_trip_and_gateway_check(tmp_path: Path) -> None:
+    ckpt = Checkpoint(
+        seq=42,
+        t1_ms=1_700_000_000_000,
+        state={"total": np.arange(12, dtype=np.uint64).reshape(3, 4)},
+        totals={"s1": [10, 20]},
+    )
+    ckpt.save(tmp_path, "gw1")
+    back = Checkpoint.load(tmp_path, "gw1")
+    assert (back.seq, back.t1_ms, back.totals) == (42, 1_700_000_000_000, {"s1": [10, 20]})
+    assert back.state is not None and np.array_equal(back.state["total"], ckpt.state["total"])
+    with pytest.raises(StreamError, match="belongs to gateway"):
+        Checkpoint.load(tmp_path, "gw2")
+    assert Checkpoint.load(tmp_path / "none", "gw1").seq == 0

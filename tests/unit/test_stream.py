@@ -215,7 +215,7 @@ def test_snapshot_messages_are_published_periodically(tmp_path: Path) -> None:
 def curve(tmp_path: Path) -> tuple[ServerSecurity, KeyPair, KeyPair]:
     keys = tmp_path / "keys"
     _, server_secret = generate_keypair(keys, "gateway")
-    billing_public, billing_secret = generate_keypair(keys / "allowed", "billing")
+    _, billing_secret = generate_keypair(keys / "allowed", "billing")
     _, intruder_secret = generate_keypair(keys, "intruder")
     security = ServerSecurity(
         server=load_keypair(server_secret),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import msgpack
@@ -53,7 +53,7 @@ def interval(t1: int, slots: list[int], up: list[int], totals: list[int]) -> Usa
 
 def start(
     state_dir: Path, security: ServerSecurity = PLAINTEXT, **kw: int
-) -> Iterator[MeterService]:
+) -> Generator[MeterService, None, None]:
     svc = MeterService(
         "gw1",
         state_dir,

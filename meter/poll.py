@@ -1,0 +1,235 @@
+"""Counter polling: read the datapath's per-CPU counters in one bpf(2) call, feed the aggregator.
+
+`CounterReader` opens the pinned `counters` map by path (no BCC objects
+needed) and reads every slot with BPF_MAP_LOOKUP_BATCH straight into a
+preallocated buffer, then sums the CPUs. `Poller` hands each read to an
+aggregator (cython_ext.load_backend()) with the identity of the map it came
+from, so a recreated map or a reboot rebases the deltas instead of losing or
+inventing bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import time
+from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+import cython_ext
+from ebpf import abi, bpf_syscall
+from gateway.errors import DatapathError
+
+BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPFFS = Path("/sys/fs/bpf")
+POSSIBLE_CPUS = Path("/sys/devices/system/cpu/possible")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+COUNTER_BYTES = ctypes.sizeof(abi.Counters)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _BatchAttr(ctypes.Structure):
+    """The `batch` member of union bpf_attr (BPF_MAP_*_BATCH commands)."""
+
+    _fields_ = [
+        ("in_batch", ctypes.c_uint64),
+        ("out_batch", ctypes.c_uint64),
+        ("keys", ctypes.c_uint64),
+        ("values", ctypes.c_uint64),
+        ("count", ctypes.c_uint32),
+        ("map_fd", ctypes.c_uint32),
+        ("elem_flags", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+def possible_cpus(path: Path = POSSIBLE_CPUS) -> int:
+    """How many CPUs a per-CPU map holds a value for (the kernel's possible CPUs, e.g. "0-3")."""
+    count = 0
+    for part in path.read_text().strip().split(","):
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
+
+
+def counters_path(gateway_id: str, lan: str, bpffs: Path = BPFFS) -> Path:
+    """Where the datapath of `lan` on gateway `gateway_id` pins its counters map."""
+    return bpffs / "desanet" / gateway_id / lan / abi.MAP_COUNTERS
+
+
+def _map_id(fd: int) -> int:
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("map_id:"):
+            return int(line.split()[1])
+    raise DatapathError(f"file descriptor {fd} is not a BPF map")
+
+
+class CounterReader:
+    """Reads all slots of a per-CPU counters map with BPF_MAP_LOOKUP_BATCH into reused buffers."""
+
+    def __init__(
+        self, fd: int, path: Path | None = None, backend: ModuleType | None = None
+    ) -> None:
+        """Take ownership of `fd`, a per-CPU array of struct desanet_counters."""
+        self._fd = fd
+        self.path = path
+        self._pin = self._pin_stat()
+        try:
+            shape = bpf_syscall.map_shape(fd)
+            if (shape.type, shape.key_size, shape.value_size) != (
+                BPF_MAP_TYPE_PERCPU_ARRAY,
+                4,
+                COUNTER_BYTES,
+            ):
+                raise DatapathError(
+                    f"{path or f'map fd {fd}'} is not a per-CPU array of struct desanet_counters "
+                    f"(type {shape.type}, key {shape.key_size} B, value {shape.value_size} B): "
+                    "is the datapath of this version attached?"
+                )
+            self.map_id = _map_id(fd)
+            # Names this map instance across restarts: a new map or a reboot changes it.
+            self.identity = BOOT_ID.read_text().strip().encode() + b"/" + str(self.map_id).encode()
+        except BaseException:
+            os.close(fd)
+            raise
+        self.n_slots = shape.max_entries
+        self.n_cpus = possible_cpus()
+        self._backend = backend or cython_ext.load_backend()
+        self._sum_cpus = self._backend.sum_cpus
+        # Preallocated once: a poll allocates nothing. A per-CPU value is
+        # n_cpus consecutive copies of the 8-byte-aligned struct.
+        self._keys = np.empty(self.n_slots, dtype=np.uint32)
+        self._percpu = np.empty((self.n_slots, self.n_cpus, 4), dtype=np.uint64)
+        self._cumulative = np.empty((self.n_slots, 4), dtype=np.uint64)
+        self._cursor = ctypes.c_uint32(0)
+        self._attr = _BatchAttr(
+            keys=self._keys.ctypes.data,
+            values=self._percpu.ctypes.data,
+            out_batch=ctypes.addressof(self._cursor),
+            map_fd=fd,
+        )
+        self._attr_ref = ctypes.byref(self._attr)
+        self._cursor_addr = ctypes.addressof(self._cursor)
+
+    @classmethod
+    def open(cls, path: Path | str, backend: ModuleType | None = None) -> CounterReader:
+        """Open the counters map pinned at `path`."""
+        path = Path(path)
+        if not path.exists():
+            raise DatapathError(
+                f"no counters pinned at {path}: is the datapath attached (desanet run)?"
+            )
+        return cls(bpf_syscall.obj_get(str(path)), path, backend)
+
+    @classmethod
+    def for_datapath(
+        cls, gateway_id: str, lan: str, bpffs: Path = BPFFS, backend: ModuleType | None = None
+    ) -> CounterReader:
+        """Open the counters of the datapath attached to `lan` on gateway `gateway_id`."""
+        return cls.open(counters_path(gateway_id, lan, bpffs), backend)
+
+    @classmethod
+    def from_fd(cls, fd: int, backend: ModuleType | None = None) -> CounterReader:
+        """Read a map someone else holds open (the reader keeps its own duplicate)."""
+        return cls(os.dup(fd), None, backend)
+
+    def _pin_stat(self) -> tuple[int, int] | None:
+        if self.path is None:
+            return None
+        st = os.stat(self.path)
+        return st.st_dev, st.st_ino
+
+    def repinned(self) -> bool:
+        """True when the pin now names another map (the datapath recreated it): reopen then."""
+        if self.path is None:
+            return False
+        try:
+            return self._pin_stat() != self._pin
+        except FileNotFoundError:
+            return True
+
+    def reopen(self) -> CounterReader:
+        """A reader of the map pinned at this reader's path now; this one is closed."""
+        if self.path is None:
+            raise DatapathError("a reader made from a file descriptor cannot be reopened")
+        fresh = CounterReader.open(self.path, self._backend)
+        self.close()
+        return fresh
+
+    def read_percpu(self) -> npt.NDArray[np.uint64]:
+        """Every slot on every CPU, (n_slots, n_cpus, 4); valid until the next read."""
+        done = 0
+        attr = self._attr
+        while done < self.n_slots:
+            # Resume after the last key read; the first call starts at the map's beginning.
+            attr.in_batch = self._cursor_addr if done else 0
+            attr.keys = self._keys.ctypes.data + done * 4
+            attr.values = self._percpu.ctypes.data + done * self.n_cpus * COUNTER_BYTES
+            attr.count = self.n_slots - done
+            result = _libc.syscall(bpf_syscall.SYS_BPF, BPF_MAP_LOOKUP_BATCH, self._attr_ref, 56)
+            err = ctypes.get_errno() if result < 0 else 0
+            done += attr.count
+            if err == errno.ENOENT or (err == 0 and attr.count == 0):
+                break
+            if err:
+                raise DatapathError(
+                    f"cannot read the counters map ({os.strerror(err)}, errno {err}); "
+                    "batch lookups need Linux 5.6 or newer"
+                )
+        if done != self.n_slots:
+            raise DatapathError(f"the counters map returned {done} of {self.n_slots} slots")
+        return self._percpu
+
+    def read(self) -> npt.NDArray[np.uint64]:
+        """Cumulative counters summed over CPUs, (n_slots, 4) uint64; valid until the next read."""
+        return self._sum_cpus(self.read_percpu(), self._cumulative)
+
+    def close(self) -> None:
+        """Release the map file descriptor."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> CounterReader:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def now_ms() -> int:
+    """Unix time in ms, the clock of usage intervals."""
+    return time.time_ns() // 1_000_000
+
+
+class Poller:
+    """One step of the meter loop: read the counters, account them in the aggregator."""
+
+    def __init__(self, reader: CounterReader, aggregator: Any) -> None:
+        if aggregator.n_slots != reader.n_slots:
+            raise DatapathError(
+                f"the aggregator has {aggregator.n_slots} slots but the counters map "
+                f"{reader.n_slots}: restart with the datapath's capacity"
+            )
+        self.reader = reader
+        self.aggregator = aggregator
+
+    def poll(self, t_ms: int | None = None) -> int:
+        """Read and account the counters; returns how many slots moved since the last poll."""
+        if self.reader.repinned():
+            self.reader = self.reader.reopen()
+        # Checked every poll: the aggregator may have been restored from a journal
+        # written while another map (or another boot) was counting.
+        self.aggregator.use_source(self.reader.identity)
+        cumulative = self.reader.read()
+        return int(self.aggregator.poll(cumulative, now_ms() if t_ms is None else t_ms))

@@ -42,14 +42,16 @@ _SCHEMA = (
         PRIMARY KEY (gw, sub))""",
     """CREATE TABLE IF NOT EXISTS progress (gw TEXT PRIMARY KEY, seq BIGINT NOT NULL)""",
 )
-_INSERT_USAGE = """INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+_INSERT_USAGE = """INSERT INTO usage
+        (gw, seq, t0, t1, sub, up, down, up_pkts, down_pkts, up_total, down_total)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (gw, seq, sub) DO NOTHING"""
 # Totals only move forward in seq: a replayed old message cannot roll them back.
-_UPSERT_TOTALS = """INSERT INTO totals VALUES (?, ?, ?, ?, ?)
+_UPSERT_TOTALS = """INSERT INTO totals (gw, sub, seq, up_total, down_total) VALUES (?, ?, ?, ?, ?)
     ON CONFLICT (gw, sub) DO UPDATE SET seq = excluded.seq,
         up_total = excluded.up_total, down_total = excluded.down_total
     WHERE excluded.seq > totals.seq"""
-_UPSERT_PROGRESS = """INSERT INTO progress VALUES (?, ?)
+_UPSERT_PROGRESS = """INSERT INTO progress (gw, seq) VALUES (?, ?)
     ON CONFLICT (gw) DO UPDATE SET seq = excluded.seq WHERE excluded.seq > progress.seq"""
 
 
@@ -68,10 +70,11 @@ class PeriodUsage:
 class UsageStore:
     """Idempotent storage of usage messages in SQLite or PostgreSQL."""
 
-    def __init__(self, conn: Any, placeholder: str) -> None:
+    def __init__(self, conn: Any, placeholder: str, transaction: Callable[[], Any]) -> None:
         self._conn = conn
         self._ph = placeholder
-        with self._conn:
+        self._transaction = transaction
+        with self._transaction():
             cur = self._conn.cursor()
             for statement in _SCHEMA:
                 cur.execute(statement)
@@ -84,7 +87,8 @@ class UsageStore:
         except sqlite3.Error as err:
             raise ConfigError(f"cannot open SQLite database {path}: {err}") from err
         conn.execute("PRAGMA journal_mode=WAL")
-        return cls(conn, "?")
+        # sqlite3's connection context manager is one transaction: commit, or roll back.
+        return cls(conn, "?", lambda: conn)
 
     @classmethod
     def postgres(cls, dsn: str) -> UsageStore:
@@ -92,10 +96,10 @@ class UsageStore:
         import psycopg  # only collectors given a DSN need the PostgreSQL driver
 
         try:
-            conn = psycopg.connect(dsn)
+            conn = psycopg.connect(dsn, autocommit=True)
         except psycopg.Error as err:
             raise ConfigError(f"cannot connect to PostgreSQL ({dsn}): {err}") from err
-        return cls(conn, "%s")
+        return cls(conn, "%s", conn.transaction)
 
     def _sql(self, statement: str) -> str:
         return statement.replace("?", self._ph)
@@ -126,7 +130,7 @@ class UsageStore:
             (msg.gw, sub, msg.seq, msg.up_total[i], msg.down_total[i])
             for i, sub in enumerate(msg.sub)
         ]
-        with self._conn:
+        with self._transaction():
             cur = self._conn.cursor()
             if not msg.snapshot:
                 cur.executemany(self._sql(_INSERT_USAGE), list(msg.records()))
@@ -137,7 +141,7 @@ class UsageStore:
     def store_snapshot(self, snap: Snapshot) -> None:
         """Take a replay snapshot's totals (after the gateway no longer had the missing seqs)."""
         rows = [(snap.gw, sub, snap.seq, up, down) for sub, (up, down) in snap.totals.items()]
-        with self._conn:
+        with self._transaction():
             cur = self._conn.cursor()
             if rows:
                 cur.executemany(self._sql(_UPSERT_TOTALS), rows)

@@ -1,0 +1,209 @@
+"""The reference collector: idempotent upserts, billing-period report, catching up after downtime.
+
+Every store test runs against SQLite and against a real PostgreSQL server,
+a throwaway cluster started from Debian's postgresql package for this module.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import ConfigError
+from meter.client import UsageClient
+from meter.collector import UsageStore, collect, month_bounds_ms
+from meter.journal import Retention
+from meter.keys import ServerSecurity
+from meter.service import MeterService, StreamConfig
+from meter.wire import UsageMessage
+from tests.unit.test_stream import interval
+
+pytestmark = pytest.mark.unit
+
+PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def postgres_dsn() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster in a temp dir (as the postgres user when run as root)."""
+    if not PG_BIN:
+        pytest.fail("PostgreSQL is not installed: run `make setup` (Debian package postgresql)")
+    bindir = PG_BIN[-1]
+    as_user: list[str] = []
+    tmp = Path(tempfile.mkdtemp(prefix="desanet-pg-"))
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        pw = pwd.getpwnam("postgres")
+        os.chown(tmp, pw.pw_uid, pw.pw_gid)
+    data, port = tmp / "data", _free_port()
+    try:
+        subprocess.run(
+            [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                *as_user,
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(tmp / "log"),
+                "-w",
+                "-o",
+                f"-k {tmp} -p {port} -c listen_addresses=''",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        yield f"host={tmp} port={port} dbname=postgres user=postgres"
+    finally:
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+        )
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UsageStore]:
+    if request.param == "sqlite":
+        st = UsageStore.sqlite(tmp_path / "usage.sqlite")
+    else:
+        dsn = request.getfixturevalue("postgres_dsn")
+        st = UsageStore.postgres(dsn)
+        for table in ("usage", "totals", "progress"):
+            st._conn.execute(f"DELETE FROM {table}")
+    try:
+        yield st
+    finally:
+        st.close()
+
+
+def message(seq: int, t1: int, subs: list[str], up: list[int], totals: list[int]) -> UsageMessage:
+    return UsageMessage(
+        gw="gw1",
+        seq=seq,
+        t0=t1 - 1000,
+        t1=t1,
+        sub=subs,
+        up=up,
+        down=[2 * x for x in up],
+        up_pkts=[1] * len(subs),
+        down_pkts=[1] * len(subs),
+        up_total=totals,
+        down_total=[2 * x for x in totals],
+    )
+
+
+def test_upserts_are_idempotent(store: UsageStore) -> None:
+    m1 = message(1, 1000, ["a", "b"], [10, 20], [10, 20])
+    m2 = message(2, 2000, ["a"], [5], [15])
+    for msg in (m1, m2, m1, m2, m1):
+        store.store(msg)
+    assert store.last_seq("gw1") == 2
+    assert store.totals("gw1") == {"a": (15, 30), "b": (20, 40)}
+    start, end = 0, 10_000
+    rows = {r.sub: r for r in store.report(start, end)}
+    assert (rows["a"].up, rows["a"].down) == (15, 30)
+    assert (rows["b"].up, rows["b"].up_total) == (20, 20)
+
+
+def test_report_is_per_billing_month(store: UsageStore) -> None:
+    nov_start, nov_end = month_bounds_ms("2026-11")
+    store.store(message(1, nov_start, ["a"], [1], [1]))  # ends at midnight: still October
+    store.store(message(2, nov_start + 1000, ["a"], [10], [11]))
+    store.store(message(3, nov_end, ["a"], [100], [111]))  # ends at the last instant of November
+    store.store(message(4, nov_end + 1000, ["a"], [1000], [1111]))
+    (row,) = store.report(nov_start, nov_end)
+    assert (row.sub, row.up, row.down, row.up_total) == ("a", 110, 220, 1111)
+
+
+def test_month_bounds() -> None:
+    assert month_bounds_ms("2026-12") == (1_796_083_200_000, 1_798_761_600_000)
+    with pytest.raises(ConfigError, match="YYYY-MM"):
+        month_bounds_ms("2026-13")
+
+
+def test_collector_catches_up_after_being_offline(tmp_path: Path, store: UsageStore) -> None:
+    svc = MeterService(
+        "gw1",
+        tmp_path / "state",
+        StreamConfig(
+            "tcp://127.0.0.1:*",
+            "tcp://127.0.0.1:*",
+            ServerSecurity(plaintext=True),
+            snapshot_every=7,
+        ),
+        {1: "s1", 2: "s2"},
+    )
+    expected = {"s1": 0, "s2": 0}
+
+    def publish(n: int) -> None:
+        for _ in range(n):
+            expected["s1"] += 3
+            expected["s2"] += 5
+            svc.publish(
+                interval(svc.last_seq * 1000 + 1000, [1, 2], [3, 5], list(expected.values())), {}
+            )
+
+    def run_collector() -> int:
+        with UsageClient(svc.usage_endpoint, svc.replay_endpoint, gateway_id="gw1") as client:
+            return collect(client, store, idle_timeout_ms=500)
+
+    try:
+        publish(10)
+        run_collector()
+        first = store.last_seq("gw1")
+        assert first == svc.last_seq
+        publish(25)  # the collector is offline
+        assert run_collector() == svc.last_seq - first
+        assert store.totals("gw1") == {k: (v, 2 * v) for k, v in expected.items()}
+        (s1,) = [r for r in store.report(0, 10**12) if r.sub == "s1"]
+        assert s1.up == expected["s1"]
+    finally:
+        svc.close()
+
+
+def test_collector_resyncs_from_a_snapshot_when_history_is_gone(
+    tmp_path: Path, store: UsageStore
+) -> None:
+    svc = MeterService(
+        "gw1",
+        tmp_path / "state",
+        StreamConfig(
+            "tcp://127.0.0.1:*",
+            "tcp://127.0.0.1:*",
+            ServerSecurity(plaintext=True),
+            retention=Retention(max_bytes=2000, segment_bytes=500),
+            checkpoint_every=5,
+            snapshot_every=10**9,
+        ),
+        {1: "s1"},
+    )
+    try:
+        for t in range(1, 60):
+            svc.publish(interval(t * 1000, [1], [1], [t]), {})
+        assert svc.journal.first_seq > 1
+        with UsageClient(svc.usage_endpoint, svc.replay_endpoint) as client:
+            collect(client, store, "gw1", idle_timeout_ms=300)
+        assert store.totals("gw1") == {"s1": (59, 118)}
+        assert store.last_seq("gw1") == svc.last_seq
+    finally:
+        svc.close()

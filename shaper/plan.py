@@ -1,0 +1,341 @@
+"""Plans: from the link and every subscriber's rates, the desired HTB tree of each direction.
+
+Each direction has one tree: download on the LAN interface's egress, upload
+on the IFB device the datapath redirects LAN ingress to. In each tree:
+
+- class M:1 is the root, at the link rate less the headroom, so the queue
+  forms here and not in the modem;
+- class M:f is the default, for traffic of no subscriber (slot 0): a small
+  guaranteed rate (1 % of the root, at least 16 kbit/s), ceiling the root;
+- subscriber slot s has class M:(s + 0xf), rate = its min, ceil = min(max,
+  root), and a leaf qdisc whose handle major is that class minor.
+
+Class ids depend only on the slot, so they are stable across reloads.
+Validation happens here, before anything touches the kernel, and every error
+names the subscriber.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from gateway.errors import ValidationError
+from gateway.units import format_rate, parse_rate_bps
+from shaper import leaf as leafmod
+from shaper.tree import (
+    DEFAULT_MINOR,
+    DOWN_MAJOR,
+    MAX_SLOT,
+    ROOT_MINOR,
+    SLOT_MINOR_OFFSET,
+    UP_MAJOR,
+    HtbClass,
+    HtbRoot,
+    LeafQdisc,
+    Tree,
+    leaf_handle,
+    make_handle,
+)
+
+DIRECTIONS = ("down", "up")
+R2Q = 10
+# The kernel warns outside 1000..200000 bytes; one MTU is the useful floor.
+QUANTUM_MIN = 1600
+QUANTUM_MAX = 200_000
+# Burst = 1 ms at the rate plus one MTU: what tc picks by default, and enough
+# for HTB's hrtimer-driven dequeue to reach the rate.
+BURST_EXTRA_BYTES = 1600
+DEFAULT_CLASS_MIN_BPS = 16_000
+PSCHED_TICK_NS = 64
+DEFAULT_PRIO = 1
+
+
+def classids_for_slot(slot: int) -> tuple[int, int]:
+    """(download class id, upload class id) for skb->priority; slot 0 gives the default classes."""
+    if slot == 0:
+        minor = DEFAULT_MINOR
+    elif 1 <= slot <= MAX_SLOT:
+        minor = slot + SLOT_MINOR_OFFSET
+    else:
+        raise ValidationError(f"slot {slot} is outside the class id space 1..{MAX_SLOT}")
+    return make_handle(DOWN_MAJOR, minor), make_handle(UP_MAJOR, minor)
+
+
+@dataclass(frozen=True)
+class Link:
+    """The shared uplink: its rates in bit/s and the share kept free so the modem never queues."""
+
+    down_bps: int
+    up_bps: int
+    headroom: float = 0.05
+
+    def rate_bps(self, direction: str) -> int:
+        return self.down_bps if direction == "down" else self.up_bps
+
+    def shaped_bps(self, direction: str) -> int:
+        """The root class rate: the link less the headroom."""
+        return int(self.rate_bps(direction) * (1.0 - self.headroom))
+
+
+@dataclass(frozen=True)
+class SubscriberPlan:
+    """One subscriber's guaranteed (min) and ceiling (max) rates in bit/s, and its datapath slot."""
+
+    id: str
+    slot: int
+    down_min_bps: int
+    down_max_bps: int
+    up_min_bps: int
+    up_max_bps: int
+
+    @classmethod
+    def from_text(
+        cls, id: str, slot: int, down_min: str, down_max: str, up_min: str, up_max: str
+    ) -> SubscriberPlan:
+        """Build from tc-style rate strings ("512kbit"); errors name the subscriber."""
+        rates = []
+        for what, text in (
+            ("down_min", down_min),
+            ("down_max", down_max),
+            ("up_min", up_min),
+            ("up_max", up_max),
+        ):
+            try:
+                rates.append(parse_rate_bps(text))
+            except ValidationError as err:
+                raise ValidationError(f"subscriber {id}: {what}: {err}") from None
+        return cls(id, slot, *rates)
+
+    def rates_bps(self, direction: str) -> tuple[int, int]:
+        if direction == "down":
+            return self.down_min_bps, self.down_max_bps
+        return self.up_min_bps, self.up_max_bps
+
+
+def _ticks(burst_bytes: int, rate_bytes_ps: int) -> int:
+    return burst_bytes * 1_000_000_000 // (rate_bytes_ps * PSCHED_TICK_NS)
+
+
+@lru_cache(maxsize=4096)
+def htb_class(
+    classid: int, parent: int, rate_bytes_ps: int, ceil_bytes_ps: int, prio: int
+) -> HtbClass:
+    """An HTB class with quantum and bursts derived from its rates (cached: plans share tiers)."""
+    quantum = min(QUANTUM_MAX, max(QUANTUM_MIN, rate_bytes_ps // R2Q))
+    return HtbClass(
+        classid=classid,
+        parent=parent,
+        rate_bytes_ps=rate_bytes_ps,
+        ceil_bytes_ps=ceil_bytes_ps,
+        buffer_ticks=_ticks(rate_bytes_ps // 1000 + BURST_EXTRA_BYTES, rate_bytes_ps),
+        cbuffer_ticks=_ticks(ceil_bytes_ps // 1000 + BURST_EXTRA_BYTES, ceil_bytes_ps),
+        quantum=quantum,
+        prio=prio,
+    )
+
+
+@lru_cache(maxsize=4096)
+def _options(kind: str, rate: int, ceil: int, rtt_ms: float) -> tuple[tuple[str, int], ...]:
+    return leafmod.leaf_options(kind, rate, ceil, rtt_ms)
+
+
+def _leaf(kind: str, cls: HtbClass, rtt_ms: float) -> LeafQdisc:
+    options = _options(kind, cls.rate_bytes_ps, cls.ceil_bytes_ps, rtt_ms)
+    return LeafQdisc(leaf_handle(cls.classid), cls.classid, kind, options)
+
+
+@dataclass
+class Plan:
+    """The desired trees of both directions, with the inputs they came from.
+
+    `with_subscriber`/`without_subscriber` derive a new plan in time flat in
+    the number of subscribers (beyond copying dicts), sharing the untouched
+    classes, which lets the shaper diff a one-subscriber change cheaply.
+    """
+
+    link: Link
+    leaf: str
+    rtt_ms: float
+    subscribers: dict[str, SubscriberPlan]
+    down: Tree
+    up: Tree
+    min_sum_bps: dict[str, int] = field(default_factory=dict)
+
+    def tree(self, direction: str) -> Tree:
+        return self.down if direction == "down" else self.up
+
+    def with_subscriber(self, sub: SubscriberPlan) -> Plan:
+        """A copy of this plan where `sub` is added or replaces the subscriber of the same id."""
+        new = self._copy()
+        old = new.subscribers.get(sub.id)
+        if old is not None:
+            new._drop(old)
+        for other in self.subscribers.values():
+            if other.slot == sub.slot and other.id != sub.id:
+                raise ValidationError(
+                    f"subscriber {sub.id}: slot {sub.slot} is already {other.id}'s"
+                )
+        new._add(sub)
+        return new
+
+    def without_subscriber(self, sub_id: str) -> Plan:
+        """A copy of this plan without subscriber `sub_id`."""
+        if sub_id not in self.subscribers:
+            raise ValidationError(f"subscriber {sub_id}: not in the plan")
+        new = self._copy()
+        new._drop(new.subscribers[sub_id])
+        return new
+
+    def with_leaf(self, kind: str) -> Plan:
+        """The same classes with `kind` leaves (used when the kernel lacks the requested kind)."""
+        leafmod.check_leaf_kind(kind)
+        new = self._copy()
+        for direction in DIRECTIONS:
+            tree = new.tree(direction)
+            tree.leaves = {cid: _leaf(kind, tree.classes[cid], self.rtt_ms) for cid in tree.leaves}
+        return new
+
+    def _copy(self) -> Plan:
+        return Plan(
+            self.link,
+            self.leaf,
+            self.rtt_ms,
+            dict(self.subscribers),
+            self.down.copy(),
+            self.up.copy(),
+            dict(self.min_sum_bps),
+        )
+
+    def leaf_in_plan(self) -> str:
+        """The leaf kind the trees of this plan use."""
+        for leaf in self.down.leaves.values():
+            return leaf.kind
+        return self.leaf
+
+    def _add(self, sub: SubscriberPlan) -> None:
+        _check_subscriber(sub, self.link)
+        kind = self.leaf_in_plan()
+        for direction, major in (("down", DOWN_MAJOR), ("up", UP_MAJOR)):
+            lo, hi = sub.rates_bps(direction)
+            shaped = self.link.shaped_bps(direction)
+            total = self.min_sum_bps[direction] + lo
+            if total > shaped - _default_min_bps(shaped):
+                raise ValidationError(
+                    f"subscriber {sub.id}: its {_NAMES[direction]} min {format_rate(lo)} brings "
+                    f"the sum of guaranteed rates to {format_rate(total)}, above the "
+                    f"{format_rate(shaped - _default_min_bps(shaped))} the link can guarantee "
+                    f"({format_rate(self.link.rate_bps(direction))} less "
+                    f"{self.link.headroom:.0%} headroom and the unmatched-traffic class)"
+                )
+            self.min_sum_bps[direction] = total
+            tree = self.tree(direction)
+            classid = make_handle(major, sub.slot + SLOT_MINOR_OFFSET)
+            cls = htb_class(
+                classid, make_handle(major, ROOT_MINOR), lo // 8, min(hi, shaped) // 8, 0
+            )
+            tree.classes[classid] = cls
+            tree.leaves[classid] = _leaf(kind, cls, self.rtt_ms)
+        self.subscribers[sub.id] = sub
+
+    def _drop(self, sub: SubscriberPlan) -> None:
+        for direction, major in (("down", DOWN_MAJOR), ("up", UP_MAJOR)):
+            classid = make_handle(major, sub.slot + SLOT_MINOR_OFFSET)
+            tree = self.tree(direction)
+            del tree.classes[classid]
+            del tree.leaves[classid]
+            self.min_sum_bps[direction] -= sub.rates_bps(direction)[0]
+        del self.subscribers[sub.id]
+
+
+_NAMES = {"down": "download", "up": "upload"}
+
+
+def _default_min_bps(shaped_bps: int) -> int:
+    return max(DEFAULT_CLASS_MIN_BPS, shaped_bps // 100)
+
+
+def _check_subscriber(sub: SubscriberPlan, link: Link) -> None:
+    if not sub.id:
+        raise ValidationError(f"subscriber in slot {sub.slot} has an empty id")
+    if not 1 <= sub.slot <= MAX_SLOT:
+        raise ValidationError(
+            f"subscriber {sub.id}: slot {sub.slot} is outside 1..{MAX_SLOT}: "
+            f"the HTB class id space is exhausted"
+        )
+    for direction in DIRECTIONS:
+        lo, hi = sub.rates_bps(direction)
+        name = _NAMES[direction]
+        if lo < 8 or hi < 8:
+            raise ValidationError(f"subscriber {sub.id}: {name} rates must be at least 8 bit/s")
+        if lo > hi:
+            raise ValidationError(
+                f"subscriber {sub.id}: {name} min {format_rate(lo)} is above its max "
+                f"{format_rate(hi)}"
+            )
+        if hi > link.rate_bps(direction):
+            raise ValidationError(
+                f"subscriber {sub.id}: {name} max {format_rate(hi)} is above the link's "
+                f"{format_rate(link.rate_bps(direction))}"
+            )
+
+
+def _check_link(link: Link) -> None:
+    if not 0.0 <= link.headroom < 0.5:
+        raise ValidationError(f"link headroom {link.headroom} must be within 0 .. 0.5")
+    for direction in DIRECTIONS:
+        shaped = link.shaped_bps(direction)
+        if shaped < 2 * _default_min_bps(shaped) or shaped // 8 >= 1 << 32:
+            raise ValidationError(
+                f"link {_NAMES[direction]} rate {format_rate(link.rate_bps(direction))} "
+                f"is outside what the shaper supports (64 kbit/s .. 34 Gbit/s)"
+            )
+
+
+def _empty_tree(link: Link, direction: str, major: int, kind: str, rtt_ms: float) -> Tree:
+    shaped = link.shaped_bps(direction)
+    root_id = make_handle(major, ROOT_MINOR)
+    root_cls = htb_class(root_id, make_handle(major, 0), shaped // 8, shaped // 8, 0)
+    default_id = make_handle(major, DEFAULT_MINOR)
+    default_cls = htb_class(
+        default_id, root_id, _default_min_bps(shaped) // 8, shaped // 8, DEFAULT_PRIO
+    )
+    return Tree(
+        root=HtbRoot(handle=make_handle(major, 0), default_minor=DEFAULT_MINOR, r2q=R2Q),
+        classes={root_id: root_cls, default_id: default_cls},
+        leaves={default_id: _leaf(kind, default_cls, rtt_ms)},
+    )
+
+
+def build_plan(
+    link: Link,
+    subscribers: Sequence[SubscriberPlan] | Iterable[SubscriberPlan],
+    leaf: str = "fq_codel",
+    rtt_ms: float = 100.0,
+) -> Plan:
+    """Validate the inputs and compute the desired trees of both directions."""
+    leafmod.check_leaf_kind(leaf)
+    if not 1.0 <= rtt_ms <= 10_000.0:
+        raise ValidationError(f"path RTT {rtt_ms} ms must be within 1 ms .. 10 s")
+    _check_link(link)
+    plan = Plan(
+        link=link,
+        leaf=leaf,
+        rtt_ms=rtt_ms,
+        subscribers={},
+        down=_empty_tree(link, "down", DOWN_MAJOR, leaf, rtt_ms),
+        up=_empty_tree(link, "up", UP_MAJOR, leaf, rtt_ms),
+        min_sum_bps={"down": 0, "up": 0},
+    )
+    slots: dict[int, str] = {}
+    for sub in subscribers:
+        if sub.id in plan.subscribers:
+            raise ValidationError(f"subscriber {sub.id}: duplicate id")
+        if sub.slot in slots:
+            raise ValidationError(
+                f"subscriber {sub.id}: slot {sub.slot} is already {slots[sub.slot]}'s"
+            )
+        slots[sub.slot] = sub.id
+        plan._add(sub)
+    return plan

@@ -1,0 +1,187 @@
+"""Decoding the kernel's tc dumps into the actual tree of a device, and per-leaf statistics.
+
+Works on raw dump bytes, so the unit tests decode dumps saved from a real
+kernel without root. Leaf kinds fq_codel, cake and pfifo are decoded option
+by option (a stock distribution kernel has the first two); any other kind is
+reported with its name and no options, which the diff treats as different.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pyroute2.netlink.rtnl import RTM_NEWQDISC, RTM_NEWTCLASS
+
+from shaper.netlink import (
+    HTB_GLOB,
+    HTB_OPT,
+    LEAF_ATTRS,
+    TCA_HTB_CEIL64,
+    TCA_HTB_INIT,
+    TCA_HTB_PARMS,
+    TCA_HTB_RATE64,
+    TCA_KIND,
+    TCA_OPTIONS,
+    TCA_STATS2,
+    TCA_STATS_BASIC,
+    TCA_STATS_PKT64,
+    TCA_STATS_QUEUE,
+    TCMSG,
+    U32,
+    U64,
+    iter_attrs,
+    iter_messages,
+)
+from shaper.tree import TC_H_ROOT, HtbClass, HtbRoot, LeafQdisc, Tree, major_of, make_handle
+
+BASIC = struct.Struct("=QI")
+QUEUE = struct.Struct("=IIIII")
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    """Counters of one subscriber's class, read from its leaf qdisc.
+
+    `sent_*` are what left the class (delivered to the link), `drops` counts
+    packets the leaf dropped (queue full or AQM), `backlog_*` what waits in
+    it now. They start from zero when the leaf is created or replaced.
+    """
+
+    sent_bytes: int
+    sent_packets: int
+    drops: int
+    overlimits: int
+    backlog_bytes: int
+    backlog_packets: int
+
+
+def _kind(data: bytes, begin: int, end: int) -> str:
+    return data[begin:end].rstrip(b"\0").decode()
+
+
+def parse_classes(chunks: Sequence[bytes]) -> dict[int, HtbClass]:
+    """Every HTB class of a class dump, keyed by class id; top classes get the qdisc as parent."""
+    classes: dict[int, HtbClass] = {}
+    for data, start, end in iter_messages(chunks, RTM_NEWTCLASS):
+        _, _, classid, parent, _ = TCMSG.unpack_from(data, start)
+        parms = None
+        rate64 = ceil64 = 0
+        is_htb = False
+        for kind, begin, stop in iter_attrs(data, start + TCMSG.size, end):
+            if kind == TCA_KIND:
+                is_htb = data[begin:stop] == b"htb\0"
+            elif kind == TCA_OPTIONS:
+                for okind, obegin, _ in iter_attrs(data, begin, stop):
+                    if okind == TCA_HTB_PARMS:
+                        parms = HTB_OPT.unpack_from(data, obegin)
+                    elif okind == TCA_HTB_RATE64:
+                        rate64 = U64.unpack_from(data, obegin)[0]
+                    elif okind == TCA_HTB_CEIL64:
+                        ceil64 = U64.unpack_from(data, obegin)[0]
+        if not is_htb or parms is None:
+            continue
+        if parent == TC_H_ROOT:
+            parent = make_handle(major_of(classid), 0)
+        classes[classid] = HtbClass(
+            classid=classid,
+            parent=parent,
+            rate_bytes_ps=rate64 or parms[5],
+            ceil_bytes_ps=ceil64 or parms[11],
+            buffer_ticks=parms[12],
+            cbuffer_ticks=parms[13],
+            quantum=parms[14],
+            prio=parms[16],
+        )
+    return classes
+
+
+def _leaf_options(kind: str, data: bytes, begin: int, stop: int) -> tuple[tuple[str, int], ...]:
+    if kind == "pfifo":
+        return (("limit", U32.unpack_from(data, begin)[0]),) if stop - begin >= 4 else ()
+    table = LEAF_ATTRS.get(kind)
+    if table is None:
+        return ()
+    by_type = {attr_type: (name, width) for name, (attr_type, width) in table.items()}
+    options = []
+    for okind, obegin, ostop in iter_attrs(data, begin, stop):
+        if okind in by_type:
+            name, width = by_type[okind]
+            if ostop - obegin >= width:
+                codec = U64 if width == 8 else U32
+                options.append((name, codec.unpack_from(data, obegin)[0]))
+    return tuple(options)
+
+
+def parse_qdiscs(
+    chunks: Sequence[bytes], ifindex: int
+) -> tuple[HtbRoot | None, str | None, dict[int, LeafQdisc]]:
+    """(our HTB root, the foreign root's kind, leaf qdiscs by parent) of one device."""
+    root: HtbRoot | None = None
+    foreign: str | None = None
+    leaves: dict[int, LeafQdisc] = {}
+    for data, start, end in iter_messages(chunks, RTM_NEWQDISC):
+        _, index, handle, parent, _ = TCMSG.unpack_from(data, start)
+        if index != ifindex:
+            continue
+        kind = ""
+        options: tuple[tuple[str, int], ...] = ()
+        init = None
+        for akind, begin, stop in iter_attrs(data, start + TCMSG.size, end):
+            if akind == TCA_KIND:
+                kind = _kind(data, begin, stop)
+            elif akind == TCA_OPTIONS:
+                if kind == "htb":
+                    for okind, obegin, _ in iter_attrs(data, begin, stop):
+                        if okind == TCA_HTB_INIT:
+                            init = HTB_GLOB.unpack_from(data, obegin)
+                else:
+                    options = _leaf_options(kind, data, begin, stop)
+        if parent == TC_H_ROOT:
+            if kind == "htb" and init is not None:
+                root = HtbRoot(handle=handle, default_minor=init[2], r2q=init[1])
+            elif kind != "noqueue" or handle != 0:
+                foreign = f"{kind} {handle >> 16:x}:"
+        elif major_of(parent) not in (0, 0xFFFF):
+            leaves[parent] = LeafQdisc(handle, parent, kind, options)
+    return root, foreign, leaves
+
+
+def tree_from_dumps(
+    class_chunks: Sequence[bytes], qdisc_chunks: Sequence[bytes], ifindex: int
+) -> Tree:
+    """The actual tree of a device from its class dump and a qdisc dump."""
+    root, foreign, leaves = parse_qdiscs(qdisc_chunks, ifindex)
+    if root is None:
+        return Tree(root=None, foreign_root=foreign)
+    major = major_of(root.handle)
+    classes = {
+        cid: cls for cid, cls in parse_classes(class_chunks).items() if major_of(cid) == major
+    }
+    leaves = {parent: leaf for parent, leaf in leaves.items() if parent in classes}
+    return Tree(root=root, classes=classes, leaves=leaves)
+
+
+def leaf_stats(chunks: Sequence[bytes], ifindex: int, major: int) -> dict[int, ClassStats]:
+    """Statistics of every leaf qdisc under tree `major` of a device, keyed by parent class id."""
+    stats: dict[int, ClassStats] = {}
+    for data, start, end in iter_messages(chunks, RTM_NEWQDISC):
+        _, index, _, parent, _ = TCMSG.unpack_from(data, start)
+        if index != ifindex or parent >> 16 != major or parent == TC_H_ROOT:
+            continue
+        sent_bytes = sent_packets = 0
+        queue = (0, 0, 0, 0, 0)
+        for akind, begin, stop in iter_attrs(data, start + TCMSG.size, end):
+            if akind != TCA_STATS2:
+                continue
+            for skind, sbegin, _ in iter_attrs(data, begin, stop):
+                if skind == TCA_STATS_BASIC:
+                    sent_bytes, sent_packets = BASIC.unpack_from(data, sbegin)
+                elif skind == TCA_STATS_QUEUE:
+                    queue = QUEUE.unpack_from(data, sbegin)
+                elif skind == TCA_STATS_PKT64:
+                    sent_packets = U64.unpack_from(data, sbegin)[0]
+        qlen, backlog, drops, _, overlimits = queue
+        stats[parent] = ClassStats(sent_bytes, sent_packets, drops, overlimits, backlog, qlen)
+    return stats

@@ -103,3 +103,13 @@ def test_optional_sections_are_checked() -> None:
 def test_unreadable_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"nothere.toml: cannot read the configuration"):
         load_config(tmp_path / "nothere.toml")
+
+
+def test_shipped_examples_are_valid() -> None:
+    from gateway.registry import load_subscribers
+
+    example = Path(__file__).parents[2] / "gateway" / "example.toml"
+    cfg = load_config(example)
+    assert cfg.metrics_listen == ("127.0.0.1", 9570) and not cfg.publish.plaintext
+    subs = load_subscribers(example.with_name("example-subscribers.csv"), cfg.link, cfg.capacity)
+    assert [s.id for s in subs] == ["s001", "s002", "s003", "s004"]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from gateway.errors import DesanetError
 
 # Each module exposes `register(subparsers)`, adding its verbs with a `func(args) -> int`.
-COMMAND_MODULES = ("ebpf.commands", "meter.commands")
+COMMAND_MODULES = ("ebpf.commands", "meter.commands", "gateway.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -117,7 +117,7 @@ def render(snap: Snapshot, now_ms: int | None = None) -> str:
                 s.id,
                 s.name[:16],
                 s.state,
-                f"{format_rate(s.down_max_bps)}/{format_rate(s.up_max_bps)}",
+                f"{format_rate(s.down_max_bps)} / {format_rate(s.up_max_bps)}",
                 format_rate(s.down_bps),
                 format_rate(s.up_bps),
                 format_bytes(s.period_bytes),

@@ -1,0 +1,336 @@
+"""`desanet run`: the service loop that composes datapath, shaper, aggregator, stream and control.
+
+It only sequences steps. Start: check the configuration, the subscribers file,
+the keys and the shaping plan before touching the kernel; then shaper, datapath,
+stream, control endpoint. Every interval: read the counters, roll up, journal
+and publish, check quotas, write the status. SIGHUP or a changed subscribers
+file: re-read and apply only the difference. SIGTERM: flush the last usage,
+close the journals, leave the datapath and the shaping in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from cython_ext import load_backend
+from ebpf.datapath import Datapath
+from gateway import status
+from gateway.config import Config, load_config
+from gateway.control import ControlEndpoint, ControlState, Event
+from gateway.errors import ConfigError, DesanetError, ValidationError
+from gateway.metrics import GatewayCollector, serve
+from gateway.registry import Plan, SlotTable, Subscriber, diff, load_subscribers
+from meter.keys import ServerSecurity, load_allowed_keys, load_keypair
+from meter.poll import CounterReader, Poller
+from meter.service import MeterService, StreamConfig
+from shaper.apply import Shaper, upload_ifb_name
+from shaper.plan import Link, SubscriberPlan, build_plan, classids_for_slot
+
+log = logging.getLogger(__name__)
+
+PID_FILE = "desanet.pid"
+_MAX_EVENTS = 50
+
+
+def now_ms() -> int:
+    """Wall clock in Unix milliseconds (usage intervals are stamped with it)."""
+    return time.time_ns() // 1_000_000
+
+
+def server_security(config: Config) -> ServerSecurity:
+    """The CURVE keys of the usage, replay and control endpoints (or plaintext on loopback)."""
+    pub = config.publish
+    if pub.plaintext:
+        return ServerSecurity(plaintext=True)
+    if pub.secret_key is None or pub.allowed_keys is None:
+        raise ConfigError(f"{config.path}: [publish] needs secret_key and allowed_keys")
+    return ServerSecurity(
+        server=load_keypair(pub.secret_key), allowed_clients=load_allowed_keys(pub.allowed_keys)
+    )
+
+
+def shaping_plan(config: Config, subs: Sequence[tuple[Subscriber, int, Plan]]) -> Any:
+    """The HTB plan for (subscriber, slot, enforced plan) triples; raises ShaperError if invalid."""
+    link = Link(
+        down_bps=config.link.down_bps, up_bps=config.link.up_bps, headroom=config.shaping.headroom
+    )
+    plans = [
+        SubscriberPlan(
+            sub.id, slot, plan.down_min_bps, plan.down_max_bps, plan.up_min_bps, plan.up_max_bps
+        )
+        for sub, slot, plan in subs
+    ]
+    return build_plan(link, plans, config.shaping.leaf, config.shaping.rtt_ms)
+
+
+class Gateway:
+    """One gateway: checked at construction, `start()` touches the kernel, `run()` loops."""
+
+    def __init__(self, config_path: str | Path) -> None:
+        self.config_path = Path(config_path)
+        self.config = load_config(self.config_path)
+        cfg = self.config
+        self.subscribers = load_subscribers(cfg.subscribers_file, cfg.link, cfg.capacity)
+        self.security = server_security(cfg)
+        self.slots = SlotTable(cfg.state_dir / "slots.json", cfg.capacity)
+        self.control = ControlState(cfg.state_dir / "control.journal", cfg.control, cfg.link)
+        self.by_id = {s.id: s for s in self.subscribers}
+        self.slots.assign(self.by_id)
+        try:
+            shaping_plan(cfg, self._enforced())
+        except ValidationError as err:
+            raise ConfigError(f"{cfg.subscribers_file}: {err}") from err
+        self.collector = GatewayCollector()
+        self.events: list[dict[str, Any]] = []
+        self.leaf_in_use = cfg.shaping.leaf
+        self.warnings: list[str] = []
+        self.seq = 0
+        self.started_ms = now_ms()
+        self._stop = False
+        self._reload = False
+        self._file_stamp = self._stamp()
+
+    def _enforced(self) -> list[tuple[Subscriber, int, Plan]]:
+        return [
+            (s, self.slots.slots[s.id], self.control.enforced(s).plan) for s in self.subscribers
+        ]
+
+    def _stamp(self) -> tuple[float, int]:
+        try:
+            st = self.config.subscribers_file.stat()
+        except OSError:
+            return (0.0, 0)
+        return (st.st_mtime, st.st_size)
+
+    # -- start and stop ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Shape, attach, provision, then open the stream, the control endpoint and metrics."""
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.state_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+        self.control.open()
+        ifb = upload_ifb_name(cfg.lan)
+        self.shaper = Shaper(cfg.lan, ifb)
+        self.shaper.ensure_ifb()
+        self.datapath = Datapath(cfg.lan, cfg.gateway_id, capacity=cfg.capacity, upload_ifb=ifb)
+        self.datapath.attach()
+        self.meter = MeterService(
+            cfg.gateway_id,
+            cfg.state_dir,
+            StreamConfig(cfg.publish.usage, cfg.publish.replay, self.security),
+            self._slot_ids(),
+        )
+        self.aggregator = load_backend().Aggregator(cfg.capacity + 1)
+        if self.meter.restored_state is not None:
+            self.aggregator.restore(self.meter.restored_state)
+        self.poller = Poller(CounterReader.for_datapath(cfg.gateway_id, cfg.lan), self.aggregator)
+        self.seq = self.meter.last_seq
+        self._shape_and_provision(set(self.by_id))
+        self.endpoint = ControlEndpoint(cfg.control.endpoint, self.security)
+        if cfg.metrics_listen is not None:
+            serve(self.collector, *cfg.metrics_listen)
+        log.info(
+            "gateway %s running: %d subscribers on %s, usage on %s, control on %s",
+            cfg.gateway_id,
+            len(self.subscribers),
+            cfg.lan,
+            self.meter.usage_endpoint,
+            self.endpoint.endpoint,
+        )
+
+    def close(self) -> None:
+        """Flush the last usage and close everything; the kernel state stays as it is."""
+        self.tick()
+        self.endpoint.close()
+        self.meter.close()
+        self.poller.reader.close()
+        self.control.close()
+        (self.config.state_dir / PID_FILE).unlink(missing_ok=True)
+        log.info(
+            "gateway %s stopped at seq %d; shaping left in place", self.config.gateway_id, self.seq
+        )
+
+    def _slot_ids(self) -> dict[int, str]:
+        return {slot: sub_id for sub_id, slot in self.slots.slots.items()}
+
+    # -- applying subscribers ------------------------------------------------------------------
+
+    def _shape_and_provision(self, touched: set[str], freed: dict[str, int] | None = None) -> None:
+        # Order keeps every packet in a class: stop steering removed subscribers, shape
+        # (classes exist before anyone is steered to them), then provision.
+        for slot in (freed or {}).values():
+            self.datapath.unprovision(slot)
+        result = self.shaper.apply(shaping_plan(self.config, self._enforced()))
+        self.leaf_in_use = result.leaf_in_use
+        self.warnings = list(result.warnings)
+        for sub_id in sorted(touched):
+            self._provision(self.by_id[sub_id])
+        self.slots.save()
+        self.meter.set_subscribers(self._slot_ids())
+        log.info("applied: %d shaper operations, %d provisioned", result.operations, len(touched))
+
+    def _provision(self, sub: Subscriber) -> None:
+        slot = self.slots.slots[sub.id]
+        down_classid, up_classid = classids_for_slot(slot)
+        flags = self.control.enforced(sub).flags
+        self.datapath.provision(slot, sub.prefixes, down_classid, up_classid, flags)
+
+    def reload(self) -> None:
+        """Re-read the subscribers file and apply only what changed; a bad file changes nothing."""
+        cfg = self.config
+        try:
+            new = load_subscribers(cfg.subscribers_file, cfg.link, cfg.capacity)
+        except DesanetError as err:
+            log.error("reload refused, still running the previous subscribers: %s", err)
+            return
+        change = diff(self.subscribers, new)
+        if change.empty:
+            log.info("reload: no change")
+            return
+        # Bill everyone up to now under the old slot map before any slot changes hands.
+        self.tick()
+        old_slots = dict(self.slots.slots)
+        old_high = self.slots.high_water
+        added, freed = self.slots.assign(s.id for s in new)
+        old_subscribers, old_by_id = self.subscribers, self.by_id
+        self.subscribers, self.by_id = new, {s.id: s for s in new}
+        try:
+            shaping_plan(cfg, self._enforced())
+        except ValidationError as err:
+            log.error("reload refused, still running the previous subscribers: %s", err)
+            self.subscribers, self.by_id = old_subscribers, old_by_id
+            self.slots.slots, self.slots.high_water = old_slots, old_high
+            return
+        for slot in added.values():
+            if slot <= old_high:
+                self.aggregator.reset_slot(slot)
+        for sub_id in change.removed:
+            self.control.forget(sub_id)
+        touched = set(change.added) | set(change.readdressed)
+        self._shape_and_provision(touched, freed)
+        log.info(
+            "reload: %s (added %s, removed %s)", change.summary(), change.added, change.removed
+        )
+
+    def _reenforce(self, sub_id: str) -> None:
+        self.shaper.apply(shaping_plan(self.config, self._enforced()))
+        self._provision(self.by_id[sub_id])
+
+    # -- control ---------------------------------------------------------------------------------
+
+    def _total_of(self, sub_id: str) -> int:
+        slot = self.slots.slots[sub_id]
+        row = self.aggregator.totals()[slot]
+        return int(row[0]) + int(row[2])
+
+    def _check_plan(self, sub_id: str, plan: Plan) -> None:
+        # The shaper's validation names the subscriber when the plan does not fit the link.
+        trial = [(s, slot, plan if s.id == sub_id else p) for s, slot, p in self._enforced()]
+        shaping_plan(self.config, trial)
+
+    def handle_request(self, request: object) -> dict[str, Any]:
+        """Answer one control request, re-enforcing the subscriber it changed."""
+        reply, changed = self.control.handle(request, self.by_id, self._total_of, self._check_plan)
+        self.collector.count_request(bool(reply.get("ok")))
+        if changed is not None:
+            self._reenforce(changed)
+            self._event(Event(now_ms(), changed, "control", reply["state"]))
+        return reply
+
+    def _event(self, event: Event) -> None:
+        log.info("subscriber %s: %s %s", event.sub, event.kind, event.detail)
+        self.events = [*self.events[-_MAX_EVENTS + 1 :], asdict(event)]
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """One interval: read counters, publish the usage, check quotas, write the status."""
+        t = now_ms()
+        self.poller.poll(t)
+        interval = self.aggregator.rollup(t)
+        if len(interval):
+            self.seq = self.meter.publish(interval, self.aggregator.state())
+        totals = self.aggregator.totals()
+        per_sub = {
+            sub_id: int(totals[slot][0]) + int(totals[slot][2])
+            for sub_id, slot in self.slots.slots.items()
+        }
+        for event in self.control.check_quotas(self.by_id, per_sub, t):
+            self._event(event)
+            self._reenforce(event.sub)
+        self._write_status(t, totals)
+
+    def _write_status(self, t: int, totals: Any) -> None:
+        rates = self.aggregator.rates_bps()
+        rows = []
+        packets = {}
+        for sub in self.subscribers:
+            slot = self.slots.slots[sub.id]
+            enforced = self.control.enforced(sub)
+            state = self.control.get(sub.id)
+            rows.append(
+                status.SubscriberStatus(
+                    id=sub.id,
+                    name=sub.name,
+                    slot=slot,
+                    state=enforced.state,
+                    down_max_bps=enforced.plan.down_max_bps,
+                    up_max_bps=enforced.plan.up_max_bps,
+                    down_bps=float(rates[slot][1]),
+                    up_bps=float(rates[slot][0]),
+                    down_total=int(totals[slot][2]),
+                    up_total=int(totals[slot][0]),
+                    period_bytes=int(totals[slot][0]) + int(totals[slot][2]) - state.period_base,
+                    quota_bytes=self.control.quota_of(sub),
+                )
+            )
+            packets[sub.id] = (int(totals[slot][1]), int(totals[slot][3]))
+        snapshot = status.Snapshot(
+            gateway=self.config.gateway_id,
+            t_ms=t,
+            started_ms=self.started_ms,
+            link_down_bps=self.config.link.down_bps,
+            link_up_bps=self.config.link.up_bps,
+            leaf_wanted=self.config.shaping.leaf,
+            leaf_in_use=self.leaf_in_use,
+            seq=self.seq,
+            subscribers=rows,
+            warnings=self.warnings,
+            events=self.events,
+        )
+        status.write_snapshot(self.config.state_dir, snapshot)
+        self.collector.update(snapshot, packets)
+
+    def _signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload = True
+        else:
+            self._stop = True
+
+    def run(self) -> None:
+        """Loop until SIGTERM or SIGINT: serve control requests between ticks."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._signal)
+        interval_s = self.config.interval_ms / 1000
+        next_tick = time.monotonic() + interval_s
+        while not self._stop:
+            wait_ms = max(0, int((next_tick - time.monotonic()) * 1000))
+            if self.endpoint.sock.poll(min(wait_ms, 200)):
+                self.endpoint.serve_pending(self.handle_request)
+            stamp = self._stamp()
+            if self._reload or stamp != self._file_stamp:
+                self._reload, self._file_stamp = False, stamp
+                self.reload()
+            if time.monotonic() >= next_tick:
+                self.tick()
+                # A slow tick skips the missed ones instead of bursting to catch up.
+                next_tick = max(next_tick + interval_s, time.monotonic())

@@ -45,6 +45,8 @@ def encode_state_change(prev: Mapping[str, npt.NDArray[Any]] | None, new: StateA
         if old is None or old.shape != arr.shape or old.dtype != arr.dtype or arr.ndim == 0:
             change[name] = _full(arr)
             continue
+        if arr.size == 0:
+            continue
         diff = old != arr
         if arr.ndim > 1:
             diff = diff.reshape(arr.shape[0], -1).any(axis=1)

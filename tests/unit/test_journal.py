@@ -126,6 +126,7 @@ def test_state_changes_rebuild_the_state_exactly() -> None:
     state = {
         "total": rng.integers(0, 2**63, size=(1000, 4), dtype=np.uint64),
         "clock": np.array([1, 2, 3], dtype=np.int64),
+        "empty": np.zeros((0, 3), dtype=np.uint8),
     }
     rebuilt: dict[str, np.ndarray] = {}
     apply_state_change(rebuilt, encode_state_change(None, state))

@@ -123,7 +123,7 @@ def test_retention_by_age(tmp_path: Path) -> None:
 
 def test_state_changes_rebuild_the_state_exactly() -> None:
     rng = np.random.default_rng(5)
-    state = {
+    state: dict[str, np.ndarray] = {
         "total": rng.integers(0, 2**63, size=(1000, 4), dtype=np.uint64),
         "clock": np.array([1, 2, 3], dtype=np.int64),
         "empty": np.zeros((0, 3), dtype=np.uint8),

@@ -10,6 +10,7 @@ DEFAULT_CAPACITY = 65536
 PREFIXES_PER_SUBSCRIBER = 4
 
 MAP_SUBSCRIBERS = "subscribers"
+MAP_HOSTS = "hosts"
 MAP_COUNTERS = "counters"
 MAP_SLOTS = "slots"
 MAP_SETTINGS = "settings"
@@ -24,6 +25,12 @@ class LpmKey(ctypes.Structure):
     """struct desanet_lpm_key: prefix length and a 16-byte (IPv4-mapped for v4) address."""
 
     _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
+
+
+class HostKey(ctypes.Structure):
+    """struct desanet_host_key: a whole 16-byte (IPv4-mapped for v4) address."""
+
+    _fields_ = [("addr", ctypes.c_uint8 * 16)]
 
 
 class Counters(ctypes.Structure):
@@ -51,6 +58,7 @@ class Settings(ctypes.Structure):
 
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "desanet_lpm_key": LpmKey,
+    "desanet_host_key": HostKey,
     "desanet_counters": Counters,
     "desanet_slot": Slot,
     "desanet_settings": Settings,

@@ -7,8 +7,10 @@
  *   1. parse Ethernet, at most one in-band 802.1Q/802.1ad tag, then IPv4 or
  *      IPv6; anything else (ARP, other ethertypes, truncated headers) returns
  *      TC_ACT_OK untouched and uncounted;
- *   2. one LPM-trie lookup of the subscriber-side address (source on ingress,
- *      destination on egress) gives the slot; no match is slot 0;
+ *   2. the subscriber-side address (source on ingress, destination on egress)
+ *      gives the slot: first an exact-match hash of host addresses (/32,
+ *      /128: the longest match there can be, at a cost flat in the number of
+ *      subscribers), else one LPM-trie lookup; no match is slot 0;
  *   3. add the IP bytes (header + payload) and packets to the slot's per-CPU
  *      counters; a GSO/GRO super-packet counts as the packets it is on the wire;
  *   4. if the shaper gave the slot an HTB class, put it in skb->priority (HTB
@@ -42,6 +44,8 @@
 
 BPF_TABLE_PINNED("lpm_trie", struct desanet_lpm_key, __u32, subscribers, PREFIXES,
 		 DESANET_PIN_DIR "/" DESANET_MAP_SUBSCRIBERS, BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct desanet_host_key, __u32, hosts, PREFIXES,
+		 DESANET_PIN_DIR "/" DESANET_MAP_HOSTS);
 BPF_TABLE_PINNED("percpu_array", __u32, struct desanet_counters, counters, SLOTS,
 		 DESANET_PIN_DIR "/" DESANET_MAP_COUNTERS);
 BPF_TABLE_PINNED("array", __u32, struct desanet_slot, slots, SLOTS,
@@ -167,7 +171,9 @@ static __always_inline int account(struct __sk_buff *skb, int down)
 
 	if (parse(skb, down, &p) < 0)
 		return -1;
-	__u32 *found = subscribers.lookup(&p.key);
+	__u32 *found = hosts.lookup((struct desanet_host_key *)p.key.addr);
+	if (!found)
+		found = subscribers.lookup(&p.key);
 	if (found && *found < SLOTS)
 		slot = *found;
 

@@ -37,6 +37,7 @@ PARENT_EGRESS = 0xFFFFFFF3
 FILTER_PRIO = 0xDE5A >> 4  # a fixed priority so a re-attach replaces our own filter
 _GATEWAY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MS_NOCLOEXEC = 0
+_HOST = 128  # key length of a whole address: such keys live in the `hosts` hash
 
 
 def _mount_bpffs(root: Path) -> None:
@@ -206,7 +207,13 @@ class Datapath:
                 raise DatapathError(f"cannot attach the datapath to {self.lan}: {err}") from err
 
     def _unpin(self) -> None:
-        for name in (abi.MAP_SUBSCRIBERS, abi.MAP_COUNTERS, abi.MAP_SLOTS, abi.MAP_SETTINGS):
+        for name in (
+            abi.MAP_SUBSCRIBERS,
+            abi.MAP_HOSTS,
+            abi.MAP_COUNTERS,
+            abi.MAP_SLOTS,
+            abi.MAP_SETTINGS,
+        ):
             with contextlib.suppress(FileNotFoundError):
                 (self.pin_dir / name).unlink()
         # Remove the per-interface, per-gateway and desanet directories once empty.
@@ -226,6 +233,24 @@ class Datapath:
             (int(k.prefixlen), bytes(k.addr)): int(v.value)
             for k, v in self._table("subscribers").items()
         }
+        self._owner.update(
+            ((_HOST, bytes(k.addr)), int(v.value)) for k, v in self._table("hosts").items()
+        )
+
+    def _host_key(self, key: KeyTuple) -> abi.HostKey:
+        return abi.HostKey((ctypes.c_uint8 * 16)(*key[1]))
+
+    def _write(self, key: KeyTuple, slot: int) -> None:
+        if key[0] == _HOST:
+            self._table("hosts")[self._host_key(key)] = ctypes.c_uint32(slot)
+        else:
+            self._table("subscribers")[self._key(key)] = ctypes.c_uint32(slot)
+
+    def _erase(self, key: KeyTuple) -> None:
+        if key[0] == _HOST:
+            del self._table("hosts")[self._host_key(key)]
+        else:
+            del self._table("subscribers")[self._key(key)]
 
     def _check_slot(self, slot: int) -> None:
         if not 1 <= slot <= self.capacity:
@@ -254,23 +279,22 @@ class Datapath:
         if len(self._owner) + len(new_keys) > limit:
             raise DatapathError(f"the datapath holds {limit} prefixes and is full")
         self.set_slot(slot, down_classid, up_classid, flags)
-        table = self._table("subscribers")
         written: list[KeyTuple] = []
         try:
             for key in new_keys:
-                table[self._key(key)] = ctypes.c_uint32(slot)
+                self._write(key, slot)
                 written.append(key)
                 self._owner[key] = slot
         except Exception as err:
             for key in written:
                 with contextlib.suppress(KeyError):
-                    del table[self._key(key)]
+                    self._erase(key)
                 self._owner.pop(key, None)
             raise DatapathError(f"slot {slot}: cannot store prefixes: {err}") from err
         # Prefixes the slot had before and no longer lists are withdrawn.
         wanted = set(keys)
         for key in [k for k, owner in self._owner.items() if owner == slot and k not in wanted]:
-            del table[self._key(key)]
+            self._erase(key)
             del self._owner[key]
 
     def set_slot(self, slot: int, down_classid: int, up_classid: int, flags: int = 0) -> None:
@@ -283,9 +307,8 @@ class Datapath:
     def unprovision(self, slot: int) -> None:
         """Withdraw a slot's prefixes and classids; its traffic counts as unmatched from now on."""
         self._check_slot(slot)
-        table = self._table("subscribers")
         for key in [k for k, owner in self._owner.items() if owner == slot]:
-            del table[self._key(key)]
+            self._erase(key)
             del self._owner[key]
         self.set_slot(slot, 0, 0, 0)
 

@@ -18,6 +18,7 @@
 
 /* Map names, as pinned under <bpffs>/desanet/<gateway id>/<interface>/. */
 #define DESANET_MAP_SUBSCRIBERS "subscribers" /* LPM trie: desanet_lpm_key -> __u32 slot */
+#define DESANET_MAP_HOSTS "hosts"             /* hash: desanet_host_key -> __u32 slot (/32, /128) */
 #define DESANET_MAP_COUNTERS "counters"       /* per-CPU array: slot -> desanet_counters */
 #define DESANET_MAP_SLOTS "slots"             /* array: slot -> desanet_slot */
 #define DESANET_MAP_SETTINGS "settings"       /* array[1]: desanet_settings */
@@ -29,6 +30,13 @@
  * (::ffff:a.b.c.d) with prefixlen + 96. */
 struct desanet_lpm_key {
 	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/* A whole address (IPv4-mapped for IPv4). Host prefixes (/32, /128) live in
+ * an exact-match hash: they are the longest possible match, and a hash lookup
+ * costs the same at 1 and 65,536 subscribers where a trie walk does not. */
+struct desanet_host_key {
 	__u8 addr[16];
 };
 

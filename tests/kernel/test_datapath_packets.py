@@ -38,6 +38,7 @@ def datapath(netns_pair: tuple[str, str]) -> Iterator[Datapath]:
             dp.provision(1, ["10.1.0.0/16"], down_classid=0x10010, up_classid=0x10020)
             dp.provision(2, ["10.1.2.0/24", "2001:db8:77::/48"], down_classid=0x10011)
             dp.provision(3, ["2001:db8:77:ab::/64"])
+            dp.provision(4, ["10.1.2.99", "2001:db8:77:ab::99"])  # hosts inside others' prefixes
             yield dp
         finally:
             dp.detach()
@@ -80,6 +81,17 @@ def test_longest_prefix_wins(datapath: Datapath) -> None:
     c = counters(datapath)
     assert c[2][DOWN_BYTES] == inner_bytes
     assert c[1][DOWN_BYTES] == outer_bytes
+
+
+def test_host_addresses_win_over_enclosing_prefixes(datapath: Datapath) -> None:
+    v4, b4 = frames.udp_frame(INTERNET_V4, "10.1.2.99", 300)
+    v6, b6 = frames.udp_frame(INTERNET_V6, "2001:db8:77:ab::99", 300)
+    neighbour, bn = frames.udp_frame(INTERNET_V4, "10.1.2.98", 300)
+    for frame in (v4, v6, neighbour):
+        run(datapath, "desanet_egress", frame)
+    c = counters(datapath)
+    assert c[4].tolist() == [0, 0, b4 + b6, 2]
+    assert c[2].tolist() == [0, 0, bn, 1]
 
 
 def test_ipv6_prefix_and_longest_match(datapath: Datapath) -> None:

@@ -1,4 +1,4 @@
-"""Kernel tier: root, network namespaces, the host kernel. Not being root is a failure, not a skip."""
+"""Kernel tier: root, network namespaces, the host kernel. Not root is a failure, not a skip."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def netns_pair() -> Iterator[tuple[str, str]]:
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         subprocess.run(
-            ["ip", "-n", name, "link", "add", "dp0", "type", "veth", "peer", "name", "dp1"], check=True
+            ["ip", "-n", name, "link", "add", "dp0", "type", "veth", "peer", "name", "dp1"],
+            check=True,
         )
         subprocess.run(["ip", "-n", name, "link", "set", "dp0", "up"], check=True)
         subprocess.run(["ip", "-n", name, "link", "set", "dp1", "up"], check=True)

@@ -64,6 +64,7 @@ class MeterService:
         self._lock = threading.Lock()
         self._topic = wire.topic(gateway_id)
         self._ids: npt.NDArray[np.object_] = np.empty(0, dtype=object)
+        self._mapped: npt.NDArray[np.bool_] = np.empty(0, dtype=bool)
         self.set_subscribers(subscribers)
         self._intervals = 0
         self.journal = Journal(self.state_dir / "journal", config.retention)
@@ -106,15 +107,19 @@ class MeterService:
         """Replace the slot -> subscriber id mapping (after a provisioning change)."""
         size = max(subscribers, default=-1) + 1
         ids: npt.NDArray[np.object_] = np.full(size, None, dtype=object)
+        mapped = np.zeros(size, dtype=bool)
         for slot, sub in subscribers.items():
             ids[slot] = sub
+            mapped[slot] = True
         with self._lock:
-            self._ids = ids
+            self._ids, self._mapped = ids, mapped
 
     def _recover(self) -> None:
         ckpt = self._checkpoint
         self._seq, self._t1 = ckpt.seq, ckpt.t1_ms
-        self._totals = {k: list(v) for k, v in ckpt.totals.items()}
+        self._totals: dict[str, tuple[int, int]] = {
+            k: (int(v[0]), int(v[1])) for k, v in ckpt.totals.items()
+        }
         self._state = ckpt.state
         last = self.journal.last_seq
         if last and last < ckpt.seq:
@@ -143,37 +148,32 @@ class MeterService:
         )
 
     def _apply_totals(self, msg: wire.UsageMessage) -> None:
-        for sub, up, down in zip(msg.sub, msg.up_total, msg.down_total, strict=True):
-            self._totals[sub] = [up, down]
+        pairs = zip(msg.up_total, msg.down_total, strict=True)
+        self._totals.update(zip(msg.sub, pairs, strict=True))
         self._t1 = max(self._t1, msg.t1)
 
     def publish(self, interval: UsageInterval, aggregator_state: Mapping[str, Any]) -> int:
         """Journal then publish one interval; returns its seq (StreamError if not journaled)."""
         state = {k: np.array(v, copy=True) for k, v in aggregator_state.items()}
         with self._lock:
-            ids = self._ids
             slots = interval.slots.astype(np.int64, copy=False)
-            known = slots < ids.shape[0]
-            subs = np.full(slots.shape[0], None, dtype=object)
-            subs[known] = ids[slots[known]]
-            mask = subs != None  # noqa: E711 (element-wise comparison of an object array)
+            mask = slots < self._mapped.shape[0]
+            mask[mask] = self._mapped[slots[mask]]
             if not mask.all():
                 unknown = slots[~mask]
                 unknown = unknown[unknown != 0]
                 if unknown.size:
                     log.warning("usage for unmapped slots %s not published", unknown[:10].tolist())
+            sub_list: list[str] = self._ids[slots[mask]].tolist()
             columns = {name: getattr(interval, name)[mask].tolist() for name in wire.COLUMNS}
-            sub_list: list[str] = subs[mask].tolist()
             seq = self._seq + 1
             message = wire.encode_usage(
                 self.gateway_id, seq, interval.t0_ms, interval.t1_ms, sub_list, columns
             )
             self.journal.append(seq, message, encode_state_change(self._state, state))
             self._seq, self._state = seq, state
-            for sub, up, down in zip(
-                sub_list, columns["up_total"], columns["down_total"], strict=True
-            ):
-                self._totals[sub] = [up, down]
+            pairs = zip(columns["up_total"], columns["down_total"], strict=True)
+            self._totals.update(zip(sub_list, pairs, strict=True))
             self._t1 = max(self._t1, interval.t1_ms)
             self._send(message)
             self._intervals += 1

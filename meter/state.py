@@ -52,9 +52,12 @@ def encode_state_change(prev: Mapping[str, npt.NDArray[Any]] | None, new: StateA
             diff = diff.reshape(arr.shape[0], -1).any(axis=1)
         rows = np.flatnonzero(diff)
         if rows.size:
+            # Row numbers as u32 when they fit: the journal holds one per moved subscriber.
+            index_type = np.uint32 if arr.shape[0] <= 2**32 else np.uint64
             change[name] = [
                 "rows",
-                rows.astype(np.int64).tobytes(),
+                np.dtype(index_type).str,
+                rows.astype(index_type).tobytes(),
                 np.ascontiguousarray(arr[rows]).tobytes(),
             ]
     if prev is not None:
@@ -76,8 +79,8 @@ def apply_state_change(state: StateArrays, change: bytes) -> None:
                 state[name] = _array(entry[1], entry[2], entry[3])
             elif kind == "rows":
                 arr = state[name]
-                rows = np.frombuffer(entry[1], dtype=np.int64)
-                values = np.frombuffer(entry[2], dtype=arr.dtype)
+                rows = np.frombuffer(entry[2], dtype=np.dtype(entry[1]))
+                values = np.frombuffer(entry[3], dtype=arr.dtype)
                 arr[rows] = values.reshape((rows.size, *arr.shape[1:]))
             elif kind == "gone":
                 state.pop(name, None)

@@ -15,9 +15,11 @@ netlink socket is opened per call so the namespace is always the caller's.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import socket
+import struct
 import zlib
 from dataclasses import dataclass, field
 
@@ -37,6 +39,10 @@ log = logging.getLogger("desanet.shaper")
 
 MAJORS = {"down": DOWN_MAJOR, "up": UP_MAJOR}
 IFNAMSIZ = 15
+SIOCGIFFLAGS = 0x8913
+IFF_UP = 0x1
+# Derived plans further than this from the last applied one get a full diff.
+MAX_PLAN_HISTORY = 1000
 _PROBED_KINDS = ("fq_codel", "cake")
 _available: set[str] | None = None
 # Warnings already logged by this process: a fallback is logged once, not at every apply.
@@ -71,6 +77,17 @@ def _ifindex(name: str, role: str) -> int:
         ) from None
 
 
+def _is_up(name: str) -> bool:
+    """Whether device `name` exists and is up in this thread's namespace (one ioctl)."""
+    request = struct.pack("16sH14x", name.encode()[:IFNAMSIZ], 0)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            reply = fcntl.ioctl(sock, SIOCGIFFLAGS, request)
+        except OSError:
+            return False
+    return bool(struct.unpack_from("H", reply, 16)[0] & IFF_UP)
+
+
 def available_leaves() -> set[str]:
     """Leaf kinds this kernel has; probed once per process on a throwaway IFB device."""
     global _available
@@ -103,11 +120,14 @@ class Shaper:
         self.lan = lan
         self.upload_ifb = upload_ifb or upload_ifb_name(lan)
         self._known: dict[str, Tree] | None = None
+        self._known_plan: Plan | None = None
         self.leaf_in_use: str | None = None
         self.warnings: list[str] = []
 
     def ensure_ifb(self) -> int:
         """Create the upload IFB if missing and set it up; its ifindex is the datapath's target."""
+        if _is_up(self.upload_ifb):
+            return socket.if_nametoindex(self.upload_ifb)
         with IPRoute() as ipr:
             found = ipr.link_lookup(ifname=self.upload_ifb)
             if not found:
@@ -136,6 +156,7 @@ class Shaper:
         finally:
             sock.close()
         self._known = trees
+        self._known_plan = None
         return {d: t.copy() for d, t in trees.items()}
 
     def _read(self, sock: TcSocket, indexes: dict[str, int]) -> dict[str, Tree]:
@@ -165,16 +186,21 @@ class Shaper:
         sock = TcSocket()
         try:
             before = self._read(sock, indexes) if fresh or self._known is None else self._known
+            only = None if fresh else self._touched_since_known(plan)
             counts: dict[str, int] = {}
             done: list[str] = []
             for direction in DIRECTIONS:
-                ops = diff(plan.tree(direction), before[direction])
+                ops = diff(plan.tree(direction), before[direction], only)
                 done.append(direction)
                 self._run(sock, indexes, direction, ops, before, done)
                 counts[direction] = len(ops)
         finally:
             sock.close()
         self._known = {d: plan.tree(d) for d in DIRECTIONS}
+        self._known_plan = plan
+        # The history is no longer needed: cutting it lets older plans be freed.
+        plan.base = None
+        plan.touched = set()
         self.leaf_in_use = kind
         self.warnings = [warning] if warning else []
         return ApplyResult(
@@ -184,6 +210,19 @@ class Shaper:
             plan=plan,
             per_direction=counts,
         )
+
+    def _touched_since_known(self, plan: Plan) -> set[int] | None:
+        """Class ids changed between the plan last applied and `plan`, None if unrelated."""
+        touched: set[int] = set()
+        node: Plan | None = plan
+        for _ in range(MAX_PLAN_HISTORY):
+            if node is None:
+                return None
+            if node is self._known_plan:
+                return touched
+            touched |= node.touched
+            node = node.base
+        return None
 
     def _run(
         self,

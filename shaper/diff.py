@@ -10,6 +10,7 @@ changed in place; only a leaf of another kind is deleted and recreated.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from shaper import netlink
@@ -78,12 +79,26 @@ def _create_only_differs(want: LeafQdisc, have: LeafQdisc) -> bool:
     return any(have_options.get(name) != value for name, value in want.options if name in fixed)
 
 
-def diff(desired: Tree, actual: Tree) -> list[Operation]:
-    """Operations, in order, that make `actual` equal to `desired` (none if they agree)."""
+def _restricted(tree: Tree, only: Collection[int]) -> Tree:
+    return Tree(
+        tree.root,
+        {cid: tree.classes[cid] for cid in only if cid in tree.classes},
+        {cid: tree.leaves[cid] for cid in only if cid in tree.leaves},
+    )
+
+
+def diff(desired: Tree, actual: Tree, only: Collection[int] | None = None) -> list[Operation]:
+    """Operations, in order, that make `actual` equal to `desired` (none if they agree).
+
+    `only` limits the comparison to these class ids (the ones a derived plan
+    touched), which keeps a one-subscriber change independent of tree size.
+    """
     if desired.root is None:
         return [Operation("delete-root", actual.root)] if actual.root is not None else []
     if actual.root != desired.root:
         return _full_build(desired.root, desired, actual)
+    if only is not None:
+        desired, actual = _restricted(desired, only), _restricted(actual, only)
     removed = [cls for cid, cls in actual.classes.items() if cid not in desired.classes]
     ops = [
         Operation("delete-class", cls)

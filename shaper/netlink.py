@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator, Sequence
+from functools import lru_cache
 
 from pyroute2.netlink import (
     NLM_F_ACK,
@@ -119,10 +120,10 @@ _HTB_KIND = _kind_attr("htb")
 def _message(
     msg_type: int, flags: int, ifindex: int, handle: int, parent: int, body: bytes
 ) -> bytes:
-    # The sequence number is patched in by TcSocket.transact (bytes 8..12).
+    # TcSocket.transact patches in the sequence number and, on a batch's last request, NLM_F_ACK.
     length = NLMSG_HDR.size + TCMSG.size + len(body)
     return (
-        NLMSG_HDR.pack(length, msg_type, flags | NLM_F_REQUEST | NLM_F_ACK, 0, 0)
+        NLMSG_HDR.pack(length, msg_type, flags | NLM_F_REQUEST, 0, 0)
         + TCMSG.pack(socket.AF_UNSPEC, ifindex, handle, parent, 0)
         + body
     )
@@ -148,24 +149,31 @@ def encode_root_delete(ifindex: int, handle: int) -> bytes:
     return _message(RTM_DELQDISC, 0, ifindex, handle, TC_H_ROOT, b"")
 
 
-def _htb_parms(cls: HtbClass) -> bytes:
-    opt = HTB_OPT.pack(
+# A whole class request in one pack: headers, "htb" kind, options holding TCA_HTB_PARMS.
+_CLASS_MSG = struct.Struct("=IHHII BxxxiIII HH4s HH HH " + RATESPEC + RATESPEC + "IIIII")
+
+
+def _class_message(msg_type: int, flags: int, ifindex: int, cls: HtbClass) -> bytes:
+    size = _CLASS_MSG.size
+    return _CLASS_MSG.pack(
+        size, msg_type, flags | NLM_F_REQUEST, 0, 0,
+        socket.AF_UNSPEC, ifindex, cls.classid, cls.parent, 0,
+        8, TCA_KIND, b"htb\0",
+        size - 44, TCA_OPTIONS, 4 + HTB_OPT.size, TCA_HTB_PARMS,
         0, TC_LINKLAYER_ETHERNET, 0, 0, 0, cls.rate_bytes_ps,
         0, TC_LINKLAYER_ETHERNET, 0, 0, 0, cls.ceil_bytes_ps,
         cls.buffer_ticks, cls.cbuffer_ticks, cls.quantum, 0, cls.prio,
     )  # fmt: skip
-    return _HTB_KIND + _attr(TCA_OPTIONS, _attr(TCA_HTB_PARMS, opt))
 
 
 def encode_class_add(ifindex: int, cls: HtbClass) -> bytes:
     """Create an HTB class (fails if it exists)."""
-    flags = NLM_F_CREATE | NLM_F_EXCL
-    return _message(RTM_NEWTCLASS, flags, ifindex, cls.classid, cls.parent, _htb_parms(cls))
+    return _class_message(RTM_NEWTCLASS, NLM_F_CREATE | NLM_F_EXCL, ifindex, cls)
 
 
 def encode_class_change(ifindex: int, cls: HtbClass) -> bytes:
     """Change an existing HTB class's rates, bursts, quantum and prio in place."""
-    return _message(RTM_NEWTCLASS, 0, ifindex, cls.classid, cls.parent, _htb_parms(cls))
+    return _class_message(RTM_NEWTCLASS, 0, ifindex, cls)
 
 
 def encode_class_delete(ifindex: int, cls: HtbClass) -> bytes:
@@ -173,27 +181,29 @@ def encode_class_delete(ifindex: int, cls: HtbClass) -> bytes:
     return _message(RTM_DELTCLASS, 0, ifindex, cls.classid, cls.parent, b"")
 
 
-def _leaf_options(leaf: LeafQdisc, creating: bool) -> bytes:
-    if leaf.kind == "pfifo":
-        return _attr(TCA_OPTIONS, U32.pack(dict(leaf.options)["limit"]))
-    table = LEAF_ATTRS.get(leaf.kind)
+@lru_cache(maxsize=4096)
+def _leaf_body(kind: str, options: tuple[tuple[str, int], ...], creating: bool) -> bytes:
+    # Cached: subscribers on the same plan tier share their leaf settings byte for byte.
+    if kind == "pfifo":
+        return _kind_attr(kind) + _attr(TCA_OPTIONS, U32.pack(dict(options)["limit"]))
+    table = LEAF_ATTRS.get(kind)
     if table is None:
-        raise ShaperError(f"cannot write a {leaf.kind} leaf qdisc (under class {leaf.parent:#x})")
-    skip = frozenset() if creating else CREATE_ONLY.get(leaf.kind, frozenset())
+        raise ShaperError(f"cannot write a {kind} leaf qdisc")
+    skip = frozenset() if creating else CREATE_ONLY.get(kind, frozenset())
     nested = b""
-    for name, value in leaf.options:
+    for name, value in options:
         if name in skip:
             continue
         attr_type, width = table[name]
         nested += _attr(
             attr_type, (U64 if width == 8 else U32).pack(value & ((1 << width * 8) - 1))
         )
-    return _attr(TCA_OPTIONS, nested)
+    return _kind_attr(kind) + _attr(TCA_OPTIONS, nested)
 
 
 def encode_leaf_put(ifindex: int, leaf: LeafQdisc, creating: bool) -> bytes:
     """Create the leaf qdisc under its class, or change the one of the same kind and handle."""
-    body = _kind_attr(leaf.kind) + _leaf_options(leaf, creating)
+    body = _leaf_body(leaf.kind, leaf.options, creating)
     flags = NLM_F_CREATE | NLM_F_REPLACE
     return _message(RTM_NEWQDISC, flags, ifindex, leaf.handle, leaf.parent, body)
 
@@ -220,7 +230,7 @@ class TcSocket:
     namespace for its whole life.
     """
 
-    BATCH = 256
+    BATCH = 1024
 
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
@@ -244,8 +254,11 @@ class TcSocket:
     def transact(self, messages: Sequence[bytes]) -> list[tuple[int, str]]:
         """Send requests in batches; (errno, kernel message) per request, errno 0 = done.
 
-        Stops after the first batch that has a failure: the requests after it
-        are reported as not sent (errno ECANCELED).
+        Only the last request of a batch asks for an acknowledgement: the
+        kernel handles a batch in order inside the send call and reports every
+        failure anyway, so that one ack marks the end of the batch and the
+        failures before it arrive first. Stops after the first batch with a
+        failure: later requests are reported as not sent (ECANCELED).
         """
         results: list[tuple[int, str]] = []
         for start in range(0, len(messages), self.BATCH):
@@ -253,8 +266,10 @@ class TcSocket:
             first = self._seq + 1
             parts = []
             for msg in chunk:
-                seq = self._next_seq()
-                parts.append(msg[:8] + U32.pack(seq) + msg[12:])
+                parts.append(msg[:8] + U32.pack(self._next_seq()) + msg[12:])
+            last = parts[-1]
+            flags = struct.unpack_from("=H", last, 6)[0] | NLM_F_ACK
+            parts[-1] = last[:6] + struct.pack("=H", flags) + last[8:]
             self._sock.sendall(b"".join(parts))
             acks = self._collect_acks(first, len(chunk))
             results.extend(acks)
@@ -265,21 +280,20 @@ class TcSocket:
         return results
 
     def _collect_acks(self, first: int, count: int) -> list[tuple[int, str]]:
-        acks: list[tuple[int, str] | None] = [None] * count
-        pending = count
-        while pending:
+        acks = [(0, "")] * count
+        while True:
             data = self._sock.recv(1 << 20)
             offset = 0
             while offset + NLMSG_HDR.size <= len(data):
                 length, msg_type, _, seq, _ = NLMSG_HDR.unpack_from(data, offset)
                 if msg_type == NLMSG_ERROR:
                     index = (seq - first) & 0x7FFFFFFF
-                    if index < count and acks[index] is None:
+                    if index < count:
                         code = -struct.unpack_from("=i", data, offset + 16)[0]
                         acks[index] = (code, _ext_ack_message(data, offset, length, code))
-                        pending -= 1
+                        if index == count - 1:
+                            return acks
                 offset += (length + 3) & ~3
-        return [ack if ack is not None else (0, "") for ack in acks]
 
     def dump(self, msg_type: int, ifindex: int) -> list[bytes]:
         """Every message of a dump, as raw bytes (retried if the kernel says it was interrupted)."""

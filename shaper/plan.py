@@ -162,6 +162,11 @@ class Plan:
     down: Tree
     up: Tree
     min_sum_bps: dict[str, int] = field(default_factory=dict)
+    slot_owner: dict[int, str] = field(default_factory=dict)
+    # The plan this one was derived from and the class ids that differ from it:
+    # the shaper diffs only those when `base` is what it last applied.
+    base: Plan | None = None
+    touched: set[int] = field(default_factory=set)
 
     def tree(self, direction: str) -> Tree:
         return self.down if direction == "down" else self.up
@@ -172,11 +177,9 @@ class Plan:
         old = new.subscribers.get(sub.id)
         if old is not None:
             new._drop(old)
-        for other in self.subscribers.values():
-            if other.slot == sub.slot and other.id != sub.id:
-                raise ValidationError(
-                    f"subscriber {sub.id}: slot {sub.slot} is already {other.id}'s"
-                )
+        holder = new.slot_owner.get(sub.slot)
+        if holder is not None:
+            raise ValidationError(f"subscriber {sub.id}: slot {sub.slot} is already {holder}'s")
         new._add(sub)
         return new
 
@@ -195,6 +198,7 @@ class Plan:
         for direction in DIRECTIONS:
             tree = new.tree(direction)
             tree.leaves = {cid: _leaf(kind, tree.classes[cid], self.rtt_ms) for cid in tree.leaves}
+        new.base = None
         return new
 
     def _copy(self) -> Plan:
@@ -206,6 +210,8 @@ class Plan:
             self.down.copy(),
             self.up.copy(),
             dict(self.min_sum_bps),
+            dict(self.slot_owner),
+            base=self,
         )
 
     def leaf_in_plan(self) -> str:
@@ -237,7 +243,9 @@ class Plan:
             )
             tree.classes[classid] = cls
             tree.leaves[classid] = _leaf(kind, cls, self.rtt_ms)
+            self.touched.add(classid)
         self.subscribers[sub.id] = sub
+        self.slot_owner[sub.slot] = sub.id
 
     def _drop(self, sub: SubscriberPlan) -> None:
         for direction, major in (("down", DOWN_MAJOR), ("up", UP_MAJOR)):
@@ -245,8 +253,10 @@ class Plan:
             tree = self.tree(direction)
             del tree.classes[classid]
             del tree.leaves[classid]
+            self.touched.add(classid)
             self.min_sum_bps[direction] -= sub.rates_bps(direction)[0]
         del self.subscribers[sub.id]
+        del self.slot_owner[sub.slot]
 
 
 _NAMES = {"down": "download", "up": "upload"}
@@ -328,14 +338,11 @@ def build_plan(
         up=_empty_tree(link, "up", UP_MAJOR, leaf, rtt_ms),
         min_sum_bps={"down": 0, "up": 0},
     )
-    slots: dict[int, str] = {}
     for sub in subscribers:
         if sub.id in plan.subscribers:
             raise ValidationError(f"subscriber {sub.id}: duplicate id")
-        if sub.slot in slots:
-            raise ValidationError(
-                f"subscriber {sub.id}: slot {sub.slot} is already {slots[sub.slot]}'s"
-            )
-        slots[sub.slot] = sub.id
+        holder = plan.slot_owner.get(sub.slot)
+        if holder is not None:
+            raise ValidationError(f"subscriber {sub.id}: slot {sub.slot} is already {holder}'s")
         plan._add(sub)
     return plan

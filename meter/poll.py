@@ -1,11 +1,15 @@
-"""Counter polling: read the datapath's per-CPU counters in one bpf(2) call, feed the aggregator.
+"""Counter polling: read every slot of the datapath's per-CPU counters, feed the aggregator.
 
 `CounterReader` opens the pinned `counters` map by path (no BCC objects
-needed) and reads every slot with BPF_MAP_LOOKUP_BATCH straight into a
-preallocated buffer, then sums the CPUs. `Poller` hands each read to an
-aggregator (cython_ext.load_backend()) with the identity of the map it came
-from, so a recreated map or a reboot rebases the deltas instead of losing or
-inventing bytes.
+needed) and returns cumulative (n_slots, 4) sums over the possible CPUs in
+one of two ways, chosen explicitly:
+- "kernel" (default): cython_ext.bpf_sum sums the CPUs inside the kernel into
+  a memory-mapped array, one BPF_PROG_TEST_RUN per 65,536 slots (Linux 5.19+);
+- "batch": one BPF_MAP_LOOKUP_BATCH of every slot on every CPU into a
+  preallocated buffer, summed by the aggregator backend (Linux 5.6+).
+`Poller` hands each read to an aggregator with the identity of the map it
+came from, so a recreated map or a reboot rebases the deltas instead of
+losing or inventing bytes.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import numpy as np
 import numpy.typing as npt
 
 import cython_ext
+from cython_ext.bpf_sum import KernelSum
 from ebpf import abi, bpf_syscall
-from gateway.errors import DatapathError
+from gateway.errors import DatapathError, ValidationError
 
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
@@ -31,6 +36,7 @@ BPFFS = Path("/sys/fs/bpf")
 POSSIBLE_CPUS = Path("/sys/devices/system/cpu/possible")
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 COUNTER_BYTES = ctypes.sizeof(abi.Counters)
+READ_METHODS = ("kernel", "batch")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -51,13 +57,13 @@ class _BatchAttr(ctypes.Structure):
     ]
 
 
-def possible_cpus(path: Path = POSSIBLE_CPUS) -> int:
-    """How many CPUs a per-CPU map holds a value for (the kernel's possible CPUs, e.g. "0-3")."""
-    count = 0
+def possible_cpus(path: Path = POSSIBLE_CPUS) -> list[int]:
+    """The CPUs a per-CPU map holds a value for (the kernel's possible CPUs, e.g. "0-3")."""
+    cpus: list[int] = []
     for part in path.read_text().strip().split(","):
         first, _, last = part.partition("-")
-        count += int(last or first) - int(first) + 1
-    return count
+        cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 def counters_path(gateway_id: str, lan: str, bpffs: Path = BPFFS) -> Path:
@@ -73,16 +79,26 @@ def _map_id(fd: int) -> int:
 
 
 class CounterReader:
-    """Reads all slots of a per-CPU counters map with BPF_MAP_LOOKUP_BATCH into reused buffers."""
+    """Cumulative per-slot counters of a per-CPU counters map, summed over CPUs."""
 
     def __init__(
-        self, fd: int, path: Path | None = None, backend: ModuleType | None = None
+        self,
+        fd: int,
+        path: Path | None = None,
+        backend: ModuleType | None = None,
+        method: str = "kernel",
     ) -> None:
         """Take ownership of `fd`, a per-CPU array of struct desanet_counters."""
         self._fd = fd
         self.path = path
-        self._pin = self._pin_stat()
+        self.method = method
+        self._kernel_sum: KernelSum | None = None
         try:
+            if method not in READ_METHODS:
+                raise ValidationError(
+                    f"counter read method {method!r}: use one of {', '.join(READ_METHODS)}"
+                )
+            self._pin = self._pin_stat()
             shape = bpf_syscall.map_shape(fd)
             if (shape.type, shape.key_size, shape.value_size) != (
                 BPF_MAP_TYPE_PERCPU_ARRAY,
@@ -94,52 +110,50 @@ class CounterReader:
                     f"(type {shape.type}, key {shape.key_size} B, value {shape.value_size} B): "
                     "is the datapath of this version attached?"
                 )
-            self.map_id = _map_id(fd)
+            self.n_slots = shape.max_entries
+            self.cpus = possible_cpus()
+            self.n_cpus = len(self.cpus)
             # Names this map instance across restarts: a new map or a reboot changes it.
-            self.identity = BOOT_ID.read_text().strip().encode() + b"/" + str(self.map_id).encode()
+            self.identity = BOOT_ID.read_text().strip().encode() + f"/{_map_id(fd)}".encode()
+            if method == "kernel":
+                self._kernel_sum = KernelSum(fd, self.n_slots, self.cpus)
         except BaseException:
             os.close(fd)
             raise
-        self.n_slots = shape.max_entries
-        self.n_cpus = possible_cpus()
         self._backend = backend or cython_ext.load_backend()
-        self._sum_cpus = self._backend.sum_cpus
-        # Preallocated once: a poll allocates nothing. A per-CPU value is
-        # n_cpus consecutive copies of the 8-byte-aligned struct.
-        self._keys = np.empty(self.n_slots, dtype=np.uint32)
-        self._percpu = np.empty((self.n_slots, self.n_cpus, 4), dtype=np.uint64)
-        self._cumulative = np.empty((self.n_slots, 4), dtype=np.uint64)
-        self._cursor = ctypes.c_uint32(0)
-        self._attr = _BatchAttr(
-            keys=self._keys.ctypes.data,
-            values=self._percpu.ctypes.data,
-            out_batch=ctypes.addressof(self._cursor),
-            map_fd=fd,
-        )
-        self._attr_ref = ctypes.byref(self._attr)
-        self._cursor_addr = ctypes.addressof(self._cursor)
+        self._percpu: npt.NDArray[np.uint64] | None = None
+        self._cumulative = np.zeros((self.n_slots, 4), dtype=np.uint64)
 
     @classmethod
-    def open(cls, path: Path | str, backend: ModuleType | None = None) -> CounterReader:
+    def open(
+        cls, path: Path | str, backend: ModuleType | None = None, method: str = "kernel"
+    ) -> CounterReader:
         """Open the counters map pinned at `path`."""
         path = Path(path)
         if not path.exists():
             raise DatapathError(
                 f"no counters pinned at {path}: is the datapath attached (desanet run)?"
             )
-        return cls(bpf_syscall.obj_get(str(path)), path, backend)
+        return cls(bpf_syscall.obj_get(str(path)), path, backend, method)
 
     @classmethod
     def for_datapath(
-        cls, gateway_id: str, lan: str, bpffs: Path = BPFFS, backend: ModuleType | None = None
+        cls,
+        gateway_id: str,
+        lan: str,
+        bpffs: Path = BPFFS,
+        backend: ModuleType | None = None,
+        method: str = "kernel",
     ) -> CounterReader:
         """Open the counters of the datapath attached to `lan` on gateway `gateway_id`."""
-        return cls.open(counters_path(gateway_id, lan, bpffs), backend)
+        return cls.open(counters_path(gateway_id, lan, bpffs), backend, method)
 
     @classmethod
-    def from_fd(cls, fd: int, backend: ModuleType | None = None) -> CounterReader:
+    def from_fd(
+        cls, fd: int, backend: ModuleType | None = None, method: str = "kernel"
+    ) -> CounterReader:
         """Read a map someone else holds open (the reader keeps its own duplicate)."""
-        return cls(os.dup(fd), None, backend)
+        return cls(os.dup(fd), None, backend, method)
 
     def _pin_stat(self) -> tuple[int, int] | None:
         if self.path is None:
@@ -160,21 +174,35 @@ class CounterReader:
         """A reader of the map pinned at this reader's path now; this one is closed."""
         if self.path is None:
             raise DatapathError("a reader made from a file descriptor cannot be reopened")
-        fresh = CounterReader.open(self.path, self._backend)
+        fresh = CounterReader.open(self.path, self._backend, self.method)
         self.close()
         return fresh
 
+    def read(self) -> npt.NDArray[np.uint64]:
+        """Cumulative counters summed over CPUs, (n_slots, 4) uint64; valid until the next read."""
+        if self._kernel_sum is not None:
+            return self._kernel_sum.run()
+        return self._backend.sum_cpus(self.read_percpu(), self._cumulative)
+
     def read_percpu(self) -> npt.NDArray[np.uint64]:
-        """Every slot on every CPU, (n_slots, n_cpus, 4); valid until the next read."""
+        """Every slot on every CPU by one batch lookup, (n_slots, n_cpus, 4), in a reused buffer."""
+        if self._percpu is None:
+            # A per-CPU value is n_cpus consecutive copies of the 8-byte-aligned struct.
+            self._percpu = np.empty((self.n_slots, self.n_cpus, 4), dtype=np.uint64)
+            self._keys = np.empty(self.n_slots, dtype=np.uint32)
+            self._cursor = ctypes.c_uint32(0)
+            self._batch = _BatchAttr(out_batch=ctypes.addressof(self._cursor), map_fd=self._fd)
+        attr = self._batch
         done = 0
-        attr = self._attr
         while done < self.n_slots:
             # Resume after the last key read; the first call starts at the map's beginning.
-            attr.in_batch = self._cursor_addr if done else 0
+            attr.in_batch = ctypes.addressof(self._cursor) if done else 0
             attr.keys = self._keys.ctypes.data + done * 4
             attr.values = self._percpu.ctypes.data + done * self.n_cpus * COUNTER_BYTES
             attr.count = self.n_slots - done
-            result = _libc.syscall(bpf_syscall.SYS_BPF, BPF_MAP_LOOKUP_BATCH, self._attr_ref, 56)
+            result = _libc.syscall(
+                bpf_syscall.SYS_BPF, BPF_MAP_LOOKUP_BATCH, ctypes.byref(attr), ctypes.sizeof(attr)
+            )
             err = ctypes.get_errno() if result < 0 else 0
             done += attr.count
             if err == errno.ENOENT or (err == 0 and attr.count == 0):
@@ -188,12 +216,11 @@ class CounterReader:
             raise DatapathError(f"the counters map returned {done} of {self.n_slots} slots")
         return self._percpu
 
-    def read(self) -> npt.NDArray[np.uint64]:
-        """Cumulative counters summed over CPUs, (n_slots, 4) uint64; valid until the next read."""
-        return self._sum_cpus(self.read_percpu(), self._cumulative)
-
     def close(self) -> None:
-        """Release the map file descriptor."""
+        """Release the map file descriptor and the summing program."""
+        if self._kernel_sum is not None:
+            self._kernel_sum.close()
+            self._kernel_sum = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

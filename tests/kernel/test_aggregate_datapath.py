@@ -1,9 +1,9 @@
 """The aggregator on the real datapath under live traffic: billed deltas add up to the counters.
 
-Polls the pinned counters map (by path, no BCC) while iperf3 runs, rolls the
-polls up into intervals, and checks that the deltas of every interval sum to
-the final kernel counters exactly, and that those equal the IP bytes each
-subscriber's own namespace saw (nftables).
+Polls the pinned counters map (by path, no BCC, CPUs summed in the kernel)
+while iperf3 runs, rolls the polls up into intervals, and checks that the
+deltas of every interval sum to the final kernel counters exactly, and that
+those equal the IP bytes each subscriber's own namespace saw (nftables).
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def test_interval_deltas_sum_to_the_final_counters_under_live_traffic(village4: 
                     np.add.at(billed[name][:, col], usage.slots, values)
             intervals_with_traffic += int(usages["cython"].up.sum() > 0)
 
-        with CounterReader.open(datapath.pin_dir / abi.MAP_COUNTERS) as reader:
+        pinned = datapath.pin_dir / abi.MAP_COUNTERS
+        with CounterReader.open(pinned) as reader:
             clients = start_traffic(v, seconds=2)
             polls = 0
             while any(c.poll() is None for c in clients) or polls < 3:
@@ -86,6 +87,8 @@ def test_interval_deltas_sum_to_the_final_counters_under_live_traffic(village4: 
             for agg in aggregators.values():
                 agg.poll(reader.read(), 1_000 * (polls + 1))
             roll_up(1_000 * (polls + 1))
+            with CounterReader.open(pinned, method="batch") as batch:
+                assert batch.read().tolist() == reader.read().tolist()
 
         with in_netns(v.gw_ns):
             final = datapath.read_counters()  # BCC's view: an independent read of the same map

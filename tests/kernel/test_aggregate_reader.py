@@ -15,17 +15,21 @@ from bcc.libbcc import lib as libbcc
 
 import cython_ext
 from ebpf import abi
-from gateway.errors import DatapathError
+from gateway.errors import DatapathError, ValidationError
 from meter.poll import CounterReader, Poller, possible_cpus
 
 pytestmark = pytest.mark.kernel
 
 SLOTS = 1_000
+BIG = 70_000  # more than one in-kernel summing run (CHUNK_SLOTS)
 PROGRAM = f"""
 struct desanet_counters {{ u64 up_bytes; u64 up_pkts; u64 down_bytes; u64 down_pkts; }};
 BPF_PERCPU_ARRAY(counters, struct desanet_counters, {SLOTS});
+BPF_PERCPU_ARRAY(big, struct desanet_counters, {BIG});
 BPF_PERCPU_ARRAY(wrong_shape, u64, 8);
 """
+# (read method, aggregator backend summing a batch read)
+READERS = [("kernel", "cython"), ("batch", "cython"), ("batch", "python")]
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +66,19 @@ def pin(table: Any, path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("backend_name", ["cython", "python"])
-def test_reads_every_slot_on_every_cpu_exactly(bpf: Any, backend_name: str) -> None:
+@pytest.mark.parametrize(("method", "backend_name"), READERS)
+def test_reads_every_slot_on_every_cpu_exactly(bpf: Any, method: str, backend_name: str) -> None:
     table = bpf.get_table(b"counters")
-    ncpu = possible_cpus()
+    ncpu = len(possible_cpus())
     rng = np.random.default_rng(3)
     values = rng.integers(0, 1 << 62, size=(SLOTS, ncpu, 4), dtype=np.uint64)
     values[7] = np.uint64((1 << 63) - 1)  # near the top: the per-CPU sum wraps modulo 2^64
     fill(table, values)
-    with CounterReader.from_fd(table.map_fd, cython_ext.load_backend(backend_name)) as reader:
+    backend = cython_ext.load_backend(backend_name)
+    with CounterReader.from_fd(table.map_fd, backend, method) as reader:
         assert (reader.n_slots, reader.n_cpus) == (SLOTS, ncpu)
         assert reader.read().tolist() == values.sum(axis=1, dtype=np.uint64).tolist()
+        assert reader.read_percpu().tolist() == values.tolist()
         # BCC's own view of the same map agrees, slot by slot.
         for slot in (0, 7, SLOTS - 1):
             bcc_row = [
@@ -81,16 +87,31 @@ def test_reads_every_slot_on_every_cpu_exactly(bpf: Any, backend_name: str) -> N
             assert reader.read()[slot].tolist() == bcc_row
 
 
+@pytest.mark.parametrize("method", ["kernel", "batch"])
+def test_reads_a_map_larger_than_one_summing_run(bpf: Any, method: str) -> None:
+    table = bpf.get_table(b"big")
+    ncpu = len(possible_cpus())
+    values = np.random.default_rng(5).integers(0, 1 << 40, size=(BIG, ncpu, 4), dtype=np.uint64)
+    fill(table, values)
+    with CounterReader.from_fd(table.map_fd, method=method) as reader:
+        assert reader.read().tolist() == values.sum(axis=1, dtype=np.uint64).tolist()
+        values[BIG - 1, ncpu - 1, 3] += np.uint64(1)  # the very last counter moves
+        fill(table, values)
+        assert int(reader.read()[BIG - 1, 3]) == int(values[BIG - 1, :, 3].sum())
+
+
 def test_refuses_a_map_that_is_not_the_counters(bpf: Any) -> None:
     with pytest.raises(DatapathError, match="not a per-CPU array of struct desanet_counters"):
         CounterReader.from_fd(bpf.get_table(b"wrong_shape").map_fd)
+    with pytest.raises(ValidationError, match="use one of kernel, batch"):
+        CounterReader.from_fd(bpf.get_table(b"counters").map_fd, method="mmap")
     with pytest.raises(DatapathError, match="is the datapath attached"):
         CounterReader.open("/sys/fs/bpf/desanet/no-such-gateway/br-lan/counters")
 
 
 def test_a_recreated_map_rebases_and_totals_carry_forward(bpf: Any, pin_dir: Path) -> None:
     table = bpf.get_table(b"counters")
-    ncpu = possible_cpus()
+    ncpu = len(possible_cpus())
     values = np.zeros((SLOTS, ncpu, 4), dtype=np.uint64)
     values[5, 0] = [10_000, 10, 20_000, 20]
     fill(table, values)

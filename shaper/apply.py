@@ -181,6 +181,7 @@ class Shaper:
             log.warning("%s", warning)
         fresh = self._known is None or full_read_back
         if fresh:
+            _ifindex(self.lan, "LAN")  # before creating an IFB for a LAN that is not there
             self.ensure_ifb()
         indexes = self._indexes()
         sock = TcSocket()

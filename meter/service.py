@@ -65,6 +65,11 @@ class MeterService:
         self._topic = wire.topic(gateway_id)
         self._ids: npt.NDArray[np.object_] = np.empty(0, dtype=object)
         self._mapped: npt.NDArray[np.bool_] = np.empty(0, dtype=bool)
+        # Totals of mapped slots live in arrays (cheap per interval); `_totals` holds the rest
+        # (recovered, or whose slot was reassigned) and `_all_totals()` merges both.
+        self._slot_totals: npt.NDArray[np.uint64] = np.zeros((0, 2), dtype=np.uint64)
+        self._has_total: npt.NDArray[np.bool_] = np.empty(0, dtype=bool)
+        self._totals: dict[str, tuple[int, int]] = {}
         self.set_subscribers(subscribers)
         self._intervals = 0
         self.journal = Journal(self.state_dir / "journal", config.retention)
@@ -112,14 +117,22 @@ class MeterService:
             ids[slot] = sub
             mapped[slot] = True
         with self._lock:
+            self._totals = self._all_totals()
             self._ids, self._mapped = ids, mapped
+            self._slot_totals = np.zeros((size, 2), dtype=np.uint64)
+            self._has_total = np.zeros(size, dtype=bool)
+
+    def _all_totals(self) -> dict[str, tuple[int, int]]:
+        totals = dict(self._totals)
+        slots = np.flatnonzero(self._has_total)
+        values = self._slot_totals[slots].tolist()
+        totals.update(zip(self._ids[slots].tolist(), map(tuple, values), strict=True))
+        return totals
 
     def _recover(self) -> None:
         ckpt = self._checkpoint
         self._seq, self._t1 = ckpt.seq, ckpt.t1_ms
-        self._totals: dict[str, tuple[int, int]] = {
-            k: (int(v[0]), int(v[1])) for k, v in ckpt.totals.items()
-        }
+        self._totals = {k: (int(v[0]), int(v[1])) for k, v in ckpt.totals.items()}
         self._state = ckpt.state
         last = self.journal.last_seq
         if last and last < ckpt.seq:
@@ -172,8 +185,10 @@ class MeterService:
             )
             self.journal.append(seq, message, encode_state_change(self._state, state))
             self._seq, self._state = seq, state
-            pairs = zip(columns["up_total"], columns["down_total"], strict=True)
-            self._totals.update(zip(sub_list, pairs, strict=True))
+            moved = slots[mask]
+            self._slot_totals[moved, 0] = interval.up_total[mask]
+            self._slot_totals[moved, 1] = interval.down_total[mask]
+            self._has_total[moved] = True
             self._t1 = max(self._t1, interval.t1_ms)
             self._send(message)
             self._intervals += 1
@@ -190,15 +205,16 @@ class MeterService:
             return self._seq
 
     def _publish_snapshot(self) -> None:
-        subs = list(self._totals)
+        totals = self._all_totals()
+        subs = list(totals)
         zeros = [0] * len(subs)
         columns = {
             "up": zeros,
             "down": zeros,
             "up_pkts": zeros,
             "down_pkts": zeros,
-            "up_total": [self._totals[s][0] for s in subs],
-            "down_total": [self._totals[s][1] for s in subs],
+            "up_total": [totals[s][0] for s in subs],
+            "down_total": [totals[s][1] for s in subs],
         }
         seq = self._seq + 1
         message = wire.encode_usage(
@@ -218,20 +234,21 @@ class MeterService:
     def snapshot(self) -> dict[str, Any]:
         """Every subscriber's totals and the seq they are current at (the replay snapshot)."""
         with self._lock:
-            subs = list(self._totals)
+            totals = self._all_totals()
+            subs = list(totals)
             return {
                 "v": wire.VERSION,
                 "gw": self.gateway_id,
                 "seq": self._seq,
                 "t1": self._t1,
                 "sub": subs,
-                "up_total": [self._totals[s][0] for s in subs],
-                "down_total": [self._totals[s][1] for s in subs],
+                "up_total": [totals[s][0] for s in subs],
+                "down_total": [totals[s][1] for s in subs],
             }
 
     def _save_checkpoint(self) -> None:
         ckpt = Checkpoint(
-            self._seq, self._t1, self._state, {k: list(v) for k, v in self._totals.items()}
+            self._seq, self._t1, self._state, {k: list(v) for k, v in self._all_totals().items()}
         )
         ckpt.save(self.state_dir, self.gateway_id)
         self._checkpoint = ckpt

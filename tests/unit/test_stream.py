@@ -318,3 +318,12 @@ def test_ten_thousand_malformed_requests_leave_the_service_serving(
         assert client.snapshot().seq == service.last_seq
         assert [m.seq for m in client.replay(1)] == [1]
     assert service.publish(interval(2000, [1], [1], [2]), {}) == 2
+
+
+def test_reassigned_slot_keeps_the_old_subscribers_totals(service: MeterService) -> None:
+    service.publish(interval(1000, [1, 2], [10, 20], [10, 20]), {})
+    service.set_subscribers({1: "s9", 2: "s2"})
+    service.publish(interval(2000, [1, 2], [1, 2], [1, 22]), {})
+    snap = service.snapshot()
+    totals = dict(zip(snap["sub"], snap["up_total"], strict=True))
+    assert totals == {"s1": 10, "s2": 22, "s9": 1}

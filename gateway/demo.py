@@ -47,9 +47,28 @@ PLANS = [
     ("Puskesmas", "capped", "1mbit", "1500kbit", "256kbit", "384kbit"),
     ("Koperasi", "premium", "2mbit", "20mbit", "512kbit", "5mbit"),
 ]
+# Upload offered per subscriber when the leaves are FIFOs (no fq_codel/cake): a
+# greedy upload would fill the subscriber's own FIFO and hold its download's
+# ACKs behind it for hundreds of ms. With flow-queueing leaves uploads are greedy.
+FIFO_UPLOAD = {
+    "standard": "450k",
+    "quota": "450k",
+    "suspended": "450k",
+    "capped": "250k",
+    "premium": "900k",
+}
 USAGE_PORT, REPLAY_PORT, CONTROL_PORT = 7570, 7571, 7572
 IPERF_DOWN_PORT, IPERF_UP_PORT = 5200, 5300
 _PING_LINE = re.compile(r"^\[(\d+\.\d+)\].*time=([0-9.]+) ms")
+
+
+def nsenter(netns: str, cmd: list[str]) -> list[str]:
+    """`cmd` run in network namespace `netns` only.
+
+    Not `ip netns exec`: it also gives the command a private /sys, so the
+    datapath's pins would land in a private bpffs and vanish with the process.
+    """
+    return ["nsenter", f"--net=/var/run/netns/{netns}", *cmd]
 
 
 def _config_text(gateway_id: str, state_dir: Path) -> str:
@@ -143,7 +162,7 @@ def _idle_ping(lab: Village, count: int = 10) -> list[float]:
     return [float(m.group(2)) for line in out.splitlines() if (m := _PING_LINE.match(line))]
 
 
-def _start_load(lab: Village, seconds: int) -> list[subprocess.Popen[bytes]]:
+def _start_load(lab: Village, seconds: int, paced: bool) -> list[subprocess.Popen[bytes]]:
     procs = []
     for host in lab.subscribers:
         for port in (IPERF_DOWN_PORT + host.index, IPERF_UP_PORT + host.index):
@@ -156,9 +175,10 @@ def _start_load(lab: Village, seconds: int) -> list[subprocess.Popen[bytes]]:
                 )
             )
     time.sleep(0.5)  # servers listening before clients connect
-    for host in lab.subscribers:
+    for host, plan in zip(lab.subscribers, PLANS, strict=True):
         target = INET_V4 if host.index % 2 else INET_V6
-        for port, extra in ((IPERF_DOWN_PORT, ["-R"]), (IPERF_UP_PORT, [])):
+        upload = ["-b", FIFO_UPLOAD[plan[1]]] if paced else []
+        for port, extra in ((IPERF_DOWN_PORT, ["-R", "-P", "4"]), (IPERF_UP_PORT, upload)):
             cmd = ["iperf3", "-c", target, "-p", str(port + host.index), "-t", str(seconds)]
             procs.append(
                 lab.popen(
@@ -200,6 +220,7 @@ def run_demo(
     print_("building the village: internet, gateway, 8 subscribers in network namespaces")
     try:
         with village(len(PLANS)) as lab:
+            tag = lab.tag
             record = _run(lab, workdir, seconds, print_)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -211,6 +232,7 @@ def run_demo(
         "quota throttle seen": summary["throttled_at_s"] is not None,
     }
     summary["ok"] = all(checks.values())
+    summary["lab_tag"] = tag
     print_(report.render_markdown(record, summary, str(out_dir / "throughput.png")))
     for name, passed in checks.items():
         print_(f"{'PASS' if passed else 'FAIL'}: {name}")
@@ -229,20 +251,24 @@ def _run(lab: Village, workdir: Path, seconds: int, print_: Any) -> DemoRecord:
     cli = [sys.executable, "-m", "gateway.cli"]
     print_(f"starting `desanet run` in namespace {lab.gw_ns} (compiling the datapath)")
     with open(log, "wb") as log_file:
-        service = lab.popen(
-            lab.gw_ns,
-            [*cli, "run", "--config", str(config)],
+        service = subprocess.Popen(
+            nsenter(lab.gw_ns, [*cli, "run", "--config", str(config)]),
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         return _drive(lab, state_dir, service, log, seconds, quota_bytes, print_)
     finally:
+        # SIGTERM, then remove the datapath (and its pins in the host's bpffs) and the shaping.
         subprocess.run(
-            ["ip", "netns", "exec", lab.gw_ns, *cli, "stop", "--detach", "--config", str(config)],
+            nsenter(lab.gw_ns, [*cli, "stop", "--detach", "--config", str(config)]),
             capture_output=True,
             timeout=60,
         )
+        if service.poll() is None:
+            service.kill()
+        service.wait()
 
 
 def _drive(
@@ -278,7 +304,14 @@ def _drive(
         f"s6 is suspended at {0.35 * seconds:.0f} s, s5 has a {quota_bytes / 1e6:.0f} MB quota"
     )
     t0 = time.time()
-    load = _start_load(lab, seconds)
+    paced = snap.leaf_in_use not in ("fq_codel", "cake")
+    if paced:
+        print_(
+            "uploads are paced below each fair share: with FIFO leaves a full upload queue "
+            "would delay the subscriber's own download ACKs (fq_codel isolates them)"
+        )
+    record.uploads_paced = paced
+    load = _start_load(lab, seconds, paced)
     ping = lab.popen(
         lab.subscribers[0].netns,
         ["ping", "-D", "-n", "-i", "0.2", INET_V4],

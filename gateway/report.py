@@ -49,6 +49,7 @@ class DemoRecord:
     events: list[tuple[float, str, str, str]] = field(default_factory=list)
     suspend_at_s: float = 0.0
     throttled_at_s: float | None = None
+    uploads_paced: bool = False
     leaf_wanted: str = ""
     leaf_in_use: str = ""
     warnings: list[str] = field(default_factory=list)
@@ -165,8 +166,9 @@ def render_markdown(record: DemoRecord, summary: dict[str, Any], plot_name: str)
         "# desanet village demo",
         "",
         f"8 subscribers share a {format_rate(record.link_down_bps)} down / "
-        f"{format_rate(record.link_up_bps)} up link; each runs iperf3 TCP both ways. "
-        f"Run took {summary['elapsed_s']:.0f} s.",
+        f"{format_rate(record.link_up_bps)} up link; each runs iperf3 TCP both ways "
+        + ("(uploads paced below their fair share) " if record.uploads_paced else "")
+        + f"and s1 pings the internet side. Run took {summary['elapsed_s']:.0f} s.",
         "",
     ]
     if record.leaf_in_use != record.leaf_wanted:

@@ -1,0 +1,46 @@
+"""`desanet demo` end to end: the report's figures, its files, and nothing left behind."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gateway.demo import run_demo
+
+pytestmark = pytest.mark.kernel
+
+
+def test_demo_report_meets_its_checks_and_cleans_up(tmp_path: Path) -> None:
+    before = set(
+        subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    )
+    summary = run_demo(seconds=30, out_dir=tmp_path, print_=lambda *_: None)
+    assert summary["fairness"]["down_before"] >= 0.95
+    assert summary["fairness"]["down_after"] >= 0.95
+    assert summary["jain"] >= 0.95
+    assert summary["billing_error"] <= 0.001
+    assert summary["throttled_at_s"] is not None
+    assert summary["throttled_at_s"] < 30
+    # The suspended subscriber is walled, the throttled one held near its fair-use plan.
+    after = summary["rates_after"]
+    assert after["s6"][0] < 200_000
+    assert after["s5"][0] < 1_100_000
+    assert summary["elapsed_s"] < 120
+    report = (tmp_path / "report.md").read_text()
+    assert "Jain" in report and "Quota throttle: observed" in report
+    if summary["leaf_in_use"] != summary["leaf_wanted"]:
+        assert f"this kernel lacks {summary['leaf_wanted']}" in report
+    assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+    after_ns = set(
+        subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    )
+    assert not {ns for ns in after_ns - before if ns.startswith("dn")}
+    leftover = (
+        list(Path("/sys/fs/bpf/desanet").glob("demo-*"))
+        if Path("/sys/fs/bpf/desanet").exists()
+        else []
+    )
+    assert leftover == []
+    assert summary["ok"]

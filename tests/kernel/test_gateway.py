@@ -1,0 +1,242 @@
+"""The gateway service in a lab village: refusal before the kernel, hot reload, kill -9, control."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.control import request
+from gateway.demo import nsenter
+from gateway.errors import ControlError
+from gateway.lab import INET_V4, Village, in_netns, village
+from gateway.status import Snapshot, read_snapshot
+from meter.client import UsageClient
+from meter.keys import ClientSecurity, generate_keypair, load_keypair
+
+pytestmark = pytest.mark.kernel
+
+CLI = [sys.executable, "-m", "gateway.cli"]
+HEADER = "id,name,prefixes,down_min,down_max,up_min,up_max,quota\n"
+
+
+class Service:
+    """`desanet run` started in a lab's gateway namespace, with its files in a folder."""
+
+    def __init__(self, lab: Village, folder: Path, curve: bool = False) -> None:
+        self.lab = lab
+        self.folder = folder
+        self.config = folder / "gateway.toml"
+        self.state = folder / "state"
+        self.log = folder / "service.log"
+        keys = ""
+        if curve:
+            generate_keypair(folder / "keys", "gateway")
+            generate_keypair(folder / "allowed", "billing")
+            keys = 'secret_key = "keys/gateway.key_secret"\nallowed_keys = "allowed"\n'
+        self.config.write_text(
+            f'[gateway]\nid = "t-{lab.tag.lower()}"\nlan = "br-lan"\nstate_dir = "state"\n'
+            'capacity = 16\n[link]\ndown = "20mbit"\nup = "5mbit"\n[shaping]\nrtt = "20ms"\n'
+            '[meter]\ninterval = "200ms"\n[publish]\nusage = "tcp://127.0.0.1:7570"\n'
+            f'replay = "tcp://127.0.0.1:7571"\n{keys}{"" if curve else "plaintext = true"}\n'
+            '[control]\nendpoint = "tcp://127.0.0.1:7572"\nsuspend = "block"\n'
+            '[subscribers]\nfile = "subscribers.csv"\n'
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_subscribers(self, rows: list[str]) -> None:
+        tmp = self.folder / "subscribers.tmp"
+        tmp.write_text(HEADER + "\n".join(rows) + "\n")
+        tmp.replace(self.folder / "subscribers.csv")
+
+    def start(self) -> Snapshot:
+        (self.state / "status.json").unlink(missing_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                nsenter(self.lab.gw_ns, [*CLI, "run", "--config", str(self.config)]),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            if (self.state / "status.json").exists():
+                return read_snapshot(self.state)
+            time.sleep(0.1)
+        raise AssertionError(f"service did not start:\n{self.log.read_text()}")
+
+    def status(self, after_ms: int = 0) -> Snapshot:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            snap = read_snapshot(self.state)
+            if snap.t_ms > after_ms:
+                return snap
+            time.sleep(0.05)
+        raise AssertionError("status did not advance")
+
+    def kill(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+
+    def stop_detach(self) -> subprocess.CompletedProcess[str]:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        cmd = [*CLI, "stop", "--detach", "--config", str(self.config)]
+        return subprocess.run(nsenter(self.lab.gw_ns, cmd), capture_output=True, text=True)
+
+
+@pytest.fixture
+def lab3() -> Iterator[Village]:
+    with village(3) as lab:
+        yield lab
+
+
+def row(lab: Village, i: int, down_max: str = "10mbit", quota: str = "") -> str:
+    host = lab.subscribers[i - 1]
+    return f"s{i},Sub {i},{host.ipv4} {host.ipv6},1mbit,{down_max},256kbit,2mbit,{quota}"
+
+
+def netns_exec(
+    lab: Village, ns: str, cmd: list[str], **kw: object
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+
+
+def test_bad_subscribers_file_is_refused_before_the_kernel(lab3: Village, tmp_path: Path) -> None:
+    svc = Service(lab3, tmp_path)
+    svc.write_subscribers([row(lab3, 1), row(lab3, 2).replace("1mbit,10mbit", "12mbit,10mbit")])
+    proc = netns_exec(lab3, lab3.gw_ns, [*CLI, "run", "--config", str(svc.config)])
+    assert proc.returncode == 2
+    assert (
+        "subscribers.csv:3: down_min: subscriber s2: 12.0 Mbit/s is above down_max" in proc.stderr
+    )
+    qdiscs = netns_exec(lab3, lab3.gw_ns, ["tc", "qdisc", "show", "dev", "br-lan"]).stdout
+    assert "clsact" not in qdiscs and "htb" not in qdiscs
+    assert not (tmp_path / "state").exists()
+
+
+def test_hot_reload_loses_no_packets_for_untouched_subscribers(
+    lab3: Village, tmp_path: Path
+) -> None:
+    svc = Service(lab3, tmp_path)
+    svc.write_subscribers([row(lab3, 1), row(lab3, 2)])
+    svc.start()
+    try:
+        server = lab3.popen(
+            lab3.inet_ns, ["iperf3", "-s", "-1", "-p", "5301"], stdout=subprocess.DEVNULL
+        )
+        time.sleep(0.3)
+        client = lab3.popen(
+            lab3.subscribers[0].netns,
+            ["iperf3", "-c", INET_V4, "-p", "5301", "-u", "-R", "-b", "3M", "-t", "6", "-J"],
+            stdout=subprocess.PIPE,
+        )
+        time.sleep(2)
+        # Add s3, re-plan s2: s1 is untouched and must not lose a packet.
+        svc.write_subscribers([row(lab3, 1), row(lab3, 2, down_max="4mbit"), row(lab3, 3)])
+        time.sleep(1)
+        out, _ = client.communicate(timeout=30)
+        server.wait(timeout=10)
+        result = json.loads(out)["end"]["sum"]
+        assert result["packets"] > 1000
+        assert result["lost_packets"] == 0
+        snap = svc.status()
+        plans = {s.id: s.down_max_bps for s in snap.subscribers}
+        assert plans == {"s1": 10_000_000, "s2": 4_000_000, "s3": 10_000_000}
+        classes = netns_exec(lab3, lab3.gw_ns, ["tc", "-j", "class", "show", "dev", "br-lan"])
+        ceilings = {c["handle"]: c.get("ceil") for c in json.loads(classes.stdout)}
+        assert len(ceilings) == 2 + 3  # root, default, three subscribers
+    finally:
+        svc.kill(signal.SIGTERM)
+        svc.stop_detach()
+
+
+def test_kill9_then_restart_keeps_counters_shaping_and_control(
+    lab3: Village, tmp_path: Path
+) -> None:
+    svc = Service(lab3, tmp_path)
+    svc.write_subscribers([row(lab3, 1), row(lab3, 2), row(lab3, 3)])
+    svc.start()
+    s1, s3 = lab3.subscribers[0], lab3.subscribers[2]
+    try:
+        with in_netns(lab3.gw_ns):
+            reply = request(
+                "tcp://127.0.0.1:7572", {"op": "suspend", "sub": "s3"}, ClientSecurity()
+            )
+        assert reply["ok"] and reply["state"] == "suspended (block)"
+        assert netns_exec(lab3, s3.netns, ["ping", "-c1", "-W1", INET_V4]).returncode == 1
+        netns_exec(lab3, s1.netns, ["ping", "-c", "20", "-i", "0.01", "-s", "1000", INET_V4])
+        before = svc.status().subscribers[0]
+        svc.kill(signal.SIGKILL)
+        # Dead service: shaping and counting go on in the kernel.
+        classes = netns_exec(lab3, lab3.gw_ns, ["tc", "class", "show", "dev", "br-lan"]).stdout
+        assert classes.count("class htb") == 5
+        netns_exec(lab3, s1.netns, ["ping", "-c", "20", "-i", "0.01", "-s", "1000", INET_V4])
+        svc.start()
+        netns_exec(lab3, s1.netns, ["ping", "-c", "10", "-i", "0.01", "-s", "500", INET_V4])
+        time.sleep(0.6)
+        after = svc.status().subscribers[0]
+        assert after.down_total >= before.down_total and after.up_total >= before.up_total
+        assert netns_exec(lab3, s3.netns, ["ping", "-c1", "-W1", INET_V4]).returncode == 1
+        with (
+            in_netns(lab3.gw_ns),
+            UsageClient("tcp://127.0.0.1:7570", "tcp://127.0.0.1:7571") as client,
+        ):
+            billed = client.snapshot().totals["s1"]
+        truth = lab3.truth(s1)
+        assert billed == (truth.up_bytes, truth.down_bytes)
+        # The restarted service found the trees as it left them: nothing to redo.
+        assert "applied: 0 shaper operations" in svc.log.read_text()
+    finally:
+        svc.kill(signal.SIGTERM)
+        result = svc.stop_detach()
+    assert "removed the datapath and the shaping" in result.stdout
+    qdiscs = netns_exec(lab3, lab3.gw_ns, ["tc", "qdisc", "show", "dev", "br-lan"]).stdout
+    assert "clsact" not in qdiscs and "htb" not in qdiscs
+
+
+def test_control_endpoint_rejects_strangers_and_malformed_requests(
+    lab3: Village, tmp_path: Path
+) -> None:
+    svc = Service(lab3, tmp_path, curve=True)
+    svc.write_subscribers([row(lab3, 1), row(lab3, 2)])
+    svc.start()
+    server = load_keypair(tmp_path / "keys" / "gateway.key").public
+    billing = ClientSecurity(server, load_keypair(tmp_path / "allowed" / "billing.key_secret"))
+    endpoint = "tcp://127.0.0.1:7572"
+    try:
+        with in_netns(lab3.gw_ns):
+            with pytest.raises(ControlError, match="no reply"):
+                request(endpoint, {"op": "show", "sub": "s1"}, ClientSecurity(), 500)
+            with pytest.raises(ControlError, match="no reply"):
+                request(endpoint, {"op": "show", "sub": "s1"}, ClientSecurity(server), 500)
+            for bad, error in (
+                ({"op": "launch", "sub": "s1"}, "unknown op"),
+                ({"op": "plan", "sub": "s1", "down_min": "fast"}, "rate"),
+                ({"op": "suspend", "sub": "nobody"}, "unknown subscriber"),
+                ([1, 2, 3], "a request is a map"),
+            ):
+                reply = request(endpoint, bad, billing)  # type: ignore[arg-type]
+                assert reply["ok"] is False and error in reply["error"]
+            reply = request(endpoint, {"op": "quota", "sub": "s2", "bytes": "1kB"}, billing)
+            assert reply["ok"] is True
+        netns_exec(
+            lab3, lab3.subscribers[1].netns, ["ping", "-c", "5", "-i", "0.05", "-s", "400", INET_V4]
+        )
+        deadline = time.monotonic() + 5
+        while svc.status().subscribers[1].state != "fair-use":
+            assert time.monotonic() < deadline, "quota throttle not applied"
+            time.sleep(0.1)
+        assert svc.proc is not None and svc.proc.poll() is None
+    finally:
+        svc.kill(signal.SIGTERM)
+        svc.stop_detach()

@@ -97,20 +97,22 @@ cdef class Aggregator:
         cdef const uint64_t[:, ::1] cum = _state.as_cumulative(cumulative, self.n_slots)
         cdef int64_t now = t_ms
         cdef bint do_rate = (self.clock[2] & _state.CLOCK_POLLED) and now > self.clock[0]
-        cdef double dt = <double>(now - self.clock[0]) if do_rate else 1.0
+        cdef double scale = BITS_PER_MS / <double>(now - self.clock[0]) if do_rate else 0.0
         cdef double alpha = _state.smoothing(now - self.clock[0], self.rate_tau_ms) if do_rate else 0.0
         cdef Py_ssize_t s, n = self.n_slots, count = 0
         cdef uint64_t c0, c1, c2, c3, d0, d1, d2, d3
+        cdef bint restarted
         with nogil:
             for s in range(n):
                 c0 = cum[s, 0]
                 c1 = cum[s, 1]
                 c2 = cum[s, 2]
                 c3 = cum[s, 3]
-                if (
+                restarted = (
                     c0 < self.last_raw[s, 0] or c1 < self.last_raw[s, 1]
                     or c2 < self.last_raw[s, 2] or c3 < self.last_raw[s, 3]
-                ):
+                )
+                if restarted:
                     d0 = c0
                     d1 = c1
                     d2 = c2
@@ -120,10 +122,12 @@ cdef class Aggregator:
                     d1 = c1 - self.last_raw[s, 1]
                     d2 = c2 - self.last_raw[s, 2]
                     d3 = c3 - self.last_raw[s, 3]
-                self.last_raw[s, 0] = c0
-                self.last_raw[s, 1] = c1
-                self.last_raw[s, 2] = c2
-                self.last_raw[s, 3] = c3
+                # An idle row is only read: most slots of a village are idle in most polls.
+                if restarted or d0 | d1 | d2 | d3:
+                    self.last_raw[s, 0] = c0
+                    self.last_raw[s, 1] = c1
+                    self.last_raw[s, 2] = c2
+                    self.last_raw[s, 3] = c3
                 if d0 | d1 | d2 | d3:
                     self.pending[s, 0] += d0
                     self.pending[s, 1] += d1
@@ -137,9 +141,9 @@ cdef class Aggregator:
                     count += 1
                 # An idle slot at rate zero stays at zero: skipping it is exact, not approximate.
                 if do_rate and (d0 or self.rate[s, 0] != 0.0):
-                    self.rate[s, 0] += alpha * (<double>d0 * BITS_PER_MS / dt - self.rate[s, 0])
+                    self.rate[s, 0] += alpha * (<double>d0 * scale - self.rate[s, 0])
                 if do_rate and (d2 or self.rate[s, 1] != 0.0):
-                    self.rate[s, 1] += alpha * (<double>d2 * BITS_PER_MS / dt - self.rate[s, 1])
+                    self.rate[s, 1] += alpha * (<double>d2 * scale - self.rate[s, 1])
         if not self.clock[2] & _state.CLOCK_OPEN:
             self.clock[1] = now
         self.clock[0] = now
@@ -189,20 +193,23 @@ cdef class Aggregator:
         cdef int64_t t0 = self.clock[1] if self.clock[2] & _state.CLOCK_OPEN else now
         for s in range(n):
             k += self.moved[s]
+        # One block for the six columns: one allocation that malloc keeps reusing.
         slots = np.empty(k, dtype=np.uint32)
-        cols = np.empty((6, k), dtype=np.uint64)
-        cdef uint32_t[::1] out_slots = slots
-        cdef uint64_t[:, ::1] out = cols
+        columns = np.empty((6, k), dtype=np.uint64)
+        up, down, up_pkts, down_pkts, up_total, down_total = columns
+        cdef uint32_t[::1] o_slot = slots
+        cdef uint64_t[::1] o_up = up, o_down = down, o_up_pkts = up_pkts, o_down_pkts = down_pkts
+        cdef uint64_t[::1] o_up_total = up_total, o_down_total = down_total
         with nogil:
             for s in range(n):
                 if self.moved[s]:
-                    out_slots[i] = <uint32_t>s
-                    out[0, i] = self.pending[s, 0]
-                    out[1, i] = self.pending[s, 2]
-                    out[2, i] = self.pending[s, 1]
-                    out[3, i] = self.pending[s, 3]
-                    out[4, i] = self.total[s, 0]
-                    out[5, i] = self.total[s, 2]
+                    o_slot[i] = <uint32_t>s
+                    o_up[i] = self.pending[s, 0]
+                    o_up_pkts[i] = self.pending[s, 1]
+                    o_down[i] = self.pending[s, 2]
+                    o_down_pkts[i] = self.pending[s, 3]
+                    o_up_total[i] = self.total[s, 0]
+                    o_down_total[i] = self.total[s, 2]
                     self.pending[s, 0] = 0
                     self.pending[s, 1] = 0
                     self.pending[s, 2] = 0
@@ -215,12 +222,12 @@ cdef class Aggregator:
             t0_ms=int(t0),
             t1_ms=int(now),
             slots=slots,
-            up=cols[0],
-            down=cols[1],
-            up_pkts=cols[2],
-            down_pkts=cols[3],
-            up_total=cols[4],
-            down_total=cols[5],
+            up=up,
+            down=down,
+            up_pkts=up_pkts,
+            down_pkts=down_pkts,
+            up_total=up_total,
+            down_total=down_total,
         )
 
     def state(self):

@@ -80,9 +80,9 @@ class Aggregator:
         self._moved[moving] = 1
         clock = self._clock
         if clock[2] & _state.CLOCK_POLLED and now > clock[0]:
-            dt = float(now - int(clock[0]))
+            scale = BITS_PER_MS / float(now - int(clock[0]))
             alpha = _state.smoothing(now - int(clock[0]), self.rate_tau_ms)
-            inst = delta[:, _BYTE_COLUMNS].astype(np.float64) * BITS_PER_MS / dt
+            inst = delta[:, _BYTE_COLUMNS].astype(np.float64) * scale
             self._rate += alpha * (inst - self._rate)
         if not clock[2] & _state.CLOCK_OPEN:
             clock[1] = now

@@ -1,0 +1,189 @@
+"""One full counter poll (read, sum over CPUs, deltas, rollup) at 1,000 / 65,536 / 1,000,000 slots.
+
+desanet's path: the CPUs summed inside the kernel into a memory-mapped array
+(cython_ext/bpf_sum.py), then the Cython core for deltas and rollup; also
+measured, its BPF_MAP_LOOKUP_BATCH reader. Peers, measured in the same run in
+alternating order on the same per-CPU map of struct desanet_counters: BCC
+`items()` with Python sums (the naive path), BCC `items_lookup_batch()` with
+Python sums, and the numpy twin. The BCC peers hand their sums to the
+Cython core for deltas and rollup, which flatters them: only their collection
+differs. Every slot moves between polls, the worst case for the rollup.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from bcc import BPF
+
+import cython_ext
+from benchmarks.common import Report, median, parse_args
+from ebpf import abi
+from meter.poll import CounterReader
+
+SIZES = (1_000, 65_536, 1_000_000)
+PROGRAM = "#include <desanet_abi.h>\n" + "".join(
+    f"BPF_PERCPU_ARRAY(counters_{n}, struct desanet_counters, {n});\n" for n in SIZES
+)
+OURS = "desanet: kernel sum + Cython"
+BATCH = "desanet: batch lookup + Cython"
+TWIN = "numpy twin: kernel sum + numpy"
+BCC_BATCH = "BCC items_lookup_batch()"
+BCC_ITEMS = "BCC items()"
+HEADLINE_PEERS = {"bcc_items": BCC_ITEMS, "bcc_batch": BCC_BATCH}
+
+
+class Bench:
+    """A per-CPU counters map of one size, a way to advance it, and the polls under test."""
+
+    def __init__(self, bpf: Any, n: int) -> None:
+        self.n = n
+        self.table = bpf.get_table(f"counters_{n}".encode())
+        fast = cython_ext.load_backend("cython")
+        twin = cython_ext.load_backend("python")
+        self.readers = {
+            OURS: CounterReader.from_fd(self.table.map_fd, fast, "kernel"),
+            BATCH: CounterReader.from_fd(self.table.map_fd, fast, "batch"),
+            TWIN: CounterReader.from_fd(self.table.map_fd, twin, "kernel"),
+        }
+        self.aggregators = {
+            OURS: fast.Aggregator(n),
+            BATCH: fast.Aggregator(n),
+            TWIN: twin.Aggregator(n),
+            BCC_BATCH: fast.Aggregator(n),
+            BCC_ITEMS: fast.Aggregator(n),
+        }
+        self.read_ms: dict[str, list[float]] = {name: [] for name in self.readers}
+        ncpu = self.readers[OURS].n_cpus
+        self.base = np.random.default_rng(n).integers(
+            0, 1 << 40, size=(n, ncpu, 4), dtype=np.uint64
+        )
+        self.step = 0
+        self.keys = (self.table.Key * n)(*range(n))
+        self.leaves = (self.table.Leaf * n)()
+        self.sums = np.zeros((n, 4), dtype=np.uint64)
+
+    def advance(self) -> None:
+        """Every slot on every CPU counts more traffic (not timed)."""
+        self.step += 1
+        values = self.base + np.uint64(self.step * 1_500)
+        ctypes.memmove(self.leaves, values.ctypes.data, values.nbytes)
+        self.table.items_update_batch(self.keys, self.leaves)
+
+    def ours(self, name: str) -> Callable[[], None]:
+        """A full poll through one of desanet's readers and aggregators."""
+        reader = self.readers[name]
+
+        def poll() -> None:
+            start = time.perf_counter()
+            cumulative = reader.read()
+            self.read_ms[name].append((time.perf_counter() - start) * 1e3)
+            self._aggregate(name, cumulative)
+
+        return poll
+
+    def bcc_batch(self) -> None:
+        self._bcc_sums(self.table.items_lookup_batch())
+        self._aggregate(BCC_BATCH, self.sums)
+
+    def bcc_items(self) -> None:
+        self._bcc_sums(self.table.items())
+        self._aggregate(BCC_ITEMS, self.sums)
+
+    def _bcc_sums(self, items: Iterable[tuple[Any, Any]]) -> None:
+        sums = self.sums
+        for key, per_cpu in items:
+            sums[int(getattr(key, "value", key))] = [
+                sum(c.up_bytes for c in per_cpu),
+                sum(c.up_pkts for c in per_cpu),
+                sum(c.down_bytes for c in per_cpu),
+                sum(c.down_pkts for c in per_cpu),
+            ]
+
+    def _aggregate(self, name: str, cumulative: np.ndarray) -> None:
+        agg = self.aggregators[name]
+        agg.poll(cumulative, self.step * 1_000)
+        agg.rollup(self.step * 1_000)
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
+
+
+def measure(bench: Bench, cases: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Median ms per poll of each case; each round advances the counters, then runs every case."""
+    bench.advance()
+    for fn in cases.values():
+        fn()  # first poll of each aggregator: buffers touched, baseline taken
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    names = list(cases)
+    for r in range(rounds):
+        bench.advance()
+        # Rotate the order so no case always runs right after the map update.
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            cases[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    args = parse_args(__doc__ or "aggregate benchmark")
+    report = Report(
+        "aggregate",
+        ["slots", "path", "ms/poll", "of which read ms", "desanet speedup"],
+        quick=args.quick,
+    )
+    bpf = BPF(text=PROGRAM.encode(), cflags=[f"-I{abi.HEADER.parent}"])
+    try:
+        for n in SIZES:
+            bench = Bench(bpf, n)
+            cases: dict[str, Callable[[], None]] = {
+                name: bench.ours(name) for name in (OURS, BATCH, TWIN)
+            }
+            if not (args.quick and n >= 1_000_000):
+                cases[BCC_BATCH] = bench.bcc_batch
+            if n < 1_000_000 and not (args.quick and n > 1_000):
+                cases[BCC_ITEMS] = bench.bcc_items
+            rounds = 2 if args.quick else {1_000: 30, 65_536: 9, 1_000_000: 3}[n]
+            results = measure(bench, cases, rounds)
+            if n >= 1_000_000 and not args.quick:
+                # items() takes seconds per poll at this size: one poll, timed alone.
+                bench.advance()
+                start = time.perf_counter()
+                bench.bcc_items()
+                results[BCC_ITEMS] = (time.perf_counter() - start) * 1e3
+            bench.close()
+            ours = results[OURS]
+            for name, ms in results.items():
+                read = bench.read_ms.get(name)
+                report.add(
+                    slots=n,
+                    path=name,
+                    **{"ms/poll": ms, "desanet speedup": ms / ours},
+                    **({"of which read ms": median(read[1:])} if read else {}),
+                )
+            if n != 1_000:
+                report.headline[f"poll_ms_{n}"] = ours
+            if n == 65_536:
+                for key, name in HEADLINE_PEERS.items():
+                    if name in results:
+                        report.headline[f"speedup_vs_{key}_{n}"] = results[name] / ours
+    finally:
+        bpf.cleanup()
+    report.notes.append(
+        "BCC peers sum CPUs in Python, then use the Cython core for deltas and rollup"
+    )
+    if args.quick:
+        report.notes.append("quick: BCC items() only at 1,000 slots, no BCC peers at 1,000,000")
+    else:
+        report.notes.append("BCC items() at 1,000,000 slots: a single poll, timed alone")
+    report.finish(args)
+
+
+if __name__ == "__main__":
+    main()

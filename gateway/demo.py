@@ -13,6 +13,7 @@ Namespaces, processes and pinned maps are removed on exit and on Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -28,7 +29,7 @@ from typing import Any
 from gateway import report
 from gateway.control import request
 from gateway.errors import DesanetError
-from gateway.lab import INET_V4, INET_V6, Village, in_netns, village
+from gateway.lab import INET_V4, INET_V6, Village, in_netns, run, village
 from gateway.report import DemoRecord, DemoSubscriber, Sample
 from gateway.status import read_snapshot
 from meter.client import UsageClient
@@ -69,6 +70,38 @@ def nsenter(netns: str, cmd: list[str]) -> list[str]:
     datapath's pins would land in a private bpffs and vanish with the process.
     """
     return ["nsenter", f"--net=/var/run/netns/{netns}", *cmd]
+
+
+def _install_delivered_counters(lab: Village) -> None:
+    """nftables counters on the internet side: IP bytes that arrived from each subscriber.
+
+    The lab's own counters sit in the subscriber's namespace, where "sent" also
+    holds packets the gateway's upload queue dropped; billing counts delivered.
+    """
+    counters = "\n".join(f"    counter from_s{h.index} {{ }}" for h in lab.subscribers)
+    rules = "\n".join(
+        f'        ip saddr {h.ipv4} counter name "from_s{h.index}"\n'
+        f'        ip6 saddr {h.ipv6} counter name "from_s{h.index}"'
+        for h in lab.subscribers
+    )
+    ruleset = (
+        f"table inet desanet_delivered {{\n{counters}\n    chain input {{\n"
+        f"        type filter hook input priority 0; policy accept;\n{rules}\n    }}\n}}\n"
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", lab.inet_ns, "nft", "-f", "-"], input=ruleset, text=True, check=True
+    )
+
+
+def _arrived_from_subscribers(lab: Village) -> dict[str, int]:
+    doc = json.loads(
+        run(["nft", "-j", "list", "counters", "table", "inet", "desanet_delivered"], lab.inet_ns)
+    )
+    return {
+        item["counter"]["name"].removeprefix("from_"): int(item["counter"]["bytes"])
+        for item in doc["nftables"]
+        if "counter" in item
+    }
 
 
 def _config_text(gateway_id: str, state_dir: Path) -> str:
@@ -221,6 +254,7 @@ def run_demo(
     try:
         with village(len(PLANS)) as lab:
             tag = lab.tag
+            _install_delivered_counters(lab)
             record = _run(lab, workdir, seconds, print_)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -283,6 +317,7 @@ def _drive(
     snap = _wait_for_status(state_dir, service, log)
     for host in lab.subscribers:
         lab.reset_truth(host)
+    run(["nft", "reset", "counters", "table", "inet", "desanet_delivered"], lab.inet_ns)
     subs = [
         DemoSubscriber(f"s{h.index}", name, role, f"{dmin}-{dmax} down, {umin}-{umax} up")
         for h, (name, role, dmin, dmax, umin, umax) in zip(lab.subscribers, PLANS, strict=True)
@@ -373,9 +408,12 @@ def _finish(lab: Village, state_dir: Path, record: DemoRecord) -> DemoRecord:
         UsageClient(f"tcp://127.0.0.1:{USAGE_PORT}", f"tcp://127.0.0.1:{REPLAY_PORT}") as client,
     ):
         billed = client.snapshot()
+    arrived = _arrived_from_subscribers(lab)
     for host, sub in zip(lab.subscribers, record.subscribers, strict=True):
         truth = lab.truth(host)
-        record.truth[sub.id] = (truth.up_bytes, truth.down_bytes)
+        # Delivered: up as the internet side received it, down as the subscriber received it.
+        record.truth[sub.id] = (arrived[sub.id], truth.down_bytes)
+        record.sent_up[sub.id] = truth.up_bytes
         record.billed[sub.id] = billed.totals.get(sub.id, (0, 0))
     record.warnings = list(read_snapshot(state_dir).warnings)
     return record

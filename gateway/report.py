@@ -45,7 +45,9 @@ class DemoRecord:
     idle_ping_ms: list[float] = field(default_factory=list)
     loaded_ping_ms: list[tuple[float, float]] = field(default_factory=list)
     billed: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (up, down)
-    truth: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (up, down)
+    # Delivered ground truth, id -> (up as received on the internet side, down by the subscriber)
+    truth: dict[str, tuple[int, int]] = field(default_factory=dict)
+    sent_up: dict[str, int] = field(default_factory=dict)  # what the subscriber sent
     events: list[tuple[float, str, str, str]] = field(default_factory=list)
     suspend_at_s: float = 0.0
     throttled_at_s: float | None = None
@@ -210,15 +212,19 @@ def render_markdown(record: DemoRecord, summary: dict[str, Any], plot_name: str)
         f"idle median {lat['idle_median']:.1f} ms; under load median {lat['loaded_median']:.1f} "
         f"ms, p95 {lat['loaded_p95']:.1f} ms ({lat['loaded_samples']} probes)",
         "",
-        "## Billed bytes against ground truth (nftables in each subscriber's namespace)",
+        "## Billed bytes against ground truth (nftables counters)",
         "",
-        "| id | billed up | truth up | billed down | truth down | error |",
-        "|---|---|---|---|---|---|",
+        "Billing counts delivered IP bytes. Ground truth: down = what each subscriber's own",
+        "namespace received; up = what arrived from the subscriber at the internet side (the",
+        "subscriber's own `sent` counter also holds packets the shaper dropped, shown apart).",
+        "",
+        "| id | billed up | delivered up | sent up | billed down | delivered down | error |",
+        "|---|---|---|---|---|---|---|",
     ]
     for sub_id, b in summary["billing"].items():
         lines.append(
-            f"| {sub_id} | {b['billed_up']} | {b['truth_up']} | {b['billed_down']} | "
-            f"{b['truth_down']} | {b['error']:.4%} |"
+            f"| {sub_id} | {b['billed_up']} | {b['truth_up']} | {record.sent_up.get(sub_id, 0)} "
+            f"| {b['billed_down']} | {b['truth_down']} | {b['error']:.4%} |"
         )
     total_truth = sum(sum(v) for v in record.truth.values())
     lines += [

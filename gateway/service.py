@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 from cython_ext import load_backend
 from ebpf.datapath import Datapath
@@ -28,6 +28,7 @@ from gateway.control import ControlEndpoint, ControlState, Event
 from gateway.errors import ConfigError, DesanetError, ValidationError
 from gateway.metrics import GatewayCollector, serve
 from gateway.registry import Plan, SlotTable, Subscriber, diff, load_subscribers
+from meter.delivered import DeliveredReader, split_state
 from meter.keys import ServerSecurity, load_allowed_keys, load_keypair
 from meter.poll import CounterReader, Poller
 from meter.service import MeterService, StreamConfig
@@ -130,9 +131,18 @@ class Gateway:
             self._slot_ids(),
         )
         self.aggregator = load_backend().Aggregator(cfg.capacity + 1)
+        # Billed bytes are what left each subscriber's class, not what entered the queue.
+        # cast: ClassStats is frozen, the SentStats protocol declares plain attributes.
+        self.delivered = DeliveredReader(
+            CounterReader.for_datapath(cfg.gateway_id, cfg.lan), cast(Any, self.shaper.class_stats)
+        )
         if self.meter.restored_state is not None:
-            self.aggregator.restore(self.meter.restored_state)
-        self.poller = Poller(CounterReader.for_datapath(cfg.gateway_id, cfg.lan), self.aggregator)
+            aggregator_state, delivered_state = split_state(self.meter.restored_state)
+            self.aggregator.restore(aggregator_state)
+            if delivered_state:
+                self.delivered.restore(delivered_state)
+        # cast: Poller is annotated with CounterReader; DeliveredReader has the same interface.
+        self.poller = Poller(cast(CounterReader, self.delivered), self.aggregator)
         self.seq = self.meter.last_seq
         self._shape_and_provision(set(self.by_id))
         self.endpoint = ControlEndpoint(cfg.control.endpoint, self.security)
@@ -258,7 +268,8 @@ class Gateway:
         self.poller.poll(t)
         interval = self.aggregator.rollup(t)
         if len(interval):
-            self.seq = self.meter.publish(interval, self.aggregator.state())
+            state = {**self.aggregator.state(), **self.delivered.state()}
+            self.seq = self.meter.publish(interval, state)
         totals = self.aggregator.totals()
         per_sub = {
             sub_id: int(totals[slot][0]) + int(totals[slot][2])

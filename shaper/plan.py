@@ -41,12 +41,24 @@ from shaper.tree import (
 
 DIRECTIONS = ("down", "up")
 R2Q = 10
-# The kernel warns outside 1000..200000 bytes; one MTU is the useful floor.
+# Quantum = 10 ms at the guaranteed rate, within 1600..200000 bytes (the
+# kernel warns outside 1000..200000; one MTU is the useful floor). Classes
+# borrowing spare capacity take turns of one quantum each, so a short quantum
+# keeps a round of turns short (8 subscribers at 1 Mbit/s: 5 ms at 19 Mbit/s),
+# and the spare capacity is shared evenly among small plans and in
+# proportion to the guarantee among large ones.
+QUANTUM_MS = 10
 QUANTUM_MIN = 1600
 QUANTUM_MAX = 200_000
-# Burst = 1 ms at the rate plus one MTU: what tc picks by default, and enough
-# for HTB's hrtimer-driven dequeue to reach the rate.
+# Burst = 1 ms at the rate plus one MTU (tc's default), enough for HTB's
+# hrtimer-driven dequeue to hold the rate. The ceiling burst of a subscriber
+# class is 10 ms: a class capped at its ceiling gets a turn only once per
+# round of the others' turns, and must have banked a round's worth of ceiling
+# to reach its cap (with 1 ms a 2 Mbit/s cap measured 1.3 Mbit/s next to 7
+# greedy neighbours). The root keeps 1 ms so the modem never sees a burst.
 BURST_EXTRA_BYTES = 1600
+BURST_MS = 1
+CEIL_BURST_MS = 10
 DEFAULT_CLASS_MIN_BPS = 16_000
 PSCHED_TICK_NS = 64
 DEFAULT_PRIO = 1
@@ -118,19 +130,25 @@ def _ticks(burst_bytes: int, rate_bytes_ps: int) -> int:
     return burst_bytes * 1_000_000_000 // (rate_bytes_ps * PSCHED_TICK_NS)
 
 
-@lru_cache(maxsize=4096)
 def htb_class(
-    classid: int, parent: int, rate_bytes_ps: int, ceil_bytes_ps: int, prio: int
+    classid: int,
+    parent: int,
+    rate_bytes_ps: int,
+    ceil_bytes_ps: int,
+    prio: int,
+    ceil_burst_ms: int = CEIL_BURST_MS,
 ) -> HtbClass:
-    """An HTB class with quantum and bursts derived from its rates (cached: plans share tiers)."""
-    quantum = min(QUANTUM_MAX, max(QUANTUM_MIN, rate_bytes_ps // R2Q))
+    """An HTB class with quantum and bursts derived from its rates."""
+    quantum = min(QUANTUM_MAX, max(QUANTUM_MIN, rate_bytes_ps * QUANTUM_MS // 1000))
+    burst = rate_bytes_ps * BURST_MS // 1000 + BURST_EXTRA_BYTES
+    cburst = ceil_bytes_ps * ceil_burst_ms // 1000 + BURST_EXTRA_BYTES
     return HtbClass(
         classid=classid,
         parent=parent,
         rate_bytes_ps=rate_bytes_ps,
         ceil_bytes_ps=ceil_bytes_ps,
-        buffer_ticks=_ticks(rate_bytes_ps // 1000 + BURST_EXTRA_BYTES, rate_bytes_ps),
-        cbuffer_ticks=_ticks(ceil_bytes_ps // 1000 + BURST_EXTRA_BYTES, ceil_bytes_ps),
+        buffer_ticks=_ticks(burst, rate_bytes_ps),
+        cbuffer_ticks=_ticks(cburst, ceil_bytes_ps),
         quantum=quantum,
         prio=prio,
     )
@@ -306,7 +324,7 @@ def _check_link(link: Link) -> None:
 def _empty_tree(link: Link, direction: str, major: int, kind: str, rtt_ms: float) -> Tree:
     shaped = link.shaped_bps(direction)
     root_id = make_handle(major, ROOT_MINOR)
-    root_cls = htb_class(root_id, make_handle(major, 0), shaped // 8, shaped // 8, 0)
+    root_cls = htb_class(root_id, make_handle(major, 0), shaped // 8, shaped // 8, 0, BURST_MS)
     default_id = make_handle(major, DEFAULT_MINOR)
     default_cls = htb_class(
         default_id, root_id, _default_min_bps(shaped) // 8, shaped // 8, DEFAULT_PRIO

@@ -27,10 +27,11 @@ from shaper.tree import HtbClass, LeafQdisc
 LAN = "br-lan"
 LINK = Link(down_bps=1_000_000_000, up_bps=500_000_000)
 # Plan tiers a village sells (down min/max, up min/max, bit/s).
+# Guarantees are small so that 10,000 of them fit the link.
 TIERS = [
-    (64_000, 2_000_000, 32_000, 1_000_000),
-    (128_000, 5_000_000, 64_000, 2_000_000),
-    (256_000, 10_000_000, 128_000, 4_000_000),
+    (32_000, 2_000_000, 16_000, 1_000_000),
+    (64_000, 5_000_000, 32_000, 2_000_000),
+    (128_000, 10_000_000, 64_000, 4_000_000),
 ]
 
 

@@ -6,6 +6,7 @@ a throwaway cluster started from Debian's postgresql package for this module.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -205,5 +206,41 @@ def test_collector_resyncs_from_a_snapshot_when_history_is_gone(
             collect(client, store, "gw1", idle_timeout_ms=300)
         assert store.totals("gw1") == {"s1": (59, 118)}
         assert store.last_seq("gw1") == svc.last_seq
+    finally:
+        svc.close()
+
+
+def test_cli_usage_collect_report_and_keygen(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main
+
+    assert main(["keygen", "billing", "--dir", str(tmp_path / "keys")]) == 0
+    assert (tmp_path / "keys" / "billing.key").exists()
+    assert (tmp_path / "keys" / "billing.key_secret").stat().st_mode & 0o077 == 0
+    svc = MeterService(
+        "gw1",
+        tmp_path / "state",
+        StreamConfig("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ServerSecurity(plaintext=True)),
+        {1: "s1"},
+    )
+    try:
+        t1 = month_bounds_ms("2026-11")[0] + 5000
+        for n in range(3):
+            svc.publish(interval(t1 + n * 1000, [1], [10], [10 * (n + 1)]), {})
+        connect = ["--connect", svc.usage_endpoint, "--replay", svc.replay_endpoint]
+        capsys.readouterr()
+        assert main(["usage", *connect, "--from-seq", "2", "--json"]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [(d["seq"], d["sub"], d["up_total"]) for d in lines] == [
+            (2, ["s1"], [20]),
+            (3, ["s1"], [30]),
+        ]
+        assert main(["usage", *connect]) == 0
+        assert "s1: up 30 B, down 60 B" in capsys.readouterr().out
+        db = ["--db", str(tmp_path / "c.sqlite")]
+        assert main(["collect", *connect, *db, "--idle-exit", "0.5"]) == 0
+        assert main(["collect", *db, "--report", "2026-11"]) == 0
+        assert "gw1 s1: up 30 B" in capsys.readouterr().out
     finally:
         svc.close()

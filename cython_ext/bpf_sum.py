@@ -31,12 +31,12 @@ import numpy as np
 import numpy.typing as npt
 
 from ebpf import abi
+from ebpf.bpf_syscall import SYS_BPF
 from gateway.errors import DatapathError
 
 CHUNK_SLOTS = 65_536
 COUNTER_BYTES = ctypes.sizeof(abi.Counters)
 
-SYS_BPF = 321  # x86_64
 BPF_MAP_CREATE = 0
 BPF_PROG_LOAD = 5
 BPF_PROG_TEST_RUN = 10

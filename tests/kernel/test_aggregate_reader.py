@@ -14,6 +14,7 @@ from bcc import BPF
 from bcc.libbcc import lib as libbcc
 
 import cython_ext
+from cython_ext.bpf_sum import KernelSum
 from ebpf import abi
 from gateway.errors import DatapathError, ValidationError
 from meter.poll import CounterReader, Poller, possible_cpus
@@ -98,6 +99,17 @@ def test_reads_a_map_larger_than_one_summing_run(bpf: Any, method: str) -> None:
         values[BIG - 1, ncpu - 1, 3] += np.uint64(1)  # the very last counter moves
         fill(table, values)
         assert int(reader.read()[BIG - 1, 3]) == int(values[BIG - 1, :, 3].sum())
+
+
+def test_a_slot_unreadable_on_some_cpu_is_an_error_not_a_short_read(bpf: Any) -> None:
+    table = bpf.get_table(b"counters")
+    missing_cpu = 1 << 20  # past any kernel's CPU ids: the per-CPU lookup finds nothing
+    summing = KernelSum(table.map_fd, SLOTS, [0, missing_cpu])
+    try:
+        with pytest.raises(DatapathError, match="unreadable on some CPU"):
+            summing.run()
+    finally:
+        summing.close()
 
 
 def test_refuses_a_map_that_is_not_the_counters(bpf: Any) -> None:

@@ -225,9 +225,11 @@ def _start_load(lab: Village, seconds: int, paced: bool) -> list[subprocess.Pope
 
 
 def _progress(record: DemoRecord, print_: Any) -> None:
+    # Mean rates over the last ~5 s, the span between two progress lines.
     if len(record.samples) < 2:
         return
-    a, b = record.samples[-2], record.samples[-1]
+    b = record.samples[-1]
+    a = next((x for x in record.samples if x.t_s >= b.t_s - 5.0), record.samples[-2])
     dt = (b.t_s - a.t_s) or 1.0
     cells = [
         f"{s.id} {8 * (b.down[s.id] - a.down[s.id]) / dt / 1e6:4.1f}/"

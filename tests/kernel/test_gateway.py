@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class Service:
             '[meter]\ninterval = "200ms"\n[publish]\nusage = "tcp://127.0.0.1:7570"\n'
             f'replay = "tcp://127.0.0.1:7571"\n{keys}{"" if curve else "plaintext = true"}\n'
             '[control]\nendpoint = "tcp://127.0.0.1:7572"\nsuspend = "block"\n'
+            '[metrics]\nlisten = "127.0.0.1:9570"\n'
             '[subscribers]\nfile = "subscribers.csv"\n'
         )
         self.proc: subprocess.Popen[bytes] | None = None
@@ -238,6 +240,11 @@ def test_control_endpoint_rejects_strangers_and_malformed_requests(
             assert time.monotonic() < deadline, "quota throttle not applied"
             time.sleep(0.1)
         assert svc.proc is not None and svc.proc.poll() is None
+        with in_netns(lab3.gw_ns), urllib.request.urlopen("http://127.0.0.1:9570/metrics") as r:
+            metrics = r.read().decode()
+        assert 'desanet_subscriber_state{state="fair-use",subscriber="s2"} 1.0' in metrics
+        assert 'desanet_control_requests_total{result="refused"} 4.0' in metrics
+        assert 'desanet_link_capacity_bps{direction="down"} 2e+07' in metrics
     finally:
         svc.kill(signal.SIGTERM)
         svc.stop_detach()

@@ -28,7 +28,7 @@ from pyroute2 import IPRoute
 from benchmarks.common import Report, median, parse_args
 from ebpf import frames
 from ebpf.bpf_syscall import prog_test_run
-from ebpf.datapath import Datapath
+from ebpf.datapath import Datapath, Provision
 from gateway.lab import in_netns, netns_cmd, run
 
 SUBSCRIBER_COUNTS = (1, 1000, 65536)
@@ -54,10 +54,13 @@ def namespace(name: str) -> Iterator[str]:
 
 
 def provision(dp: Datapath, start: int, stop: int) -> None:
-    for i in range(start, stop):
-        dp.provision(
-            i + 1, [subscriber_v4(i), subscriber_v6(i)], 0x10000 + i + 16, 0x10000 + i + 16
-        )
+    classid = 0x10000 + 16
+    dp.provision_many(
+        [
+            Provision(i + 1, (subscriber_v4(i), subscriber_v6(i)), classid + i, classid + i)
+            for i in range(start, stop)
+        ]
+    )
 
 
 def ns_per_packet(report: Report, quick: bool) -> dict[tuple[int, str, int], float]:
@@ -232,16 +235,33 @@ def pps_comparison(report: Report, quick: bool) -> float:
             dp.provision(count, ["10.99.0.2"])
         results: dict[str, list[float]] = {"none": [], "desanet": [], "nftables": []}
         try:
-            for _ in range(rounds):
+
+            def desanet_on() -> None:
                 with in_netns(router):
                     dp.attach()
-                results["desanet"].append(flood(sub, sink, seconds))
+
+            def desanet_off() -> None:
                 with in_netns(router), IPRoute() as ipr:
                     ipr.tc("del", "clsact", ipr.link_lookup(ifname="lan0")[0])
-                nft_load(router, count)
-                results["nftables"].append(flood(sub, sink, seconds))
+
+            def nft_off() -> None:
                 run(["nft", "delete", "table", "inet", "desanet_peer"], router)
-                results["none"].append(flood(sub, sink, seconds))
+
+            switches = {
+                "desanet": (desanet_on, desanet_off),
+                "nftables": (lambda: nft_load(router, count), nft_off),
+                "none": (lambda: None, lambda: None),
+            }
+            desanet_off()
+            order = list(switches)
+            for round_no in range(rounds):
+                # Rotate the order each round so no configuration always runs first.
+                for name in order[round_no % 3 :] + order[: round_no % 3]:
+                    on, off = switches[name]
+                    on()
+                    time.sleep(0.5)
+                    results[name].append(flood(sub, sink, seconds))
+                    off()
         finally:
             with in_netns(router):
                 dp.detach()

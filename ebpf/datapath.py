@@ -15,6 +15,7 @@ import os
 import platform
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,17 @@ def compile_program(capacity: int, pin_dir: Path) -> Any:
         return BPF(src_file=str(SOURCE).encode(), cflags=cflags)
     except Exception as err:  # BCC raises bare Exception on compile and load errors
         raise DatapathError(f"the datapath did not compile or load: {err}") from err
+
+
+@dataclass(frozen=True)
+class Provision:
+    """One slot as the datapath should hold it: its prefixes, HTB classids and flags."""
+
+    slot: int
+    prefixes: tuple[str, ...]
+    down_classid: int = 0
+    up_classid: int = 0
+    flags: int = 0
 
 
 class Datapath:
@@ -234,17 +246,12 @@ class Datapath:
             for k, v in self._table("subscribers").items()
         }
         self._owner.update(
-            ((_HOST, bytes(k.addr)), int(v.value)) for k, v in self._table("hosts").items()
+            ((_HOST, bytes(k.addr)), int(getattr(v, "value", v)))
+            for k, v in self._table("hosts").items_lookup_batch()
         )
 
     def _host_key(self, key: KeyTuple) -> abi.HostKey:
         return abi.HostKey((ctypes.c_uint8 * 16)(*key[1]))
-
-    def _write(self, key: KeyTuple, slot: int) -> None:
-        if key[0] == _HOST:
-            self._table("hosts")[self._host_key(key)] = ctypes.c_uint32(slot)
-        else:
-            self._table("subscribers")[self._key(key)] = ctypes.c_uint32(slot)
 
     def _erase(self, key: KeyTuple) -> None:
         if key[0] == _HOST:
@@ -268,34 +275,68 @@ class Datapath:
         flags: int = 0,
     ) -> None:
         """Map `prefixes` to `slot` and set its classids; all or nothing."""
-        self._check_slot(slot)
-        keys = [key_of(parse_prefix(p)) for p in prefixes]
-        for key in keys:
-            other = self._owner.get(key)
-            if other is not None and other != slot:
-                raise ValidationError(f"prefix {prefix_of(key)} already belongs to slot {other}")
-        new_keys = [k for k in keys if k not in self._owner]
+        self.provision_many([Provision(slot, tuple(prefixes), down_classid, up_classid, flags)])
+
+    def provision_many(self, entries: Sequence[Provision]) -> None:
+        """Provision many slots at once (a village at startup); everything is checked first.
+
+        Each slot ends up with exactly the prefixes listed for it: prefixes it
+        held before and no longer lists are withdrawn. Host addresses and slot
+        settings are written with batch updates, one system call per map.
+        """
+        slots = {entry.slot for entry in entries}
+        if len(slots) != len(entries):
+            raise ValidationError("a slot is listed twice in one provisioning")
+        wanted: dict[KeyTuple, int] = {}
+        for entry in entries:
+            self._check_slot(entry.slot)
+            for text in entry.prefixes:
+                key = key_of(parse_prefix(text))
+                if wanted.setdefault(key, entry.slot) != entry.slot:
+                    first = wanted[key]
+                    raise ValidationError(
+                        f"prefix {prefix_of(key)} is listed for slots {first} and {entry.slot}"
+                    )
+                owner = self._owner.get(key, entry.slot)
+                if owner not in slots:
+                    raise ValidationError(
+                        f"prefix {prefix_of(key)} already belongs to slot {owner}"
+                    )
+        stale = [k for k, owner in self._owner.items() if owner in slots and wanted.get(k) != owner]
         limit = self.capacity * abi.PREFIXES_PER_SUBSCRIBER
-        if len(self._owner) + len(new_keys) > limit:
+        if len(self._owner) - len(stale) + len(set(wanted) - set(self._owner)) > limit:
             raise DatapathError(f"the datapath holds {limit} prefixes and is full")
-        self.set_slot(slot, down_classid, up_classid, flags)
+
+        for key in stale:  # withdrawn first, so a prefix can move between slots in one call
+            self._erase(key)
+            del self._owner[key]
+        self._write_slots([(e.slot, e.down_classid, e.up_classid, e.flags) for e in entries])
+        fresh = [(k, s) for k, s in wanted.items() if self._owner.get(k) != s]
         written: list[KeyTuple] = []
         try:
-            for key in new_keys:
-                self._write(key, slot)
-                written.append(key)
-                self._owner[key] = slot
+            hosts = [(k, s) for k, s in fresh if k[0] == _HOST]
+            if hosts:
+                keys = (abi.HostKey * len(hosts))(*(self._host_key(k) for k, _ in hosts))
+                values = (ctypes.c_uint32 * len(hosts))(*(s for _, s in hosts))
+                self._table("hosts").items_update_batch(keys, values)
+                written.extend(k for k, _ in hosts)
+            for key, slot in fresh:
+                if key[0] != _HOST:
+                    self._table("subscribers")[self._key(key)] = ctypes.c_uint32(slot)
+                    written.append(key)
         except Exception as err:
             for key in written:
                 with contextlib.suppress(KeyError):
                     self._erase(key)
-                self._owner.pop(key, None)
-            raise DatapathError(f"slot {slot}: cannot store prefixes: {err}") from err
-        # Prefixes the slot had before and no longer lists are withdrawn.
-        wanted = set(keys)
-        for key in [k for k, owner in self._owner.items() if owner == slot and k not in wanted]:
-            self._erase(key)
-            del self._owner[key]
+            raise DatapathError(f"cannot store subscriber prefixes: {err}") from err
+        self._owner.update(fresh)
+
+    def _write_slots(self, rows: Sequence[tuple[int, int, int, int]]) -> None:
+        if not rows:
+            return
+        keys = (ctypes.c_uint32 * len(rows))(*(r[0] for r in rows))
+        values = (abi.Slot * len(rows))(*(abi.Slot(r[1], r[2], r[3], 0) for r in rows))
+        self._table("slots").items_update_batch(keys, values)
 
     def set_slot(self, slot: int, down_classid: int, up_classid: int, flags: int = 0) -> None:
         """Set the HTB classids (0 = default class) and flags of a slot."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ebpf import datapath as datapath_module
-from ebpf.datapath import Datapath
+from ebpf.datapath import Datapath, Provision
 from gateway.errors import DatapathError, ValidationError
 from gateway.lab import in_netns, run
 
@@ -81,5 +81,13 @@ def test_a_changed_prefix_list_withdraws_the_old_prefixes(netns_pair: tuple[str,
             dp.provision(1, ["10.0.0.2"])
             dp.provision(2, ["10.0.0.1"])  # free again
             assert dp.prefixes() == {1: ["10.0.0.2/32"], 2: ["10.0.0.1/32"]}
+            # Two slots swap a prefix in one call; listing one prefix for two slots is refused.
+            dp.provision_many(
+                [Provision(1, ("10.0.0.1",)), Provision(2, ("10.0.0.2", "10.0.3.0/24"))]
+            )
+            assert dp.prefixes() == {1: ["10.0.0.1/32"], 2: ["10.0.0.2/32", "10.0.3.0/24"]}
+            with pytest.raises(ValidationError, match="listed for slots 3 and 4"):
+                dp.provision_many([Provision(3, ("10.0.9.9",)), Provision(4, ("10.0.9.9",))])
+            assert 3 not in dp.prefixes() and 4 not in dp.prefixes()
         finally:
             dp.detach()

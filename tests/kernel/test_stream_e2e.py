@@ -198,10 +198,10 @@ def test_stream_survives_kill_9_outages_and_bad_clients(tmp_path: Path) -> None:
 
     assert seqs == list(range(1, final_seq + 1)), "the late client saw every seq once"
     assert stored_seq >= final_seq
-    for sub, t in truth.items():
+    for sub_id, t in truth.items():
         assert t.up_bytes > 500_000 and t.down_bytes > 500_000, "traffic really flowed"
-        assert totals[sub] == (t.up_bytes, t.down_bytes), f"{sub}: collector totals = nftables"
-        assert sums[sub] == [t.up_bytes, t.down_bytes], f"{sub}: summed deltas = nftables"
+        assert totals[sub_id] == (t.up_bytes, t.down_bytes), f"{sub_id}: totals = nftables"
+        assert sums[sub_id] == [t.up_bytes, t.down_bytes], f"{sub_id}: summed deltas = nftables"
 
 
 def svc_id(svc: Service) -> str:

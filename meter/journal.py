@@ -47,7 +47,7 @@ MAX_RECORD_BYTES = 1 << 30
 class Retention:
     """How much journal to keep: segments go when over `max_bytes` or older than `max_age_s`."""
 
-    max_bytes: int = 256 << 20
+    max_bytes: int = 1 << 30
     max_age_s: float = 31 * 86400.0
     segment_bytes: int = 16 << 20
 

@@ -139,7 +139,22 @@ def test_hot_reload_loses_no_packets_for_untouched_subscribers(
         time.sleep(0.3)
         client = lab3.popen(
             lab3.subscribers[0].netns,
-            ["iperf3", "-c", INET_V4, "-p", "5301", "-u", "-R", "-b", "3M", "-t", "6", "-J"],
+            [
+                "iperf3",
+                "-c",
+                INET_V4,
+                "-p",
+                "5301",
+                "-u",
+                "-R",
+                "-b",
+                "2M",
+                "-w",
+                "1M",
+                "-t",
+                "6",
+                "-J",
+            ],
             stdout=subprocess.PIPE,
         )
         time.sleep(2)
@@ -157,6 +172,14 @@ def test_hot_reload_loses_no_packets_for_untouched_subscribers(
         classes = netns_exec(lab3, lab3.gw_ns, ["tc", "class", "show", "dev", "br-lan"]).stdout
         assert classes.count("class htb") == 2 + 3  # root, default, three subscribers
         assert classes.count("ceil 4Mbit") == 1 and classes.count("ceil 10Mbit") == 2
+        # A broken file on SIGHUP is refused; the service keeps the previous subscribers.
+        svc.write_subscribers([row(lab3, 1), row(lab3, 1)])
+        assert svc.proc is not None
+        svc.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.6)
+        assert svc.proc.poll() is None
+        assert len(svc.status(after_ms=snap.t_ms).subscribers) == 3
+        assert "reload refused" in svc.log.read_text()
     finally:
         svc.kill(signal.SIGTERM)
         svc.stop_detach()

@@ -131,13 +131,17 @@ class UsageClient:
 
     def replay(self, from_seq: int, to_seq: int | None = None) -> Iterator[wire.UsageMessage]:
         """Journaled messages from `from_seq` to `to_seq` (default: the newest), in order."""
-        next_seq = from_seq
+        next_seq = max(from_seq, 1)  # seqs start at 1
+        stalled = 0
         while to_seq is None or next_seq <= to_seq:
             last = None
+            progress = next_seq
             for kind, payload in self._request(wire.OP_REPLAY, next_seq):
                 if kind == wire.REPLY_MSG:
                     msg = wire.decode_usage(payload)
-                    if to_seq is not None and msg.seq > to_seq:
+                    # A reply dropped on the way (slow link, full queue) shows as a jump:
+                    # the rest of this answer is read and ignored, and asked for again.
+                    if msg.seq != next_seq or (to_seq is not None and msg.seq > to_seq):
                         continue
                     next_seq = msg.seq + 1
                     yield msg
@@ -148,13 +152,15 @@ class UsageClient:
                         raise ReplayGone(str(body.get("error")), int(body.get("oldest", 0)))
                     raise StreamError(f"replay endpoint refused: {body.get('error')}")
                 last = int(body["last"])
-                next_seq = max(next_seq, int(body["next"]))
             if last is None or next_seq > last:
                 if to_seq is not None and next_seq <= to_seq:
                     raise StreamError(
                         f"replay endpoint has seqs only up to {last}, {to_seq} was published"
                     )
                 return
+            stalled = stalled + 1 if next_seq == progress else 0
+            if stalled >= 3:
+                raise StreamError(f"replay from seq {next_seq} makes no progress; giving up")
 
     def messages(
         self,

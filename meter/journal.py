@@ -214,26 +214,48 @@ class Journal:
             raise StreamError(f"cannot open journal segment {seg.path}: {err}") from err
         return self._fd
 
-    def read(self, seq: int, limit: int) -> list[tuple[int, bytes]]:
-        """Up to `limit` (seq, message) pairs from `seq` on, as they were published."""
+    def read(self, seq: int, limit: int, max_bytes: int = 8 << 20) -> list[tuple[int, bytes]]:
+        """Up to `limit` (seq, message) pairs from `seq` on, as they were published.
+
+        At most about `max_bytes` of records are read (always at least one), so a
+        replay request never holds the journal for long; each record's crc is checked.
+        """
         with self._lock:
             firsts = [s.first_seq for s in self._segments]
             index = max(0, bisect.bisect_right(firsts, seq) - 1)
             out: list[tuple[int, bytes]] = []
-            while index < len(self._segments) and len(out) < limit:
+            budget = max_bytes
+            while index < len(self._segments) and len(out) < limit and budget > 0:
                 seg = self._segments[index]
                 start = max(seq, seg.first_seq) - seg.first_seq
-                stop = min(len(seg.offsets), start + limit - len(out))
-                if start < stop:
-                    lo = seg.offsets[start]
-                    hi = seg.offsets[stop] if stop < len(seg.offsets) else seg.size
-                    with open(seg.path, "rb") as f:
-                        f.seek(lo)
-                        data = f.read(hi - lo)
-                    for _offset, rec_seq, payload in scan_records(data):
-                        out.append((rec_seq, split_payload(payload)[0]))
+                stop_max = min(len(seg.offsets), start + limit - len(out))
+                if start >= stop_max:
+                    index += 1
+                    continue
+                lo = seg.offsets[start]
+                stop = start + 1
+                while stop < stop_max and self._end(seg, stop) - lo <= budget:
+                    stop += 1
+                hi = self._end(seg, stop - 1)
+                with open(seg.path, "rb") as f:
+                    f.seek(lo)
+                    data = f.read(hi - lo)
+                records = list(scan_records(data))
+                if len(records) != stop - start:
+                    raise StreamError(
+                        f"journal {seg.path} no longer reads back at byte {lo}: "
+                        "the disk or the file is damaged"
+                    )
+                out.extend((rec_seq, split_payload(p)[0]) for _o, rec_seq, p in records)
+                budget -= hi - lo
+                if stop < stop_max:
+                    break  # the byte budget ended inside this segment
                 index += 1
             return out
+
+    @staticmethod
+    def _end(seg: _Segment, i: int) -> int:
+        return seg.offsets[i + 1] if i + 1 < len(seg.offsets) else seg.size
 
     def prune(self, checkpoint_seq: int) -> list[Path]:
         """Delete the oldest segments beyond retention that `checkpoint_seq` covers."""

@@ -160,3 +160,12 @@ def test_checkpoint_round_trip_and_gateway_check(tmp_path: Path) -> None:
     with pytest.raises(StreamError, match="belongs to gateway"):
         Checkpoint.load(tmp_path, "gw2")
     assert Checkpoint.load(tmp_path / "none", "gw1").seq == 0
+
+
+def test_reads_are_bounded_in_bytes(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, Retention(segment_bytes=10_000))
+    _fill(journal, 1, 40, size=1000)
+    got = journal.read(3, 100, max_bytes=3500)
+    assert [s for s, _ in got] == [3, 4, 5]
+    assert [s for s, _ in journal.read(3, 100, max_bytes=10)] == [3]
+    assert [s for s, _ in journal.read(1, 100)] == list(range(1, 41))

@@ -24,6 +24,7 @@ from functools import lru_cache
 from gateway.errors import ValidationError
 from gateway.units import format_rate, parse_rate_bps
 from shaper import leaf as leafmod
+from shaper.cowmap import CowMap
 from shaper.tree import (
     DEFAULT_MINOR,
     DOWN_MAJOR,
@@ -176,11 +177,11 @@ class Plan:
     link: Link
     leaf: str
     rtt_ms: float
-    subscribers: dict[str, SubscriberPlan]
+    subscribers: CowMap[str, SubscriberPlan]
     down: Tree
     up: Tree
     min_sum_bps: dict[str, int] = field(default_factory=dict)
-    slot_owner: dict[int, str] = field(default_factory=dict)
+    slot_owner: CowMap[int, str] = field(default_factory=CowMap)
     # The plan this one was derived from and the class ids that differ from it:
     # the shaper diffs only those when `base` is what it last applied.
     base: Plan | None = None
@@ -215,7 +216,9 @@ class Plan:
         new = self._copy()
         for direction in DIRECTIONS:
             tree = new.tree(direction)
-            tree.leaves = {cid: _leaf(kind, tree.classes[cid], self.rtt_ms) for cid in tree.leaves}
+            tree.leaves = CowMap(
+                (cid, _leaf(kind, tree.classes[cid], self.rtt_ms)) for cid in tree.leaves
+            )
         new.base = None
         return new
 
@@ -224,11 +227,11 @@ class Plan:
             self.link,
             self.leaf,
             self.rtt_ms,
-            dict(self.subscribers),
+            self.subscribers.copy(),
             self.down.copy(),
             self.up.copy(),
             dict(self.min_sum_bps),
-            dict(self.slot_owner),
+            self.slot_owner.copy(),
             base=self,
         )
 
@@ -331,8 +334,8 @@ def _empty_tree(link: Link, direction: str, major: int, kind: str, rtt_ms: float
     )
     return Tree(
         root=HtbRoot(handle=make_handle(major, 0), default_minor=DEFAULT_MINOR, r2q=R2Q),
-        classes={root_id: root_cls, default_id: default_cls},
-        leaves={default_id: _leaf(kind, default_cls, rtt_ms)},
+        classes=CowMap([(root_id, root_cls), (default_id, default_cls)]),
+        leaves=CowMap([(default_id, _leaf(kind, default_cls, rtt_ms))]),
     )
 
 
@@ -351,7 +354,7 @@ def build_plan(
         link=link,
         leaf=leaf,
         rtt_ms=rtt_ms,
-        subscribers={},
+        subscribers=CowMap(),
         down=_empty_tree(link, "down", DOWN_MAJOR, leaf, rtt_ms),
         up=_empty_tree(link, "up", UP_MAJOR, leaf, rtt_ms),
         min_sum_bps={"down": 0, "up": 0},

@@ -7,7 +7,13 @@ by field, with the tree that was written: the diff is plain equality.
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+from shaper.cowmap import CowMap
+
+T = TypeVar("T")
 
 # The qdisc handles of the two trees (major numbers); a class id is major << 16 | minor.
 DOWN_MAJOR = 0x1
@@ -104,9 +110,13 @@ class Tree:
     """
 
     root: HtbRoot | None
-    classes: dict[int, HtbClass] = field(default_factory=dict)
-    leaves: dict[int, LeafQdisc] = field(default_factory=dict)
+    classes: MutableMapping[int, HtbClass] = field(default_factory=dict)
+    leaves: MutableMapping[int, LeafQdisc] = field(default_factory=dict)
     foreign_root: str | None = None
 
     def copy(self) -> Tree:
-        return Tree(self.root, dict(self.classes), dict(self.leaves), self.foreign_root)
+        return Tree(self.root, _copy(self.classes), _copy(self.leaves), self.foreign_root)
+
+
+def _copy(mapping: MutableMapping[int, T]) -> MutableMapping[int, T]:
+    return mapping.copy() if isinstance(mapping, CowMap) else dict(mapping)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import ShaperError, ValidationError
+from shaper.cowmap import CowMap
 from shaper.leaf import choose_leaf, codel_times_us, leaf_options
 from shaper.plan import (
     QUANTUM_MAX,
@@ -142,3 +143,20 @@ def test_with_leaf_keeps_classes_and_swaps_leaves() -> None:
     assert swapped.down.classes == plan.down.classes
     assert {leaf.kind for leaf in swapped.down.leaves.values()} == {"pfifo"}
     assert swapped.leaf == "fq_codel" and swapped.leaf_in_plan() == "pfifo"
+
+
+def test_cow_map_copies_are_independent() -> None:
+    base: CowMap[int, str] = CowMap((i, str(i)) for i in range(1000))
+    copy = base.copy()
+    copy[5] = "five"
+    del copy[7]
+    copy[5000] = "new"
+    base[9] = "nine"
+    assert base[5] == "5" and 7 in base and 5000 not in base and len(base) == 1000
+    assert copy[5] == "five" and 7 not in copy and copy[9] == "9" and len(copy) == 1000
+    assert dict(copy.items()) == {
+        **{i: str(i) for i in range(1000) if i != 7},
+        5: "five",
+        5000: "new",
+    }
+    assert copy.get(7) is None and copy == dict(copy.items())

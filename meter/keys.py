@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,12 +125,19 @@ class _AllowedKeys:
 
     def __init__(self, keys: Iterable[bytes]) -> None:
         self.keys = frozenset(keys)
+        self._logged: dict[bytes, float] = {}
 
     def callback(self, domain: str, key: bytes) -> bool:
-        if key not in self.keys:
+        if key in self.keys:
+            return True
+        # A refused client reconnects every few hundred ms: one line per key a minute.
+        now = time.monotonic()
+        if now - self._logged.get(key, -60.0) >= 60.0:
+            if len(self._logged) > 1000:
+                self._logged.clear()
+            self._logged[key] = now
             log.warning("refused a client with unknown CURVE key %s", key.decode(errors="replace"))
-            return False
-        return True
+        return False
 
 
 def start_authenticator(

@@ -252,7 +252,15 @@ class Gateway:
         reply, changed = self.control.handle(request, self.by_id, self._total_of, self._check_plan)
         self.collector.count_request(bool(reply.get("ok")))
         if changed is not None:
-            self._reenforce(changed)
+            try:
+                self._reenforce(changed)
+            except DesanetError as err:
+                # Journaled but not in the kernel: the next start applies it.
+                log.error("subscriber %s: control change recorded, not applied: %s", changed, err)
+                return {
+                    "ok": False,
+                    "error": f"recorded, not applied ({err}); applied at the next start",
+                }
             self._event(Event(now_ms(), changed, "control", reply["state"]))
         return reply
 

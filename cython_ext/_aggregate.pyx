@@ -51,10 +51,10 @@ cdef class Aggregator:
 
     cdef readonly Py_ssize_t n_slots
     cdef readonly double rate_tau_ms
-    cdef object _last_raw, _total, _pending, _moved, _rate, _clock, _source
+    cdef object _last_raw, _total, _billed, _moved, _rate, _clock, _source
     cdef uint64_t[:, ::1] last_raw
     cdef uint64_t[:, ::1] total
-    cdef uint64_t[:, ::1] pending
+    cdef uint64_t[:, ::1] billed  # totals at the last rollup: pending usage = total - billed
     cdef uint8_t[::1] moved
     cdef double[:, ::1] rate
     cdef int64_t[::1] clock
@@ -72,17 +72,17 @@ cdef class Aggregator:
             np.zeros(0, dtype=np.uint8),
         )
 
-    def _adopt(self, last_raw, total, pending, moved, clock, source):
+    def _adopt(self, last_raw, total, billed, moved, clock, source):
         self._last_raw = last_raw
         self._total = total
-        self._pending = pending
+        self._billed = billed
         self._moved = moved
         self._clock = clock
         self._source = source
         self._rate = np.zeros((self.n_slots, 2), dtype=np.float64)
         self.last_raw = last_raw
         self.total = total
-        self.pending = pending
+        self.billed = billed
         self.moved = moved
         self.clock = clock
         self.rate = self._rate
@@ -129,10 +129,6 @@ cdef class Aggregator:
                     self.last_raw[s, 2] = c2
                     self.last_raw[s, 3] = c3
                 if d0 | d1 | d2 | d3:
-                    self.pending[s, 0] += d0
-                    self.pending[s, 1] += d1
-                    self.pending[s, 2] += d2
-                    self.pending[s, 3] += d3
                     self.total[s, 0] += d0
                     self.total[s, 1] += d1
                     self.total[s, 2] += d2
@@ -160,7 +156,7 @@ cdef class Aggregator:
         cdef int c
         for c in range(4):
             self.total[s, c] = 0
-            self.pending[s, c] = 0
+            self.billed[s, c] = 0
         self.moved[s] = 0
         self.rate[s, 0] = 0.0
         self.rate[s, 1] = 0.0
@@ -204,16 +200,16 @@ cdef class Aggregator:
             for s in range(n):
                 if self.moved[s]:
                     o_slot[i] = <uint32_t>s
-                    o_up[i] = self.pending[s, 0]
-                    o_up_pkts[i] = self.pending[s, 1]
-                    o_down[i] = self.pending[s, 2]
-                    o_down_pkts[i] = self.pending[s, 3]
+                    o_up[i] = self.total[s, 0] - self.billed[s, 0]
+                    o_up_pkts[i] = self.total[s, 1] - self.billed[s, 1]
+                    o_down[i] = self.total[s, 2] - self.billed[s, 2]
+                    o_down_pkts[i] = self.total[s, 3] - self.billed[s, 3]
                     o_up_total[i] = self.total[s, 0]
                     o_down_total[i] = self.total[s, 2]
-                    self.pending[s, 0] = 0
-                    self.pending[s, 1] = 0
-                    self.pending[s, 2] = 0
-                    self.pending[s, 3] = 0
+                    self.billed[s, 0] = self.total[s, 0]
+                    self.billed[s, 1] = self.total[s, 1]
+                    self.billed[s, 2] = self.total[s, 2]
+                    self.billed[s, 3] = self.total[s, 3]
                     self.moved[s] = 0
                     i += 1
         self.clock[1] = now
@@ -233,7 +229,7 @@ cdef class Aggregator:
     def state(self):
         """The arrays to persist with each journal record so totals survive restarts and reboots."""
         return _state.pack_state(
-            self._last_raw, self._total, self._pending, self._moved, self._clock, self._source
+            self._last_raw, self._total, self._billed, self._moved, self._clock, self._source
         )
 
     def restore(self, state):

@@ -71,7 +71,7 @@ def smoothing(dt_ms: int, rate_tau_ms: float) -> float:
 def pack_state(
     last_raw: U64,
     total: U64,
-    pending: U64,
+    billed: U64,
     moved: npt.NDArray[np.uint8],
     clock: npt.NDArray[np.int64],
     source: npt.NDArray[np.uint8],
@@ -79,7 +79,7 @@ def pack_state(
     """The persisted state: only the slots holding anything, so idle capacity costs nothing."""
     n_slots = last_raw.shape[0]
     busy = np.flatnonzero(
-        last_raw.any(axis=1) | total.any(axis=1) | pending.any(axis=1) | (moved != 0)
+        last_raw.any(axis=1) | total.any(axis=1) | billed.any(axis=1) | (moved != 0)
     ).astype(np.uint32)
     return {
         "version": np.array([STATE_VERSION], dtype=np.int64),
@@ -87,7 +87,7 @@ def pack_state(
         "slots": busy,
         "last_raw": last_raw[busy].copy(),
         "total": total[busy].copy(),
-        "pending": pending[busy].copy(),
+        "billed": billed[busy].copy(),
         "moved": moved[busy].copy(),
         "clock": clock.copy(),
         "source": source.copy(),
@@ -97,11 +97,11 @@ def pack_state(
 def unpack_state(
     state: dict[str, np.ndarray], n_slots: int
 ) -> tuple[U64, U64, U64, npt.NDArray[np.uint8], npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
-    """Full-size arrays (last_raw, total, pending, moved, clock, source) from a packed state."""
+    """Full-size arrays (last_raw, total, billed, moved, clock, source) from a packed state."""
     try:
         version = int(np.asarray(state["version"])[0])
         slots = np.asarray(state["slots"], dtype=np.int64)
-        rows = {k: np.asarray(state[k]) for k in ("last_raw", "total", "pending")}
+        rows = {k: np.asarray(state[k]) for k in ("last_raw", "total", "billed")}
         moved_rows = np.asarray(state["moved"], dtype=np.uint8)
         clock = np.array(state["clock"], dtype=np.int64)
         source = np.array(state["source"], dtype=np.uint8)
@@ -123,7 +123,7 @@ def unpack_state(
             f"{n_slots} slots; raise the capacity back before restarting"
         )
     full = []
-    for name in ("last_raw", "total", "pending"):
+    for name in ("last_raw", "total", "billed"):
         arr = np.zeros((n_slots, N_COLUMNS), dtype=np.uint64)
         arr[slots] = rows[name]
         full.append(arr)

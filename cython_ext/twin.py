@@ -48,14 +48,15 @@ class Aggregator:
         self,
         last_raw: npt.NDArray[np.uint64],
         total: npt.NDArray[np.uint64],
-        pending: npt.NDArray[np.uint64],
+        billed: npt.NDArray[np.uint64],
         moved: npt.NDArray[np.uint8],
         clock: npt.NDArray[np.int64],
         source: npt.NDArray[np.uint8],
     ) -> None:
         self._last_raw = last_raw
         self._total = total
-        self._pending = pending
+        # Totals at the last rollup: the usage pending since then is total - billed.
+        self._billed = billed
         self._moved = moved
         self._clock = clock
         self._source = source
@@ -75,7 +76,6 @@ class Aggregator:
         delta[restarted] = cum[restarted]
         self._last_raw[:] = cum
         moving = delta.any(axis=1)
-        self._pending += delta
         self._total += delta
         self._moved[moving] = 1
         clock = self._clock
@@ -98,7 +98,7 @@ class Aggregator:
         """
         s = _state.check_slot(slot, self.n_slots)
         self._total[s] = 0
-        self._pending[s] = 0
+        self._billed[s] = 0
         self._moved[s] = 0
         self._rate[s] = 0.0
 
@@ -129,9 +129,9 @@ class Aggregator:
         clock = self._clock
         t0 = int(clock[1]) if clock[2] & _state.CLOCK_OPEN else now
         idx = np.flatnonzero(self._moved)
-        pending = self._pending[idx]
         total = self._total[idx]
-        self._pending[idx] = 0
+        pending = total - self._billed[idx]
+        self._billed[idx] = total
         self._moved[idx] = 0
         clock[1] = now
         clock[2] |= _state.CLOCK_OPEN
@@ -150,7 +150,7 @@ class Aggregator:
     def state(self) -> dict[str, np.ndarray]:
         """The arrays to persist with each journal record so totals survive restarts and reboots."""
         return _state.pack_state(
-            self._last_raw, self._total, self._pending, self._moved, self._clock, self._source
+            self._last_raw, self._total, self._billed, self._moved, self._clock, self._source
         )
 
     def restore(self, state: dict[str, np.ndarray]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -327,3 +328,37 @@ def test_reassigned_slot_keeps_the_old_subscribers_totals(service: MeterService)
     snap = service.snapshot()
     totals = dict(zip(snap["sub"], snap["up_total"], strict=True))
     assert totals == {"s1": 10, "s2": 22, "s9": 1}
+
+
+def test_client_asks_again_when_a_reply_lost_messages(tmp_path: Path) -> None:
+    """A replay server on a lossy path: the first answer lacks seq 3; nothing is skipped."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    messages = {
+        seq: wire.encode_usage("gw1", seq, 0, 1, ["s1"], {c: [seq] for c in wire.COLUMNS})
+        for seq in range(1, 6)
+    }
+    asked: list[int] = []
+
+    def serve() -> None:
+        while router.poll(1000):
+            identity, body = router.recv_multipart()
+            start = wire.decode_request(body).from_seq
+            asked.append(start)
+            for seq in range(start, 6):
+                if not (seq == 3 and len(asked) == 1):
+                    router.send_multipart([identity, wire.REPLY_MSG, messages[seq]])
+            end = {"v": 1, "next": 6, "last": 5}
+            router.send_multipart([identity, wire.REPLY_END, wire.pack(end)])
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with UsageClient("tcp://127.0.0.1:1", f"tcp://127.0.0.1:{port}") as client:
+            assert [m.seq for m in client.replay(1)] == [1, 2, 3, 4, 5]
+    finally:
+        thread.join()
+        router.close(0)
+        ctx.term()
+    assert asked == [1, 3]

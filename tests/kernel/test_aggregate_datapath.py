@@ -1,9 +1,10 @@
 """The aggregator on the real datapath under live traffic: billed deltas add up to the counters.
 
 Polls the pinned counters map (by path, no BCC, CPUs summed in the kernel)
-while iperf3 runs, rolls the polls up into intervals, and checks that the
-deltas of every interval sum to the final kernel counters exactly, and that
-those equal the IP bytes each subscriber's own namespace saw (nftables).
+while iperf3 runs, rolls the polls up into intervals, restarts from the
+journaled state halfway as after a kill -9, and checks that the deltas of
+every interval sum to the final kernel counters exactly, and that those equal
+the IP bytes each subscriber's own namespace saw (nftables).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def start_traffic(v: Village, seconds: int) -> list[subprocess.Popen[bytes]]:
     return clients
 
 
-def test_interval_deltas_sum_to_the_final_counters_under_live_traffic(village4: Village) -> None:
+def test_interval_deltas_sum_to_the_final_counters_across_a_restart(village4: Village) -> None:
     v = village4
     with in_netns(v.gw_ns):
         datapath = Datapath(v.lan, f"agg{os.getpid()}", capacity=CAPACITY)
@@ -69,26 +70,39 @@ def test_interval_deltas_sum_to_the_final_counters_under_live_traffic(village4: 
             intervals_with_traffic += int(usages["cython"].up.sum() > 0)
 
         pinned = datapath.pin_dir / abi.MAP_COUNTERS
-        with CounterReader.open(pinned) as reader:
-            clients = start_traffic(v, seconds=2)
-            polls = 0
-            while any(c.poll() is None for c in clients) or polls < 3:
-                cumulative = reader.read()
-                t_ms = 1_000 * (polls + 1)
-                for agg in aggregators.values():
-                    agg.poll(cumulative, t_ms)
-                polls += 1
-                if polls % 3 == 0:
-                    roll_up(t_ms)
-                time.sleep(0.1)
-            for client in clients:
-                assert client.wait(timeout=30) == 0
-            time.sleep(0.5)  # the last ACKs and FINs
+        reader = CounterReader.open(pinned)
+        clients = start_traffic(v, seconds=2)
+        polls = 0
+        restarted = False
+        while any(c.poll() is None for c in clients) or polls < 8:
+            cumulative = reader.read()
+            polls += 1
             for agg in aggregators.values():
-                agg.poll(reader.read(), 1_000 * (polls + 1))
-            roll_up(1_000 * (polls + 1))
-            with CounterReader.open(pinned, method="batch") as batch:
-                assert batch.read().tolist() == reader.read().tolist()
+                agg.use_source(reader.identity)
+                agg.poll(cumulative, 1_000 * polls)
+            if polls % 3 == 0:
+                roll_up(1_000 * polls)
+                saved = {name: agg.state() for name, agg in aggregators.items()}
+            if polls == 7 and not restarted:
+                # kill -9 after a poll that was never rolled up: the daemon comes back
+                # from the state journaled at the last rollup, with a fresh reader.
+                restarted = True
+                reader.close()
+                reader = CounterReader.open(pinned)
+                aggregators = {name: b.Aggregator(CAPACITY + 1) for name, b in backends.items()}
+                for name, agg in aggregators.items():
+                    agg.restore(saved[name])
+            time.sleep(0.1)
+        for client in clients:
+            assert client.wait(timeout=30) == 0
+        time.sleep(0.5)  # the last ACKs and FINs
+        polls += 1
+        for agg in aggregators.values():
+            agg.poll(reader.read(), 1_000 * polls)
+        roll_up(1_000 * polls)
+        with CounterReader.open(pinned, method="batch") as batch:
+            assert batch.read().tolist() == reader.read().tolist()
+        reader.close()
 
         with in_netns(v.gw_ns):
             final = datapath.read_counters()  # BCC's view: an independent read of the same map

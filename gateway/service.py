@@ -232,6 +232,9 @@ class Gateway:
         )
 
     def _reenforce(self, sub_id: str) -> None:
+        # A new ceiling can replace the subscriber's leaf qdisc, whose counters then start
+        # from zero: account what it delivered so far first, so no delivered byte is lost.
+        self.poller.poll(now_ms())
         self.shaper.apply(shaping_plan(self.config, self._enforced()))
         self._provision(self.by_id[sub_id])
 

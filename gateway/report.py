@@ -95,17 +95,28 @@ def window_rates(
     }
 
 
-def series(record: DemoRecord, sub_id: str, direction: str) -> tuple[list[float], list[float]]:
-    """(times, bit/s) between consecutive samples for one subscriber and direction."""
+def series(
+    record: DemoRecord, sub_id: str, direction: str, span_s: float = 1.0
+) -> tuple[list[float], list[float]]:
+    """(times, bit/s) for one subscriber and direction, each rate over the last `span_s`.
+
+    Averaging over a span smooths the bursts of paced senders without hiding changes.
+    """
     times, rates = [], []
-    for before, after in zip(record.samples, record.samples[1:], strict=False):
+    first = 0
+    samples = record.samples
+    for after in samples:
+        # The window starts at the latest sample that still leaves `span_s` before `after`.
+        while first + 1 < len(samples) and after.t_s - samples[first + 1].t_s >= span_s:
+            first += 1
+        before = samples[first]
         dt = after.t_s - before.t_s
         if dt <= 0:
             continue
-        column_after = getattr(after, direction)
-        column_before = getattr(before, direction)
         times.append(after.t_s)
-        rates.append(8 * (column_after[sub_id] - column_before[sub_id]) / dt)
+        rates.append(
+            8 * (getattr(after, direction)[sub_id] - getattr(before, direction)[sub_id]) / dt
+        )
     return times, rates
 
 
@@ -259,7 +270,7 @@ def plot(record: DemoRecord, path: Path) -> None:
     fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     for ax, direction in zip(axes, ("down", "up"), strict=True):
         for sub in record.subscribers:
-            times, rates = series(record, sub.id, direction)
+            times, rates = series(record, sub.id, direction, span_s=2.0)
             ax.plot(times, [r / 1e6 for r in rates], label=f"{sub.id} ({sub.role})")
         ax.set_ylabel(f"{direction} Mbit/s")
         ax.axvline(record.suspend_at_s, color="grey", linestyle="--")

@@ -98,6 +98,7 @@ class CounterReader:
                 raise ValidationError(
                     f"counter read method {method!r}: use one of {', '.join(READ_METHODS)}"
                 )
+            self._backend = backend or cython_ext.load_backend()
             self._pin = self._pin_stat()
             shape = bpf_syscall.map_shape(fd)
             if (shape.type, shape.key_size, shape.value_size) != (
@@ -120,7 +121,6 @@ class CounterReader:
         except BaseException:
             os.close(fd)
             raise
-        self._backend = backend or cython_ext.load_backend()
         self._percpu: npt.NDArray[np.uint64] | None = None
         self._cumulative = np.zeros((self.n_slots, 4), dtype=np.uint64)
 

@@ -24,6 +24,9 @@ from meter.keys import ClientSecurity, secure_client
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_IVL_MS = 10_000
+HEARTBEAT_TIMEOUT_MS = 30_000
+
 
 class ReplayGone(StreamError):
     """The asked-for seqs were removed by the gateway's journal retention."""
@@ -73,6 +76,10 @@ class UsageClient:
         self._sub: zmq.Socket[bytes] = self._ctx.socket(zmq.SUB)
         self._sub.linger = 0
         self._sub.rcvhwm = 100_000
+        # Over a satellite link an idle TCP connection can die silently (NAT, outage):
+        # ZMTP heartbeats notice within HEARTBEAT_TIMEOUT_MS and ZeroMQ reconnects.
+        self._sub.heartbeat_ivl = HEARTBEAT_IVL_MS
+        self._sub.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
         secure_client(self._sub, self.security)
         self._sub.subscribe(wire.topic(gateway_id) if gateway_id else wire.TOPIC_PREFIX.encode())
         self._sub.connect(usage_endpoint)

@@ -87,6 +87,9 @@ class MeterService:
             self._pub = self._ctx.socket(zmq.PUB)
             self._pub.linger = 1000
             self._pub.sndhwm = config.send_hwm
+            # Heartbeats let the gateway drop billing connections that died on the link.
+            self._pub.heartbeat_ivl = 10_000
+            self._pub.heartbeat_timeout = 30_000
             secure_server(self._pub, config.security, config.usage_endpoint)
             try:
                 self._pub.bind(config.usage_endpoint)

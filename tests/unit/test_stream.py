@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Generator, Iterator
@@ -362,3 +363,31 @@ def test_client_asks_again_when_a_reply_lost_messages(tmp_path: Path) -> None:
         router.close(0)
         ctx.term()
     assert asked == [1, 3]
+
+
+def test_cli_usage_with_curve_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    keys = tmp_path / "keys"
+    assert main(["keygen", "gateway", "--dir", str(keys)]) == 0
+    assert main(["keygen", "billing", "--dir", str(keys / "allowed")]) == 0
+    security = ServerSecurity(
+        server=load_keypair(keys / "gateway.key_secret"),
+        allowed_clients=load_allowed_keys(keys / "allowed"),
+    )
+    gen = start(tmp_path / "state", security)
+    svc = next(gen)
+    try:
+        svc.publish(interval(1000, [2], [42], [42]), {})
+        connect = ["--connect", svc.usage_endpoint, "--replay", svc.replay_endpoint]
+        curve = ["--server-key", str(keys / "gateway.key")]
+        capsys.readouterr()
+        own_key = ["--key", str(keys / "allowed" / "billing.key_secret")]
+        assert main(["usage", *connect, *curve, *own_key, "--json"]) == 0
+        row = json.loads(capsys.readouterr().out)
+        assert (row["sub"], row["up_total"], row["down_total"]) == ("s2", 42, 84)
+        # Without an allowed key of its own the client is refused: an error, exit status 2.
+        assert main(["usage", *connect, *curve, "--timeout", "1"]) == 2
+        assert "no answer from the replay endpoint" in capsys.readouterr().err
+    finally:
+        gen.close()

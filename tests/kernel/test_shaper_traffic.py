@@ -3,9 +3,10 @@
 One village of eight subscribers serves every case: the datapath sets each
 packet's class from its subscriber's address, the shaper's download tree sits
 on the LAN bridge and its upload tree on the IFB. Download and upload run at
-the same time. Rates are delivered IP bytes per second: download from the
-nftables counters in each subscriber's namespace, upload from counters by
-source address in the internet namespace, over a window after TCP ramped up.
+the same time when the leaves queue flows apart (see `greedy`). Rates are
+delivered IP bytes per second: download from the nftables counters in each
+subscriber's namespace, upload from counters by source address in the
+internet namespace, over a window after TCP ramped up.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ operator can fix it without reading code ("gateway.toml:7: [link] down: rate
 from __future__ import annotations
 
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -145,6 +146,20 @@ def load_config(path: str | Path) -> Config:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the configuration: {err.strerror}") from err
     return parse_config(text, path)
+
+
+def require_lan(config: Config) -> None:
+    """Refuse a LAN interface missing from this network namespace (before anything is changed)."""
+    try:
+        socket.if_nametoindex(config.lan)
+    except OSError:
+        try:
+            loc = _Located(config.path, config.path.read_text())
+        except OSError:
+            loc = _Located(config.path, "")
+        raise loc.error(
+            "gateway", "lan", f"interface {config.lan!r} does not exist in this network namespace"
+        ) from None
 
 
 def parse_config(text: str, path: Path) -> Config:

@@ -23,7 +23,7 @@ from typing import Any, cast
 from cython_ext import load_backend
 from ebpf.datapath import Datapath
 from gateway import status
-from gateway.config import Config, load_config
+from gateway.config import Config, load_config, require_lan
 from gateway.control import ControlEndpoint, ControlState, Event
 from gateway.errors import ConfigError, DesanetError, ValidationError
 from gateway.metrics import GatewayCollector, serve
@@ -79,6 +79,7 @@ class Gateway:
         self.config_path = Path(config_path)
         self.config = load_config(self.config_path)
         cfg = self.config
+        require_lan(cfg)
         self.subscribers = load_subscribers(cfg.subscribers_file, cfg.link, cfg.capacity)
         self.security = server_security(cfg)
         self.slots = SlotTable(cfg.state_dir / "slots.json", cfg.capacity)

@@ -1,0 +1,134 @@
+"""Every error class `desanet run` refuses with, end to end through the CLI, before any change.
+
+The service is checked as a whole here (TOML, subscribers file, keys, shaping
+plan) the way an operator meets it: exit status 2, one line naming the file,
+the line and the field, and no state directory created.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.service import Gateway
+from meter.keys import generate_keypair
+
+pytestmark = pytest.mark.unit
+
+CONFIG = """\
+[gateway]
+id = "desa-test"
+lan = "lo"
+state_dir = "state"
+
+[link]
+down = "20mbit"
+up = "5mbit"
+
+[publish]
+usage = "tcp://127.0.0.1:7570"
+replay = "tcp://127.0.0.1:7571"
+secret_key = "keys/gateway.key_secret"
+allowed_keys = "allowed"
+
+[subscribers]
+file = "subscribers.csv"
+"""
+SUBSCRIBERS = """\
+id,name,prefixes,down_min,down_max,up_min,up_max,quota
+s1,A,10.0.0.1,1mbit,10mbit,256kbit,2mbit,10GB
+s2,B,10.0.1.0/24 fd00::/64,1mbit,10mbit,256kbit,2mbit,
+"""
+
+CASES = [
+    # (file, old, new, expected message)
+    ("toml", 'up = "5mbit"', 'up = "5mbit', r"gateway.toml:8: not valid TOML"),
+    ("toml", "[link]", "[lnik]", r"gateway.toml:6: \[lnik\]: unknown section"),
+    ("toml", 'up = "5mbit"', 'upp = "5mbit"', r"gateway.toml:8: \[link\] upp: unknown field"),
+    ("toml", 'up = "5mbit"\n', "", r"gateway.toml:6: \[link\]: missing field 'up'"),
+    ("toml", 'down = "20mbit"', "down = 20", r"gateway.toml:7: \[link\] down: expected a str"),
+    ("toml", 'down = "20mbit"', 'down = "20mbs"', r":7: \[link\] down: rate '20mbs': unknown unit"),
+    ("toml", 'id = "desa-test"', 'id = "Desa Test"', r":2: \[gateway\] id: 'Desa Test'"),
+    (
+        "toml",
+        'lan = "lo"',
+        'lan = "dnx-nolan"',
+        r":3: \[gateway\] lan: interface 'dnx-nolan' does not",
+    ),
+    ("toml", "[subscribers]", '[shaping]\nleaf = "sfq"\n[subscribers]', r"\[shaping\] leaf: 'sfq'"),
+    ("toml", "[subscribers]", '[meter]\ninterval = "1ms"\n[subscribers]', r"\[meter\] interval"),
+    ("toml", 'secret_key = "keys/gateway.key_secret"\n', "", r"\[publish\]: set secret_key"),
+    ("toml", "keys/gateway.key_secret", "keys/none", r"cannot read CURVE key file .*keys/none"),
+    (
+        "toml",
+        'secret_key = "keys/gateway.key_secret"\nallowed_keys = "allowed"',
+        'plaintext = true\nusage2 = "x"',
+        r"\[publish\] usage2: unknown field",
+    ),
+    ("csv", "id,name", "ident,name", r"subscribers.csv:1: header must be exactly"),
+    ("csv", "10.0.0.1,", "10.0.0.1/8,", r"subscribers.csv:2: prefixes: subscriber s1: prefix"),
+    (
+        "csv",
+        "10.0.0.1,",
+        "10.0.1.9,",
+        r":3: prefixes: subscriber s2: prefix 10.0.1.0/24 overlaps 10.0.1.9 of s1",
+    ),
+    ("csv", "s1,A,10.0.0.1,1mbit", "s1,A,10.0.0.1,11mbit", r":2: down_min: subscriber s1: 11.0"),
+    ("csv", "256kbit,2mbit,10GB", "256kbit,6mbit,10GB", r":2: up_max: .*above the link's 5.0"),
+    ("csv", "10GB", "10 gigs", r":2: quota: subscriber s1: size '10 gigs'"),
+    ("csv", "s2,B", "s1,B", r":3: id: subscriber s1 already defined on line 2"),
+    (
+        "csv",
+        "s1,A,10.0.0.1,1mbit,10mbit",
+        "s1,A,10.0.0.1,19500kbit,20mbit",
+        r"subscribers.csv: down_min: the guaranteed rates add up to 20.5 Mbit/s",
+    ),
+    (
+        "csv",
+        "s1,A,10.0.0.1,1mbit,10mbit",
+        "s1,A,10.0.0.1,18900kbit,20mbit",
+        r"subscribers.csv: subscriber s1: its download min 18.9 Mbit/s brings the sum",
+    ),
+]
+
+
+@pytest.mark.parametrize(("which", "old", "new", "message"), CASES)
+def test_run_refuses_with_file_line_and_field(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    which: str,
+    old: str,
+    new: str,
+    message: str,
+) -> None:
+    # Should a case ever pass the checks, it must not reach the kernel of the test machine.
+    monkeypatch.setattr(Gateway, "start", lambda self: pytest.fail("the checks let it through"))
+    generate_keypair(tmp_path / "keys", "gateway")
+    generate_keypair(tmp_path / "allowed", "billing")
+    config, subscribers = CONFIG, SUBSCRIBERS
+    if which == "toml":
+        assert old in config
+        config = config.replace(old, new, 1)
+    else:
+        assert old in subscribers
+        subscribers = subscribers.replace(old, new, 1)
+    (tmp_path / "gateway.toml").write_text(config)
+    (tmp_path / "subscribers.csv").write_text(subscribers)
+    assert main(["run", "--config", str(tmp_path / "gateway.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("desanet: error: ")
+    assert re.search(message, err), err
+    assert not (tmp_path / "state").exists()
+
+
+def test_check_accepts_the_good_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    generate_keypair(tmp_path / "keys", "gateway")
+    generate_keypair(tmp_path / "allowed", "billing")
+    (tmp_path / "gateway.toml").write_text(CONFIG)
+    (tmp_path / "subscribers.csv").write_text(SUBSCRIBERS)
+    assert main(["run", "--check", "--config", str(tmp_path / "gateway.toml")]) == 0
+    assert "ok, 2 subscribers" in capsys.readouterr().out

@@ -136,15 +136,21 @@ class ControlState:
             self._file.close()
             self._file = None
 
-    def record(self, sub_id: str, **changes: Any) -> None:
-        """Apply and journal changes to one subscriber (durable before this returns)."""
+    def record(self, sub_id: str, sync: bool = True, **changes: Any) -> None:
+        """Apply and journal changes to one subscriber (durable on return unless `sync=False`)."""
         if self._file is None:
             raise StreamError(f"{self.path}: control journal is not open")
         stored = {k: asdict(v) if isinstance(v, Plan) else v for k, v in changes.items()}
         self._file.write(_encode({"kind": "set", "sub": sub_id, "set": stored}))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        if sync:
+            self.sync()
         self._apply_record({"sub": sub_id, "set": stored})
+
+    def sync(self) -> None:
+        """Make every record written so far durable."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def get(self, sub_id: str) -> SubscriberControl:
         """A subscriber's control state (defaults when billing never touched it)."""
@@ -184,20 +190,24 @@ class ControlState:
         """
         events = []
         month = month_of(t_ms)
+        # One fsync for the whole pass: a new month touches every subscriber at once.
+        written = False
         for sub_id, total in totals.items():
             sub = subscribers.get(sub_id)
             if sub is None:
                 continue
             state = self.get(sub_id)
             if state.period != month:
-                self.record(sub_id, period=month, period_base=total, throttled=False)
+                self.record(sub_id, sync=False, period=month, period_base=total, throttled=False)
+                written = True
                 if state.period:
                     events.append(Event(t_ms, sub_id, "period", f"new quota period {month}"))
                 state = self.get(sub_id)
             quota = self.quota_of(sub)
             used = total - state.period_base
             if quota is not None and used >= quota and not state.throttled:
-                self.record(sub_id, throttled=True)
+                self.record(sub_id, sync=False, throttled=True)
+                written = True
                 events.append(
                     Event(
                         t_ms,
@@ -208,6 +218,8 @@ class ControlState:
                         f"{format_rate(self.control.fair_use_up_bps)} up",
                     )
                 )
+        if written:
+            self.sync()
         return events
 
     def handle(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import ShaperError, ValidationError
+from shaper.apply import upload_ifb_name
 from shaper.cowmap import CowMap
 from shaper.leaf import choose_leaf, codel_times_us, leaf_options
 from shaper.plan import (
@@ -160,3 +161,9 @@ def test_cow_map_copies_are_independent() -> None:
         5000: "new",
     }
     assert copy.get(7) is None and copy == dict(copy.items())
+
+
+def test_upload_ifb_names_fit_and_stay_distinct() -> None:
+    assert upload_ifb_name("br-lan") == "ifb-br-lan"
+    long_a, long_b = upload_ifb_name("enp0s31f6.100"), upload_ifb_name("enp0s31f6.200")
+    assert len(long_a) <= 15 and len(long_b) <= 15 and long_a != long_b

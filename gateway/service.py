@@ -267,7 +267,8 @@ class Gateway:
                     "ok": False,
                     "error": f"recorded, not applied ({err}); applied at the next start",
                 }
-            self._event(Event(now_ms(), changed, "control", reply["state"]))
+            op = request.get("op") if isinstance(request, dict) else "control"
+            self._event(Event(now_ms(), changed, str(op), f"now {reply['state']}"))
         return reply
 
     def _event(self, event: Event) -> None:

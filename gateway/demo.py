@@ -1,12 +1,13 @@
 """`desanet demo`: a village of 8 subscribers in network namespaces, the real service, real traffic.
 
 Timeline: build the village, start `desanet run` in the gateway namespace,
-measure idle latency, then every subscriber runs iperf3 TCP downloads and
-uploads (odd subscribers over IPv4, even over IPv6) while subscriber s1 pings
-the internet side. Midway the demo suspends s6 through the control endpoint;
-s5 passes its small quota and the gateway throttles it by itself. At the end,
-billed bytes (the usage stream's snapshot) are compared with nftables counters
-in each subscriber's namespace, and a Markdown report with a PNG plot is written.
+measure idle latency, then every subscriber runs iperf3 TCP downloads (4 flows)
+and an upload (odd subscribers over IPv4, even over IPv6) while subscriber s1
+pings the internet side. Midway the demo suspends s6 through the control
+endpoint; s5 passes its small quota and the gateway throttles it by itself. At
+the end, billed bytes (the usage stream's snapshot) are compared with nftables
+counters of delivered bytes (down in each subscriber's namespace, up on the
+internet side), and a Markdown report with a PNG plot is written.
 Namespaces, processes and pinned maps are removed on exit and on Ctrl-C.
 """
 
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from gateway.status import read_snapshot
 from meter.client import UsageClient
 from meter.keys import ClientSecurity
 
+Printer = Callable[[str], object]
 LINK_DOWN, LINK_UP = "20mbit", "5mbit"
 STANDARD = ("1mbit", "20mbit", "256kbit", "5mbit")
 # (name, role, down_min, down_max, up_min, up_max)
@@ -224,7 +227,7 @@ def _start_load(lab: Village, seconds: int, paced: bool) -> list[subprocess.Pope
     return procs
 
 
-def _progress(record: DemoRecord, print_: Any) -> None:
+def _progress(record: DemoRecord, print_: Printer) -> None:
     # Mean rates over the last ~5 s, the span between two progress lines.
     if len(record.samples) < 2:
         return
@@ -242,7 +245,7 @@ def _progress(record: DemoRecord, print_: Any) -> None:
 
 
 def run_demo(
-    seconds: int = 50, out_dir: Path = Path("demo-report"), print_: Any = print
+    seconds: int = 50, out_dir: Path = Path("demo-report"), print_: Printer = print
 ) -> dict[str, Any]:
     """Run the whole demo; returns the report's summary with `ok` (all checks met)."""
     for tool in ("iperf3", "ping"):
@@ -276,7 +279,7 @@ def run_demo(
     return summary
 
 
-def _run(lab: Village, workdir: Path, seconds: int, print_: Any) -> DemoRecord:
+def _run(lab: Village, workdir: Path, seconds: int, print_: Printer) -> DemoRecord:
     gateway_id = f"demo-{lab.tag}".lower()
     state_dir = workdir / "state"
     config = workdir / "gateway.toml"
@@ -314,7 +317,7 @@ def _drive(
     log: Path,
     seconds: int,
     quota_bytes: int,
-    print_: Any,
+    print_: Printer,
 ) -> DemoRecord:
     snap = _wait_for_status(state_dir, service, log)
     for host in lab.subscribers:

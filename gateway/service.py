@@ -14,8 +14,9 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
+from ipaddress import ip_network
 from pathlib import Path
 from types import FrameType
 from typing import Any, cast
@@ -121,6 +122,8 @@ class Gateway:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         (cfg.state_dir / PID_FILE).write_text(f"{os.getpid()}\n")
         self.control.open()
+        for sub_id in [i for i in self.control.subs if i not in self.by_id]:
+            self.control.forget(sub_id)  # removed from the file while the service was down
         ifb = upload_ifb_name(cfg.lan)
         self.shaper = Shaper(cfg.lan, ifb)
         self.shaper.ensure_ifb()
@@ -146,7 +149,9 @@ class Gateway:
         # cast: Poller is annotated with CounterReader; DeliveredReader has the same interface.
         self.poller = Poller(cast(CounterReader, self.delivered), self.aggregator)
         self.seq = self.meter.last_seq
-        self._shape_and_provision(set(self.by_id))
+        # Slots the kernel still steers but no subscriber holds (removed while we were down).
+        stale = set(self.datapath.prefixes()) - set(self.slots.slots.values())
+        self._shape_and_provision(set(self.by_id), sorted(stale))
         self.endpoint = ControlEndpoint(cfg.control.endpoint, self.security)
         if cfg.metrics_listen is not None:
             serve(self.collector, *cfg.metrics_listen)
@@ -177,14 +182,28 @@ class Gateway:
 
     # -- applying subscribers ------------------------------------------------------------------
 
-    def _shape_and_provision(self, touched: set[str], freed: dict[str, int] | None = None) -> None:
+    def _shape_and_provision(self, touched: set[str], freed_slots: Iterable[int] = ()) -> None:
         # Order keeps every packet in a class: stop steering removed subscribers, shape
         # (classes exist before anyone is steered to them), then provision.
-        for slot in (freed or {}).values():
+        for slot in freed_slots:
             self.datapath.unprovision(slot)
         result = self.shaper.apply(shaping_plan(self.config, self._enforced()))
         self.leaf_in_use = result.leaf_in_use
         self.warnings = list(result.warnings)
+        # A prefix may move between subscribers: withdraw every prefix a subscriber loses
+        # before any subscriber gains one, so no prefix is ever claimed by two slots.
+        held = self.datapath.prefixes()
+        for sub_id in sorted(touched):
+            sub = self.by_id[sub_id]
+            slot = self.slots.slots[sub_id]
+            current = {ip_network(p) for p in held.get(slot, [])}
+            keep = [p for p in sub.prefixes if ip_network(p) in current]
+            if len(keep) < len(current):
+                if keep:
+                    flags = self.control.enforced(sub).flags
+                    self.datapath.provision(slot, keep, *classids_for_slot(slot), flags)
+                else:
+                    self.datapath.unprovision(slot)
         for sub_id in sorted(touched):
             self._provision(self.by_id[sub_id])
         self.slots.save()
@@ -229,7 +248,7 @@ class Gateway:
         for sub_id in change.removed:
             self.control.forget(sub_id)
         touched = set(change.added) | set(change.readdressed)
-        self._shape_and_provision(touched, freed)
+        self._shape_and_provision(touched, freed.values())
         log.info(
             "reload: %s (added %s, removed %s)", change.summary(), change.added, change.removed
         )

@@ -271,3 +271,34 @@ def test_control_endpoint_rejects_strangers_and_malformed_requests(
     finally:
         svc.kill(signal.SIGTERM)
         svc.stop_detach()
+
+
+def test_addresses_swap_between_subscribers_on_reload(lab3: Village, tmp_path: Path) -> None:
+    svc = Service(lab3, tmp_path)
+    host1, host2 = lab3.subscribers[0], lab3.subscribers[1]
+    svc.write_subscribers([row(lab3, 1), row(lab3, 2), row(lab3, 3)])
+    svc.start()
+    try:
+        # s1 and s2 swap addresses in one reload (each prefix changes hands), s3 leaves.
+        swapped = [
+            f"s1,Sub 1,{host2.ipv4} {host2.ipv6},1mbit,3mbit,256kbit,1mbit,",
+            f"s2,Sub 2,{host1.ipv4} {host1.ipv6},1mbit,10mbit,256kbit,2mbit,",
+        ]
+        svc.write_subscribers(swapped)
+        deadline = time.monotonic() + 10
+        while {s.id for s in svc.status().subscribers} != {"s1", "s2"}:
+            assert time.monotonic() < deadline, svc.log.read_text()
+            time.sleep(0.1)
+        before = {s.id: s for s in svc.status().subscribers}
+        lab3.reset_truth(host2)
+        netns_exec(lab3, host2.netns, ["ping", "-c", "5", "-i", "0.05", "-s", "700", INET_V4])
+        time.sleep(0.6)
+        after = {s.id: s for s in svc.status().subscribers}
+        truth = lab3.truth(host2)
+        assert after["s1"].up_total - before["s1"].up_total == truth.up_bytes
+        assert after["s1"].down_total - before["s1"].down_total == truth.down_bytes
+        assert after["s2"].down_total == before["s2"].down_total
+        assert "reload: +0 -1 ~2" in svc.log.read_text()
+    finally:
+        svc.kill(signal.SIGTERM)
+        svc.stop_detach()

@@ -1,0 +1,66 @@
+"""Latency under load and utilisation at satellite delay, with the real datapath and shaper."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.lab import Village
+from tests.vm import bloat
+from tests.vm.satlink import GEO, LEO, Gateway
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def leo_runs(sat_gateway: tuple[Village, Gateway]) -> dict[str, bloat.LatencyRun]:
+    v, gw = sat_gateway
+    runs = bloat.latency_under_load(v, gw, LEO)
+    for r in runs:
+        print(
+            f"LEO {r.leaf}: idle {r.idle_ms:.1f} ms, under load {r.loaded_ms:.1f} ms, "
+            f"downloader's own {r.busy_ms:.1f} ms, utilisation {r.utilisation:.2f}"
+        )
+    return {r.leaf: r for r in runs}
+
+
+@pytest.fixture(scope="module")
+def geo_runs(sat_gateway: tuple[Village, Gateway]) -> dict[str, bloat.ThroughputRun]:
+    v, gw = sat_gateway
+    runs = bloat.utilisation_at(v, gw, GEO)
+    for r in runs:
+        print(
+            f"GEO {r.setting} (target {r.target_us} us, interval {r.interval_us} us): "
+            f"utilisation {r.utilisation:.3f}, Jain {r.jain:.3f}, "
+            f"rates {[round(x / 1e6, 2) for x in r.rates_bps]} Mbit/s"
+        )
+    return {r.setting: r for r in runs}
+
+
+def test_every_leaf_kind_is_the_one_asked_for(leo_runs: dict[str, bloat.LatencyRun]) -> None:
+    assert {leaf: r.leaf_in_use for leaf, r in leo_runs.items()} == {
+        "fq_codel": "fq_codel",
+        "cake": "cake",
+        "pfifo": "pfifo",
+    }
+
+
+def test_fq_codel_keeps_the_idle_rtt_under_load(leo_runs: dict[str, bloat.LatencyRun]) -> None:
+    run = leo_runs["fq_codel"]
+    assert run.samples >= 10
+    assert run.inflation_ms <= 30.0
+
+
+def test_pfifo_leaves_bloat(leo_runs: dict[str, bloat.LatencyRun]) -> None:
+    assert leo_runs["pfifo"].busy_inflation_ms >= 100.0
+
+
+def test_fair_shares_at_geo_delay(geo_runs: dict[str, bloat.ThroughputRun]) -> None:
+    assert geo_runs["derived"].jain >= 0.95
+
+
+def test_rtt_derived_aqm_keeps_the_geo_link_busy(
+    geo_runs: dict[str, bloat.ThroughputRun],
+) -> None:
+    derived, default = geo_runs["derived"], geo_runs["default"]
+    assert derived.utilisation >= 0.85
+    assert derived.utilisation > default.utilisation

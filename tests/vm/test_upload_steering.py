@@ -1,0 +1,31 @@
+"""Upload steering on the stock kernel: the datapath redirects LAN ingress to the upload IFB,
+whose HTB tree shapes it, and the packets go on to the internet.
+
+This file sorts last on purpose: it re-attaches the shared gateway's datapath with
+steering on, which the latency tests before it leave off.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.lab import Village, in_netns
+from tests.vm.satlink import LEO, Gateway, emulate, ping_rtts_ms
+
+pytestmark = pytest.mark.vm
+
+
+def test_upload_goes_through_the_ifb_tree_and_on(sat_gateway: tuple[Village, Gateway]) -> None:
+    v, gw = sat_gateway
+    emulate(v, LEO)
+    gw.apply(gw.plan(LEO, "fq_codel", LEO.rtt_ms))
+    sub = v.subscribers[2]
+    gw.steer_upload = True
+    gw.start()
+    with in_netns(v.gw_ns):
+        before = gw.shaper.class_stats()["up"][sub.index].sent_packets
+    rtts = ping_rtts_ms(v, sub, 2.0)
+    with in_netns(v.gw_ns):
+        after = gw.shaper.class_stats()["up"][sub.index].sent_packets
+    assert len(rtts) >= 8, "pings through the upload IFB were lost"
+    assert after - before >= len(rtts)

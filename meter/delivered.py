@@ -42,8 +42,11 @@ U64 = npt.NDArray[np.uint64]
 class SentStats(Protocol):
     """What a class reports about what it sent (shaper.readback.ClassStats has it)."""
 
-    sent_bytes: int
-    sent_packets: int
+    @property
+    def sent_bytes(self) -> int: ...
+
+    @property
+    def sent_packets(self) -> int: ...
 
 
 class CounterSource(Protocol):

@@ -172,6 +172,8 @@ class MeterService:
         """Journal then publish one interval; returns its seq (StreamError if not journaled)."""
         state = {k: np.array(v, copy=True) for k, v in aggregator_state.items()}
         with self._lock:
+            if self._pub is None:
+                raise StreamError("the usage stream is closed: nothing was journaled")
             slots = interval.slots.astype(np.int64, copy=False)
             mask = slots < self._mapped.shape[0]
             mask[mask] = self._mapped[slots[mask]]

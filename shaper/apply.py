@@ -278,10 +278,11 @@ class Shaper:
             chunks = sock.dump(RTM_GETQDISC, 0)
         finally:
             sock.close()
+        per_device = leaf_stats(chunks, {indexes[d]: MAJORS[d] for d in DIRECTIONS})
         result: dict[str, dict[int, ClassStats]] = {}
-        for direction, index in indexes.items():
+        for direction in DIRECTIONS:
             by_slot: dict[int, ClassStats] = {}
-            for classid, stats in leaf_stats(chunks, index, MAJORS[direction]).items():
+            for classid, stats in per_device[indexes[direction]].items():
                 slot = slot_of_minor(classid & 0xFFFF)
                 if slot is not None:
                     by_slot[slot] = stats

@@ -44,6 +44,8 @@ NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
 NLM_F_DUMP_INTR = 0x10
 NLMSGERR_ATTR_MSG = 1
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
 
 TCA_KIND = 1
 TCA_OPTIONS = 2
@@ -236,7 +238,9 @@ class TcSocket:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         self._sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
-        for opt, force in ((socket.SO_SNDBUF, 32), (socket.SO_RCVBUF, 33)):
+        # A batch of 1024 requests and its error replies must fit the socket buffers;
+        # root may raise them past the sysctl limits (the FORCE variants).
+        for opt, force in ((socket.SO_SNDBUF, SO_SNDBUFFORCE), (socket.SO_RCVBUF, SO_RCVBUFFORCE)):
             try:
                 self._sock.setsockopt(socket.SOL_SOCKET, force, 4 << 20)
             except PermissionError:
@@ -263,10 +267,10 @@ class TcSocket:
         results: list[tuple[int, str]] = []
         for start in range(0, len(messages), self.BATCH):
             chunk = messages[start : start + self.BATCH]
-            first = self._seq + 1
             parts = []
             for msg in chunk:
                 parts.append(msg[:8] + U32.pack(self._next_seq()) + msg[12:])
+            first = U32.unpack_from(parts[0], 8)[0]
             last = parts[-1]
             flags = struct.unpack_from("=H", last, 6)[0] | NLM_F_ACK
             parts[-1] = last[:6] + struct.pack("=H", flags) + last[8:]

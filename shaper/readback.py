@@ -9,7 +9,7 @@ reported with its name and no options, which the diff treats as different.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pyroute2.netlink.rtnl import RTM_NEWQDISC, RTM_NEWTCLASS
@@ -18,6 +18,8 @@ from shaper.netlink import (
     HTB_GLOB,
     HTB_OPT,
     LEAF_ATTRS,
+    NLA_HDR,
+    NLMSG_HDR,
     TCA_HTB_CEIL64,
     TCA_HTB_INIT,
     TCA_HTB_PARMS,
@@ -163,25 +165,52 @@ def tree_from_dumps(
     return Tree(root=root, classes=classes, leaves=leaves)
 
 
-def leaf_stats(chunks: Sequence[bytes], ifindex: int, major: int) -> dict[int, ClassStats]:
-    """Statistics of every leaf qdisc under tree `major` of a device, keyed by parent class id."""
-    stats: dict[int, ClassStats] = {}
-    for data, start, end in iter_messages(chunks, RTM_NEWQDISC):
-        _, index, _, parent, _ = TCMSG.unpack_from(data, start)
-        if index != ifindex or parent >> 16 != major or parent == TC_H_ROOT:
-            continue
-        sent_bytes = sent_packets = 0
-        queue = (0, 0, 0, 0, 0)
-        for akind, begin, stop in iter_attrs(data, start + TCMSG.size, end):
-            if akind != TCA_STATS2:
-                continue
-            for skind, sbegin, _ in iter_attrs(data, begin, stop):
+def leaf_stats(chunks: Sequence[bytes], trees: dict[int, int]) -> dict[int, dict[int, ClassStats]]:
+    """Statistics of the leaf qdiscs of several trees, from one qdisc dump.
+
+    `trees` maps a device's ifindex to the major of its tree; the result maps
+    that ifindex to {parent class id: stats}. One pass with the attribute walk
+    written out: at 10,000 subscribers the dump holds 20,000 leaves.
+    """
+    stats: dict[int, dict[int, ClassStats]] = {index: {} for index in trees}
+    unpack_hdr, unpack_tc, unpack_nla = (
+        NLMSG_HDR.unpack_from,
+        TCMSG.unpack_from,
+        NLA_HDR.unpack_from,
+    )
+    for data in chunks:
+        offset, size = 0, len(data)
+        while offset + NLMSG_HDR.size <= size:
+            length, msg_type, _, _, _ = unpack_hdr(data, offset)
+            if length < NLMSG_HDR.size:
+                break
+            if msg_type == RTM_NEWQDISC:
+                _, index, _, parent, _ = unpack_tc(data, offset + NLMSG_HDR.size)
+                major = trees.get(index)
+                if major is not None and parent >> 16 == major and parent != TC_H_ROOT:
+                    stats[index][parent] = _stats2(data, offset + 36, offset + length, unpack_nla)
+            offset += (length + 3) & ~3
+    return stats
+
+
+def _stats2(
+    data: bytes, pos: int, end: int, unpack_nla: Callable[..., tuple[int, int]]
+) -> ClassStats:
+    while pos + 4 <= end:
+        alen, atype = unpack_nla(data, pos)
+        if alen < 4:
+            break
+        if atype & 0x3FFF == TCA_STATS2:
+            sent_bytes = sent_packets = 0
+            queue = (0, 0, 0, 0, 0)
+            for skind, sbegin, _ in iter_attrs(data, pos + 4, pos + alen):
                 if skind == TCA_STATS_BASIC:
                     sent_bytes, sent_packets = BASIC.unpack_from(data, sbegin)
                 elif skind == TCA_STATS_QUEUE:
                     queue = QUEUE.unpack_from(data, sbegin)
                 elif skind == TCA_STATS_PKT64:
                     sent_packets = U64.unpack_from(data, sbegin)[0]
-        qlen, backlog, drops, _, overlimits = queue
-        stats[parent] = ClassStats(sent_bytes, sent_packets, drops, overlimits, backlog, qlen)
-    return stats
+            qlen, backlog, drops, _, overlimits = queue
+            return ClassStats(sent_bytes, sent_packets, drops, overlimits, backlog, qlen)
+        pos += (alen + 3) & ~3
+    return ClassStats(0, 0, 0, 0, 0, 0)

@@ -104,7 +104,10 @@ def test_missing_or_foreign_root_rebuilds_the_tree() -> None:
 
 def test_stats_of_every_subscriber_leaf() -> None:
     chunks = [(DATA / "pfifo3_qdiscs.bin").read_bytes()]
-    stats = leaf_stats(chunks, META["ifindex"]["down"], 1)
+    down, up = META["ifindex"]["down"], META["ifindex"]["up"]
+    both = leaf_stats(chunks, {down: 1, up: 2})
+    assert set(both[up]) == {classids_for_slot(s.slot)[1] for s in SUBS} | {0x2000F}
+    stats = both[down]
     assert {classids_for_slot(s.slot)[0] for s in SUBS} <= set(stats)
     assert all(s.sent_bytes == 0 and s.backlog_packets == 0 for s in stats.values())
 

@@ -32,7 +32,7 @@ from shaper.diff import Operation, diff
 from shaper.leaf import choose_leaf
 from shaper.netlink import TcSocket, encode_root_delete, encode_root_probe
 from shaper.plan import DIRECTIONS, Plan
-from shaper.readback import ClassStats, leaf_stats, tree_from_dumps
+from shaper.readback import ClassStats, leaf_stats, parse_qdiscs_of, tree_from_parts
 from shaper.tree import DOWN_MAJOR, UP_MAJOR, Tree, make_handle, slot_of_minor
 
 log = logging.getLogger("desanet.shaper")
@@ -160,9 +160,9 @@ class Shaper:
         return {d: t.copy() for d, t in trees.items()}
 
     def _read(self, sock: TcSocket, indexes: dict[str, int]) -> dict[str, Tree]:
-        qdiscs = sock.dump(RTM_GETQDISC, 0)
+        views = parse_qdiscs_of(sock.dump(RTM_GETQDISC, 0), indexes.values())
         return {
-            d: tree_from_dumps(sock.dump(RTM_GETTCLASS, index), qdiscs, index)
+            d: tree_from_parts(sock.dump(RTM_GETTCLASS, index), views[index])
             for d, index in indexes.items()
         }
 

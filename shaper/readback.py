@@ -9,7 +9,7 @@ reported with its name and no options, which the diff treats as different.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from pyroute2.netlink.rtnl import RTM_NEWQDISC, RTM_NEWTCLASS
@@ -82,6 +82,7 @@ def parse_classes(chunks: Sequence[bytes]) -> dict[int, HtbClass]:
                         rate64 = U64.unpack_from(data, obegin)[0]
                     elif okind == TCA_HTB_CEIL64:
                         ceil64 = U64.unpack_from(data, obegin)[0]
+                break  # statistics follow; the tree needs none of them
         if not is_htb or parms is None:
             continue
         if parent == TC_H_ROOT:
@@ -99,33 +100,42 @@ def parse_classes(chunks: Sequence[bytes]) -> dict[int, HtbClass]:
     return classes
 
 
+# Attribute type -> (option name, decoder) per leaf kind, the inverse of LEAF_ATTRS.
+_BY_TYPE = {
+    kind: {
+        attr_type: (name, U64 if width == 8 else U32) for name, (attr_type, width) in table.items()
+    }
+    for kind, table in LEAF_ATTRS.items()
+}
+
+QdiscView = tuple[HtbRoot | None, str | None, dict[int, LeafQdisc]]
+
+
 def _leaf_options(kind: str, data: bytes, begin: int, stop: int) -> tuple[tuple[str, int], ...]:
     if kind == "pfifo":
         return (("limit", U32.unpack_from(data, begin)[0]),) if stop - begin >= 4 else ()
-    table = LEAF_ATTRS.get(kind)
-    if table is None:
+    by_type = _BY_TYPE.get(kind)
+    if by_type is None:
         return ()
-    by_type = {attr_type: (name, width) for name, (attr_type, width) in table.items()}
     options = []
     for okind, obegin, ostop in iter_attrs(data, begin, stop):
-        if okind in by_type:
-            name, width = by_type[okind]
-            if ostop - obegin >= width:
-                codec = U64 if width == 8 else U32
-                options.append((name, codec.unpack_from(data, obegin)[0]))
+        known = by_type.get(okind)
+        if known is not None and ostop - obegin >= known[1].size:
+            options.append((known[0], known[1].unpack_from(data, obegin)[0]))
     return tuple(options)
 
 
-def parse_qdiscs(
-    chunks: Sequence[bytes], ifindex: int
-) -> tuple[HtbRoot | None, str | None, dict[int, LeafQdisc]]:
-    """(our HTB root, the foreign root's kind, leaf qdiscs by parent) of one device."""
-    root: HtbRoot | None = None
-    foreign: str | None = None
-    leaves: dict[int, LeafQdisc] = {}
+def parse_qdiscs_of(chunks: Sequence[bytes], ifindexes: Collection[int]) -> dict[int, QdiscView]:
+    """For each device: (our HTB root, the foreign root's kind, leaf qdiscs by parent).
+
+    One pass over a qdisc dump of every device; leaves with identical settings
+    (subscribers on the same plan tier) are decoded once.
+    """
+    views: dict[int, QdiscView] = {index: (None, None, {}) for index in ifindexes}
+    decoded: dict[tuple[str, bytes], tuple[tuple[str, int], ...]] = {}
     for data, start, end in iter_messages(chunks, RTM_NEWQDISC):
         _, index, handle, parent, _ = TCMSG.unpack_from(data, start)
-        if index != ifindex:
+        if index not in views:
             continue
         kind = ""
         options: tuple[tuple[str, int], ...] = ()
@@ -139,22 +149,32 @@ def parse_qdiscs(
                         if okind == TCA_HTB_INIT:
                             init = HTB_GLOB.unpack_from(data, obegin)
                 else:
-                    options = _leaf_options(kind, data, begin, stop)
+                    key = (kind, data[begin:stop])
+                    cached = decoded.get(key)
+                    if cached is None:
+                        cached = decoded[key] = _leaf_options(kind, data, begin, stop)
+                    options = cached
+                break  # statistics follow; the tree needs none of them
+        root, foreign, leaves = views[index]
         if parent == TC_H_ROOT:
             if kind == "htb" and init is not None:
                 root = HtbRoot(handle=handle, default_minor=init[2], r2q=init[1])
             elif kind != "noqueue" or handle != 0:
                 foreign = f"{kind} {handle >> 16:x}:"
+            views[index] = (root, foreign, leaves)
         elif major_of(parent) not in (0, 0xFFFF):
             leaves[parent] = LeafQdisc(handle, parent, kind, options)
-    return root, foreign, leaves
+    return views
 
 
-def tree_from_dumps(
-    class_chunks: Sequence[bytes], qdisc_chunks: Sequence[bytes], ifindex: int
-) -> Tree:
-    """The actual tree of a device from its class dump and a qdisc dump."""
-    root, foreign, leaves = parse_qdiscs(qdisc_chunks, ifindex)
+def parse_qdiscs(chunks: Sequence[bytes], ifindex: int) -> QdiscView:
+    """(our HTB root, the foreign root's kind, leaf qdiscs by parent) of one device."""
+    return parse_qdiscs_of(chunks, (ifindex,))[ifindex]
+
+
+def tree_from_parts(class_chunks: Sequence[bytes], view: QdiscView) -> Tree:
+    """The actual tree of a device from its class dump and its parsed qdiscs."""
+    root, foreign, leaves = view
     if root is None:
         return Tree(root=None, foreign_root=foreign)
     major = major_of(root.handle)
@@ -163,6 +183,13 @@ def tree_from_dumps(
     }
     leaves = {parent: leaf for parent, leaf in leaves.items() if parent in classes}
     return Tree(root=root, classes=classes, leaves=leaves)
+
+
+def tree_from_dumps(
+    class_chunks: Sequence[bytes], qdisc_chunks: Sequence[bytes], ifindex: int
+) -> Tree:
+    """The actual tree of a device from its class dump and a qdisc dump."""
+    return tree_from_parts(class_chunks, parse_qdiscs(qdisc_chunks, ifindex))
 
 
 def leaf_stats(chunks: Sequence[bytes], trees: dict[int, int]) -> dict[int, dict[int, ClassStats]]:

@@ -171,7 +171,9 @@ class Shaper:
 
         The leaf kind falls back when the kernel lacks the planned one (one
         warning, also in the result). `full_read_back` diffs against a fresh
-        read-back instead of the trees this shaper last wrote.
+        read-back instead of the trees this shaper last wrote; when the kernel
+        refuses a change computed from those, the shaper reads back and tries once
+        more by itself.
         """
         kind, warning = choose_leaf(plan.leaf, available_leaves())
         if kind != plan.leaf_in_plan():
@@ -179,7 +181,33 @@ class Shaper:
         if warning and warning not in _warned:
             _warned.add(warning)
             log.warning("%s", warning)
-        fresh = self._known is None or full_read_back
+        cached = self._known is not None and not full_read_back and _is_up(self.upload_ifb)
+        try:
+            counts = self._apply_trees(plan, fresh=not cached)
+        except ShaperError as err:
+            if not cached:
+                raise
+            # The kernel refused a change computed against the trees this shaper last
+            # wrote (and the trees were put back): someone changed them behind its back.
+            # Read them back and try once more.
+            log.warning("%s; trying again against a fresh read-back", err)
+            counts = self._apply_trees(plan, fresh=True)
+        self._known = {d: plan.tree(d) for d in DIRECTIONS}
+        self._known_plan = plan
+        # The history is no longer needed: cutting it lets older plans be freed.
+        plan.base = None
+        plan.touched = set()
+        self.leaf_in_use = kind
+        self.warnings = [warning] if warning else []
+        return ApplyResult(
+            operations=sum(counts.values()),
+            leaf_in_use=kind,
+            warnings=list(self.warnings),
+            plan=plan,
+            per_direction=counts,
+        )
+
+    def _apply_trees(self, plan: Plan, fresh: bool) -> dict[str, int]:
         if fresh:
             _ifindex(self.lan, "LAN")  # before creating an IFB for a LAN that is not there
             self.ensure_ifb()
@@ -197,20 +225,7 @@ class Shaper:
                 counts[direction] = len(ops)
         finally:
             sock.close()
-        self._known = {d: plan.tree(d) for d in DIRECTIONS}
-        self._known_plan = plan
-        # The history is no longer needed: cutting it lets older plans be freed.
-        plan.base = None
-        plan.touched = set()
-        self.leaf_in_use = kind
-        self.warnings = [warning] if warning else []
-        return ApplyResult(
-            operations=sum(counts.values()),
-            leaf_in_use=kind,
-            warnings=list(self.warnings),
-            plan=plan,
-            per_direction=counts,
-        )
+        return counts
 
     def _touched_since_known(self, plan: Plan) -> set[int] | None:
         """Class ids changed between the plan last applied and `plan`, None if unrelated."""

@@ -166,8 +166,7 @@ def test_failure_midway_rolls_back_to_the_previous_tree(
     plan = build_plan(LINK, subs(4), leaf="pfifo")
     bigger = build_plan(LINK, subs(6), leaf="pfifo")
     with in_netns(lan_ns):
-        shaper = Shaper(LAN)
-        shaper.apply(plan)
+        Shaper(LAN).apply(plan)
         before = (tc_classes(lan_ns, LAN), tc_classes(lan_ns, upload_ifb_name(LAN)))
         real_diff = shaper_apply.diff
 
@@ -185,12 +184,29 @@ def test_failure_midway_rolls_back_to_the_previous_tree(
 
         monkeypatch.setattr(shaper_apply, "diff", failing_diff)
         with pytest.raises(ShaperError, match="rolled back") as err:
-            shaper.apply(bigger.with_subscriber(subs(7)[-1]))
+            # A new shaper reads the trees back: its failure is final, not retried.
+            Shaper(LAN).apply(bigger.with_subscriber(subs(7)[-1]))
         assert "up tree: add-class class 7:fff0" in str(err.value)
         assert calls[0] > 0  # the download tree had changed before the failure, and was undone
         assert (tc_classes(lan_ns, LAN), tc_classes(lan_ns, upload_ifb_name(LAN))) == before
         monkeypatch.setattr(shaper_apply, "diff", real_diff)
         assert Shaper(LAN).apply(plan).operations == 0
+        Shaper(LAN).remove()
+
+
+def test_a_tree_changed_behind_the_shapers_back_is_repaired(
+    lan_ns: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with in_netns(lan_ns):
+        shaper = Shaper(LAN)
+        applied = shaper.apply(build_plan(LINK, subs(4), leaf="pfifo")).plan
+        down3 = classids_for_slot(3)[0]
+        tc(lan_ns, "class", "del", "dev", LAN, "classid", f"1:{down3 & 0xFFFF:x}")
+        changed = SubscriberPlan("s3", 3, 2_000_000, 6_000_000, 504_000, 4_000_000)
+        result = shaper.apply(applied.with_subscriber(changed))
+        assert tc_classes(lan_ns, LAN)[down3][1:3] == (2_000_000, 6_000_000)
+        assert "trying again against a fresh read-back" in caplog.text
+        assert Shaper(LAN).apply(result.plan).operations == 0
         shaper.remove()
 
 

@@ -63,28 +63,47 @@ def _kind(data: bytes, begin: int, end: int) -> str:
     return data[begin:end].rstrip(b"\0").decode()
 
 
+# What an HTB class message holds after its tcmsg when rates fit 32 bits: the kind
+# "htb", then options with exactly one attribute, TCA_HTB_PARMS (checked, then read
+# at fixed offsets; anything else takes the attribute walk).
+_HTB_CLASS_PREFIX = struct.pack(
+    "=HH4sHHHH", 8, TCA_KIND, b"htb\0", 52, TCA_OPTIONS, 48, TCA_HTB_PARMS
+)
+_PARMS_AT = TCMSG.size + len(_HTB_CLASS_PREFIX)
+
+
+def _htb_parms(data: bytes, start: int, end: int) -> tuple[tuple[int, ...], int, int] | None:
+    """(tc_htb_opt fields, rate64, ceil64) of a class message body, None if it is not HTB."""
+    prefix_at = start + TCMSG.size
+    if data[prefix_at : prefix_at + len(_HTB_CLASS_PREFIX)] == _HTB_CLASS_PREFIX:
+        return HTB_OPT.unpack_from(data, start + _PARMS_AT), 0, 0
+    parms = None
+    rate64 = ceil64 = 0
+    is_htb = False
+    for kind, begin, stop in iter_attrs(data, prefix_at, end):
+        if kind == TCA_KIND:
+            is_htb = data[begin:stop] == b"htb\0"
+        elif kind == TCA_OPTIONS:
+            for okind, obegin, _ in iter_attrs(data, begin, stop):
+                if okind == TCA_HTB_PARMS:
+                    parms = HTB_OPT.unpack_from(data, obegin)
+                elif okind == TCA_HTB_RATE64:
+                    rate64 = U64.unpack_from(data, obegin)[0]
+                elif okind == TCA_HTB_CEIL64:
+                    ceil64 = U64.unpack_from(data, obegin)[0]
+            break  # statistics follow; the tree needs none of them
+    return (parms, rate64, ceil64) if is_htb and parms is not None else None
+
+
 def parse_classes(chunks: Sequence[bytes]) -> dict[int, HtbClass]:
     """Every HTB class of a class dump, keyed by class id; top classes get the qdisc as parent."""
     classes: dict[int, HtbClass] = {}
     for data, start, end in iter_messages(chunks, RTM_NEWTCLASS):
         _, _, classid, parent, _ = TCMSG.unpack_from(data, start)
-        parms = None
-        rate64 = ceil64 = 0
-        is_htb = False
-        for kind, begin, stop in iter_attrs(data, start + TCMSG.size, end):
-            if kind == TCA_KIND:
-                is_htb = data[begin:stop] == b"htb\0"
-            elif kind == TCA_OPTIONS:
-                for okind, obegin, _ in iter_attrs(data, begin, stop):
-                    if okind == TCA_HTB_PARMS:
-                        parms = HTB_OPT.unpack_from(data, obegin)
-                    elif okind == TCA_HTB_RATE64:
-                        rate64 = U64.unpack_from(data, obegin)[0]
-                    elif okind == TCA_HTB_CEIL64:
-                        ceil64 = U64.unpack_from(data, obegin)[0]
-                break  # statistics follow; the tree needs none of them
-        if not is_htb or parms is None:
+        found = _htb_parms(data, start, end)
+        if found is None:
             continue
+        parms, rate64, ceil64 = found
         if parent == TC_H_ROOT:
             parent = make_handle(major_of(classid), 0)
         classes[classid] = HtbClass(

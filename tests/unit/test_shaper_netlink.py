@@ -9,7 +9,7 @@ from pyroute2.netlink.rtnl.tcmsg import tcmsg
 from shaper import netlink
 from shaper.diff import Operation
 from shaper.plan import Link, SubscriberPlan, build_plan, classids_for_slot
-from shaper.readback import parse_qdiscs
+from shaper.readback import parse_classes, parse_qdiscs
 from shaper.tree import TC_H_ROOT
 
 pytestmark = pytest.mark.unit
@@ -81,3 +81,30 @@ def test_changing_an_fq_codel_leaf_leaves_its_flow_count_alone() -> None:
 
 def test_iter_attrs_stops_on_malformed_lengths() -> None:
     assert list(netlink.iter_attrs(b"\x02\x00\x01\x00" + b"\0" * 8, 0, 12)) == []
+
+
+def test_classes_above_32_bit_rates_read_back() -> None:
+    # Another tool's 40 Gbit/s class: rates in TCA_HTB_RATE64/CEIL64, off the fixed layout.
+    msg = tcmsg()
+    msg["header"]["type"] = RTM_NEWTCLASS
+    msg["index"], msg["handle"], msg["parent"] = 3, 0x10020, TC_H_ROOT
+    parms = {"rate": 0xFFFFFFFF, "ceil": 0xFFFFFFFF, "buffer": 100, "cbuffer": 200, "prio": 3}
+    msg["attrs"] = [
+        ["TCA_KIND", "htb"],
+        [
+            "TCA_OPTIONS",
+            {
+                "attrs": [
+                    ["TCA_HTB_PARMS", {**parms, "quantum": 200_000}],
+                    ["TCA_HTB_RATE64", 5_000_000_000],
+                    ["TCA_HTB_CEIL64", 6_000_000_000],
+                ]
+            },
+        ],
+    ]
+    msg.encode()
+    (cls,) = parse_classes([bytes(msg.data)]).values()
+    assert (cls.parent, cls.rate_bytes_ps, cls.ceil_bytes_ps) == (0x10000, 5_000_000_000, 6 * 10**9)
+    assert (cls.buffer_ticks, cls.cbuffer_ticks, cls.prio) == (100, 200, 3)
+    ours = netlink.encode_class_add(3, PLAN.down.classes[DOWN7])
+    assert parse_classes([ours])[DOWN7] == PLAN.down.classes[DOWN7]  # the fixed layout

@@ -28,7 +28,15 @@ def test_leaves_are_applied_and_read_back(sat_gateway: tuple[Village, Gateway], 
     # understood every leaf of this kind, options included.
     for direction in ("down", "up"):
         ops = diff(result.plan.tree(direction), actual[direction])
-        assert [op.describe() for op in ops] == []
+        # On a mismatch, show what was wanted next to what the kernel reported.
+        assert [
+            (
+                op.describe(),
+                op.subject,
+                actual[direction].classes.get(getattr(op.subject, "classid", -1)),
+            )
+            for op in ops
+        ] == []
         wanted = result.plan.tree(direction).leaves
         got = actual[direction].leaves
         assert set(got) == set(wanted)

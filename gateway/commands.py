@@ -73,27 +73,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _running_pid(state_dir: Path) -> int | None:
-    from gateway.service import PID_FILE
-
-    try:
-        pid = int((state_dir / PID_FILE).read_text())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
-
-
 def cmd_stop(args: argparse.Namespace) -> int:
     """SIGTERM the service and wait; with --detach remove what desanet put in the kernel."""
+    from gateway.service import running_pid
+
     config = load_config(args.config)
-    pid = _running_pid(config.state_dir)
+    pid = running_pid(config.state_dir)
     if pid is not None:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
-        while _running_pid(config.state_dir) == pid and time.monotonic() < deadline:
+        while running_pid(config.state_dir) == pid and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _running_pid(config.state_dir) == pid:
+        if running_pid(config.state_dir) == pid:
             raise DesanetError(f"the service (pid {pid}) did not stop within 30 s")
         print(f"stopped the service (pid {pid})")
     if args.detach:

@@ -47,6 +47,17 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def running_pid(state_dir: Path) -> int | None:
+    """The pid of the service running on `state_dir`, if one is alive."""
+    try:
+        pid = int((state_dir / PID_FILE).read_text())
+        # A stale file after a crash may name a pid reused by an unrelated process.
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"desanet" in cmdline or b"gateway.cli" in cmdline else None
+
+
 def server_security(config: Config) -> ServerSecurity:
     """The CURVE keys of the usage, replay and control endpoints (or plaintext on loopback)."""
     pub = config.publish
@@ -120,21 +131,28 @@ class Gateway:
         """Shape, attach, provision, then open the stream, the control endpoint and metrics."""
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        other = running_pid(cfg.state_dir)
+        if other is not None:
+            raise DesanetError(
+                f"another `desanet run` (pid {other}) uses {cfg.state_dir}; stop it first"
+            )
         (cfg.state_dir / PID_FILE).write_text(f"{os.getpid()}\n")
         self.control.open()
         for sub_id in [i for i in self.control.subs if i not in self.by_id]:
             self.control.forget(sub_id)  # removed from the file while the service was down
-        ifb = upload_ifb_name(cfg.lan)
-        self.shaper = Shaper(cfg.lan, ifb)
-        self.shaper.ensure_ifb()
-        self.datapath = Datapath(cfg.lan, cfg.gateway_id, capacity=cfg.capacity, upload_ifb=ifb)
-        self.datapath.attach()
+        # Endpoints first: a port already taken is refused before the kernel is touched.
         self.meter = MeterService(
             cfg.gateway_id,
             cfg.state_dir,
             StreamConfig(cfg.publish.usage, cfg.publish.replay, self.security),
             self._slot_ids(),
         )
+        self.endpoint = ControlEndpoint(cfg.control.endpoint, self.security)
+        ifb = upload_ifb_name(cfg.lan)
+        self.shaper = Shaper(cfg.lan, ifb)
+        self.shaper.ensure_ifb()
+        self.datapath = Datapath(cfg.lan, cfg.gateway_id, capacity=cfg.capacity, upload_ifb=ifb)
+        self.datapath.attach()
         self.aggregator = load_backend().Aggregator(cfg.capacity + 1)
         # Billed bytes are what left each subscriber's class, not what entered the queue.
         # cast: ClassStats is frozen, the SentStats protocol declares plain attributes.
@@ -152,7 +170,6 @@ class Gateway:
         # Slots the kernel still steers but no subscriber holds (removed while we were down).
         stale = set(self.datapath.prefixes()) - set(self.slots.slots.values())
         self._shape_and_provision(set(self.by_id), sorted(stale))
-        self.endpoint = ControlEndpoint(cfg.control.endpoint, self.security)
         if cfg.metrics_listen is not None:
             serve(self.collector, *cfg.metrics_listen)
         log.info(

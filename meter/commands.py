@@ -105,10 +105,14 @@ def _print_message(msg: UsageMessage, as_json: bool) -> None:
         }
         if msg.snapshot:
             body["snapshot"] = True
+        if msg.events:
+            body["ev"] = [e._asdict() for e in msg.events]
         print(json.dumps(body), flush=True)
         return
     kind = " snapshot" if msg.snapshot else ""
     print(f"{msg.gw} seq {msg.seq}{kind} [{msg.t0}, {msg.t1}) {len(msg)} subscribers", flush=True)
+    for event in msg.events:
+        print(f"  event {event.sub}: {event.kind}: {event.detail}", flush=True)
     for rec in msg.records():
         print(
             f"  {rec.sub}: up {rec.up} B ({rec.up_pkts} pkts), down {rec.down} B "

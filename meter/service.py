@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,8 +168,16 @@ class MeterService:
         self._totals.update(zip(msg.sub, pairs, strict=True))
         self._t1 = max(self._t1, msg.t1)
 
-    def publish(self, interval: UsageInterval, aggregator_state: Mapping[str, Any]) -> int:
-        """Journal then publish one interval; returns its seq (StreamError if not journaled)."""
+    def publish(
+        self,
+        interval: UsageInterval,
+        aggregator_state: Mapping[str, Any],
+        events: Sequence[wire.UsageEvent] = (),
+    ) -> int:
+        """Journal then publish one interval and the events it saw; returns its seq.
+
+        Raises StreamError if the message could not be journaled (nothing was sent).
+        """
         state = {k: np.array(v, copy=True) for k, v in aggregator_state.items()}
         with self._lock:
             if self._pub is None:
@@ -186,7 +194,13 @@ class MeterService:
             columns = {name: getattr(interval, name)[mask].tolist() for name in wire.COLUMNS}
             seq = self._seq + 1
             message = wire.encode_usage(
-                self.gateway_id, seq, interval.t0_ms, interval.t1_ms, sub_list, columns
+                self.gateway_id,
+                seq,
+                interval.t0_ms,
+                interval.t1_ms,
+                sub_list,
+                columns,
+                events=events,
             )
             self.journal.append(seq, message, encode_state_change(self._state, state))
             self._seq, self._state = seq, state

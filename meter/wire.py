@@ -56,6 +56,33 @@ class UsageRecord(NamedTuple):
     down_total: int
 
 
+class UsageEvent(NamedTuple):
+    """Something the gateway did to a subscriber by itself or on request (key `ev`).
+
+    `kind` is one of EVENT_KINDS (clients must accept kinds they do not know);
+    `detail` is a human-readable sentence; `t` is Unix milliseconds, UTC.
+    """
+
+    t: int
+    sub: str
+    kind: str
+    detail: str
+
+
+# "throttled": quota passed, fair-use plan applied; "period": a new quota month began;
+# the rest echo the control request that caused them.
+EVENT_KINDS = (
+    "throttled",
+    "period",
+    "plan",
+    "plan_reset",
+    "suspend",
+    "resume",
+    "quota",
+    "quota_reset",
+)
+
+
 @dataclass(frozen=True)
 class UsageMessage:
     """A decoded v1 usage message: parallel columns over the subscribers in `sub`."""
@@ -72,6 +99,7 @@ class UsageMessage:
     up_total: list[int]
     down_total: list[int]
     snapshot: bool = False
+    events: tuple[UsageEvent, ...] = ()
 
     def __len__(self) -> int:
         return len(self.sub)
@@ -102,6 +130,7 @@ def encode_usage(
     sub: Sequence[str],
     columns: Mapping[str, Sequence[int]],
     snapshot: bool = False,
+    events: Sequence[UsageEvent] = (),
 ) -> bytes:
     """The msgpack body of one v1 usage message (columns are plain int lists)."""
     body: dict[str, Any] = {"v": VERSION, "gw": gw, "seq": seq, "t0": t0, "t1": t1, "sub": sub}
@@ -109,6 +138,8 @@ def encode_usage(
         body[name] = columns[name]
     if snapshot:
         body["snapshot"] = True
+    if events:
+        body["ev"] = [{"t": e.t, "sub": e.sub, "kind": e.kind, "detail": e.detail} for e in events]
     return msgpack.packb(body)
 
 
@@ -145,7 +176,24 @@ def decode_usage(data: bytes) -> UsageMessage:
         up_total=body["up_total"],
         down_total=body["down_total"],
         snapshot=bool(body.get("snapshot", False)),
+        events=_decode_events(body.get("ev", [])),
     )
+
+
+def _decode_events(raw: object) -> tuple[UsageEvent, ...]:
+    if not isinstance(raw, list):
+        raise StreamError("usage message: ev is not a list")
+    events = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise StreamError("usage message: an ev entry is not a map")
+        t, sub, kind, detail = (item.get(k) for k in ("t", "sub", "kind", "detail"))
+        if not isinstance(t, int) or isinstance(t, bool):
+            raise StreamError("usage message: an ev entry's t is not an integer")
+        if not (isinstance(sub, str) and isinstance(kind, str) and isinstance(detail, str)):
+            raise StreamError("usage message: an ev entry's sub, kind or detail is not a string")
+        events.append(UsageEvent(t, sub, kind, detail))
+    return tuple(events)
 
 
 @dataclass(frozen=True)

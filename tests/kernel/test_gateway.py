@@ -265,6 +265,13 @@ def test_control_endpoint_rejects_strangers_and_malformed_requests(
         while svc.status().subscribers[1].state != "fair-use":
             assert time.monotonic() < deadline, "quota throttle not applied"
             time.sleep(0.1)
+        time.sleep(0.5)  # the interval after the change carries its events
+        with (
+            in_netns(lab3.gw_ns),
+            UsageClient("tcp://127.0.0.1:7570", "tcp://127.0.0.1:7571", security=billing) as client,
+        ):
+            events = [(e.sub, e.kind) for m in client.messages(1, follow=False) for e in m.events]
+        assert ("s2", "quota") in events and ("s2", "throttled") in events
         assert svc.proc is not None and svc.proc.poll() is None
         with in_netns(lab3.gw_ns), urllib.request.urlopen("http://127.0.0.1:9570/metrics") as r:
             metrics = r.read().decode()

@@ -391,3 +391,20 @@ def test_cli_usage_with_curve_keys(tmp_path: Path, capsys: pytest.CaptureFixture
         assert "no answer from the replay endpoint" in capsys.readouterr().err
     finally:
         gen.close()
+
+
+def test_events_round_trip_and_malformed_events_are_named() -> None:
+    columns = {name: [] for name in wire.COLUMNS}
+    event = wire.UsageEvent(1_700_000_000_000, "s5", "throttled", "quota passed")
+    msg = wire.decode_usage(wire.encode_usage("gw", 7, 1, 2, [], columns, events=[event]))
+    assert msg.events == (event,)
+    assert wire.decode_usage(wire.encode_usage("gw", 8, 1, 2, [], columns)).events == ()
+    body = msgpack.unpackb(wire.encode_usage("gw", 9, 1, 2, [], columns))
+    for bad, message in (
+        ("nope", "ev is not a list"),
+        ([7], "not a map"),
+        ([{"t": "x", "sub": "s", "kind": "k", "detail": ""}], "t is not an integer"),
+        ([{"t": 1, "sub": 3, "kind": "k", "detail": ""}], "not a string"),
+    ):
+        with pytest.raises(StreamError, match=message):
+            wire.decode_usage(msgpack.packb(body | {"ev": bad}))

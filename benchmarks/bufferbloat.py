@@ -33,7 +33,7 @@ COLUMNS = ["link", "case", "idle_ms", "loaded_ms", "inflation_ms", "own_ms", "ut
 def _durations(quick: bool) -> dict[str, float]:
     if quick:
         return {"idle_s": 1.5, "warmup_s": 2.0, "load_s": 3.0, "geo_warmup_s": 5.0, "window_s": 4.0}
-    return {"idle_s": 5.0, "warmup_s": 4.0, "load_s": 12.0, "geo_warmup_s": 10.0, "window_s": 30.0}
+    return {"idle_s": 5.0, "warmup_s": 4.0, "load_s": 12.0, "geo_warmup_s": 10.0, "window_s": 40.0}
 
 
 def measure(report: Report) -> None:

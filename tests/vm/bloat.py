@@ -136,7 +136,8 @@ def utilisation_at(
     settings: tuple[str, ...] = ("derived", "default"),
     *,
     warmup_s: float = 8.0,
-    window_s: float = 12.0,
+    window_s: float = 20.0,
+    streams: int = 4,
 ) -> list[ThroughputRun]:
     """Every subscriber downloads; delivered rates with derived vs default AQM times."""
     satlink.emulate(v, link)
@@ -146,7 +147,7 @@ def utilisation_at(
         rtt_ms = link.rtt_ms if setting == "derived" else DEFAULT_AQM_RTT_MS
         applied = gw.apply(gw.plan(link, "fq_codel", rtt_ms))
         target, interval = _codel_times(applied.plan, slots[0])
-        procs = satlink.start_downloads(v, v.subscribers, warmup_s + window_s + 2)
+        procs = satlink.start_downloads(v, v.subscribers, warmup_s + window_s + 2, streams)
         time.sleep(warmup_s)
         rates = _window_rates(gw, slots, window_s)
         satlink.finish(procs)

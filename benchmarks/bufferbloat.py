@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from benchmarks.common import Report, parse_args
@@ -104,9 +105,8 @@ def _on_host(args: argparse.Namespace) -> int:
     ]
     if args.quick:
         argv.append("--quick")
-    share = Path(os.environ.get("TMPDIR", "/tmp")) / f"desanet-bufferbloat-{os.getpid()}"
-    share.mkdir(parents=True, exist_ok=True)
-    try:
+    with tempfile.TemporaryDirectory(prefix="desanet-bufferbloat-") as tmp:
+        share = Path(tmp)
         run = run_in_vm(argv, timeout_s=600 if args.quick else 1200, share=share)
         produced = share / GUEST_REPORT
         if not run.finished or run.exit_code != 0 or not produced.exists():
@@ -117,16 +117,13 @@ def _on_host(args: argparse.Namespace) -> int:
             )
             return 1
         doc = json.loads(produced.read_text())
-        doc["notes"].append(f"measured inside a VM on Linux {run.guest_kernel} ({run.accel})")
-        print(f"note: measured inside a VM on Linux {run.guest_kernel} ({run.accel})")
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(doc, indent=2) + "\n")
-        return 0
-    finally:
-        for item in share.iterdir():
-            item.unlink()
-        share.rmdir()
+    where = f"measured inside a VM on Linux {run.guest_kernel} ({run.accel})"
+    doc["notes"].append(where)
+    print(f"note: {where}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
 
 
 def main() -> int:

@@ -154,7 +154,7 @@ def run_in_vm(
     """
     kernel, _release = stock_kernel()
     accel = choose_accel(kernel)
-    _qemu()
+    _qemu()  # vng runs it: fail here with the package to install, not in vng's words
     with contextlib.ExitStack() as stack:
         if share is None:
             share = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="desanet-vm-")))

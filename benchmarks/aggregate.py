@@ -1,7 +1,7 @@
 """One full counter poll (read, sum over CPUs, deltas, rollup) at 1,000 / 65,536 / 1,000,000 slots.
 
 desanet's path: the CPUs summed inside the kernel into a memory-mapped array
-(cython_ext/bpf_sum.py), then the Cython core for deltas and rollup; also
+(ebpf/percpu_sum.py), then the Cython core for deltas and rollup; also
 measured, its BPF_MAP_LOOKUP_BATCH reader. Peers, measured in the same run in
 alternating order on the same per-CPU map of struct desanet_counters: BCC
 `items()` with Python sums (the naive path), BCC `items_lookup_batch()` with

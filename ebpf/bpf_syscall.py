@@ -2,7 +2,7 @@
 
 BCC covers compiling and map access; this module adds what it lacks: opening
 a pinned map by path, asking a map its shape, and BPF_PROG_TEST_RUN. Every
-failing call becomes a `DatapathError` in `_bpf()`, the one place errno is read.
+failing call becomes a `DatapathError` in `bpf()`, the one place errno is read.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from gateway.errors import DatapathError
 
 SYS_BPF = 321  # x86_64
-BPF_PROG_TEST_RUN = 10
+BPF_MAP_CREATE = 0
+BPF_PROG_LOAD = 5
 BPF_OBJ_GET = 7
+BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_BTF_LOAD = 18
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -64,7 +67,56 @@ class SkBuff(ctypes.Structure):
     ]
 
 
-class _TestRunAttr(ctypes.Structure):
+class MapCreateAttr(ctypes.Structure):
+    """bpf_attr for BPF_MAP_CREATE (the leading fields desanet sets)."""
+
+    _fields_ = [
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+    ]
+
+
+class BtfLoadAttr(ctypes.Structure):
+    """bpf_attr for BPF_BTF_LOAD."""
+
+    _fields_ = [
+        ("btf", ctypes.c_uint64),
+        ("btf_log_buf", ctypes.c_uint64),
+        ("btf_size", ctypes.c_uint32),
+        ("btf_log_size", ctypes.c_uint32),
+        ("btf_log_level", ctypes.c_uint32),
+    ]
+
+
+class ProgLoadAttr(ctypes.Structure):
+    """bpf_attr for BPF_PROG_LOAD (up to the function info desanet passes)."""
+
+    _fields_ = [
+        ("prog_type", ctypes.c_uint32),
+        ("insn_cnt", ctypes.c_uint32),
+        ("insns", ctypes.c_uint64),
+        ("license", ctypes.c_uint64),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_uint64),
+        ("kern_version", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_name", ctypes.c_char * 16),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("expected_attach_type", ctypes.c_uint32),
+        ("prog_btf_fd", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("func_info_cnt", ctypes.c_uint32),
+    ]
+
+
+class TestRunAttr(ctypes.Structure):
+    """bpf_attr for BPF_PROG_TEST_RUN."""
+
     _fields_ = [
         ("prog_fd", ctypes.c_uint32),
         ("retval", ctypes.c_uint32),
@@ -122,8 +174,14 @@ class _MapInfo(ctypes.Structure):
     ]
 
 
-def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
-    result = _libc.syscall(SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+def bpf_raw(cmd: int, attr: ctypes.Structure) -> int:
+    """bpf(2) as is: the result, negative on failure (for retries that only collect a log)."""
+    return int(_libc.syscall(SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
+
+
+def bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
+    """bpf(2); a failure becomes a DatapathError saying `what` failed and why."""
+    result = bpf_raw(cmd, attr)
     if result < 0:
         err = ctypes.get_errno()
         raise DatapathError(f"{what}: {os.strerror(err)} (errno {err})")
@@ -145,14 +203,14 @@ def obj_get(path: str) -> int:
     """Open a pinned BPF object; returns a new file descriptor the caller closes."""
     raw = path.encode()
     attr = _ObjGetAttr(pathname=ctypes.cast(ctypes.c_char_p(raw), ctypes.c_void_p).value or 0)
-    return _bpf(BPF_OBJ_GET, attr, f"cannot open pinned BPF object {path}")
+    return bpf(BPF_OBJ_GET, attr, f"cannot open pinned BPF object {path}")
 
 
 def map_shape(fd: int) -> MapShape:
     """Type, key/value sizes and capacity of the map behind `fd`."""
     info = _MapInfo()
     attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "cannot read BPF map info")
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "cannot read BPF map info")
     return MapShape(info.type, info.key_size, info.value_size, info.max_entries, info.name.decode())
 
 
@@ -173,7 +231,7 @@ def prog_test_run(
     data_out = ctypes.create_string_buffer(len(frame) + 256)
     ctx_in = skb if skb is not None else SkBuff()
     ctx_out = SkBuff()
-    attr = _TestRunAttr(
+    attr = TestRunAttr(
         prog_fd=prog_fd,
         data_size_in=len(frame),
         data_size_out=ctypes.sizeof(data_out),
@@ -185,5 +243,5 @@ def prog_test_run(
         ctx_in=ctypes.addressof(ctx_in),
         ctx_out=ctypes.addressof(ctx_out),
     )
-    _bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN failed")
+    bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN failed")
     return TestRun(retval=attr.retval, duration_ns=attr.duration, skb=ctx_out)

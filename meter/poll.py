@@ -3,7 +3,7 @@
 `CounterReader` opens the pinned `counters` map by path (no BCC objects
 needed) and returns cumulative (n_slots, 4) sums over the possible CPUs in
 one of two ways, chosen explicitly:
-- "kernel" (default): cython_ext.bpf_sum sums the CPUs inside the kernel into
+- "kernel" (default): ebpf.percpu_sum sums the CPUs inside the kernel into
   a memory-mapped array, one BPF_PROG_TEST_RUN per 65,536 slots (Linux 5.19+);
 - "batch": one BPF_MAP_LOOKUP_BATCH of every slot on every CPU into a
   preallocated buffer, summed by the aggregator backend (Linux 5.6+).
@@ -26,8 +26,8 @@ import numpy as np
 import numpy.typing as npt
 
 import cython_ext
-from cython_ext.bpf_sum import KernelSum
 from ebpf import abi, bpf_syscall
+from ebpf.percpu_sum import KernelSum
 from gateway.errors import DatapathError, ValidationError
 
 BPF_MAP_LOOKUP_BATCH = 24
@@ -37,9 +37,6 @@ POSSIBLE_CPUS = Path("/sys/devices/system/cpu/possible")
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 COUNTER_BYTES = ctypes.sizeof(abi.Counters)
 READ_METHODS = ("kernel", "batch")
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 class _BatchAttr(ctypes.Structure):
@@ -200,9 +197,8 @@ class CounterReader:
             attr.keys = self._keys.ctypes.data + done * 4
             attr.values = self._percpu.ctypes.data + done * self.n_cpus * COUNTER_BYTES
             attr.count = self.n_slots - done
-            result = _libc.syscall(
-                bpf_syscall.SYS_BPF, BPF_MAP_LOOKUP_BATCH, ctypes.byref(attr), ctypes.sizeof(attr)
-            )
+            # ENOENT is how the kernel says the last batch ended the map: not an error here.
+            result = bpf_syscall.bpf_raw(BPF_MAP_LOOKUP_BATCH, attr)
             err = ctypes.get_errno() if result < 0 else 0
             done += attr.count
             if err == errno.ENOENT or (err == 0 and attr.count == 0):

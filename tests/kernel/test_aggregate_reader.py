@@ -14,8 +14,8 @@ from bcc import BPF
 from bcc.libbcc import lib as libbcc
 
 import cython_ext
-from cython_ext.bpf_sum import KernelSum
 from ebpf import abi
+from ebpf.percpu_sum import KernelSum
 from gateway.errors import DatapathError, ValidationError
 from meter.poll import CounterReader, Poller, possible_cpus
 

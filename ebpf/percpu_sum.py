@@ -31,16 +31,23 @@ import numpy as np
 import numpy.typing as npt
 
 from ebpf import abi
-from ebpf.bpf_syscall import SYS_BPF
+from ebpf.bpf_syscall import (
+    BPF_BTF_LOAD,
+    BPF_MAP_CREATE,
+    BPF_PROG_LOAD,
+    BPF_PROG_TEST_RUN,
+    BtfLoadAttr,
+    MapCreateAttr,
+    ProgLoadAttr,
+    TestRunAttr,
+    bpf,
+    bpf_raw,
+)
 from gateway.errors import DatapathError
 
 CHUNK_SLOTS = 65_536
 COUNTER_BYTES = ctypes.sizeof(abi.Counters)
 
-BPF_MAP_CREATE = 0
-BPF_PROG_LOAD = 5
-BPF_PROG_TEST_RUN = 10
-BPF_BTF_LOAD = 18
 BPF_MAP_TYPE_ARRAY = 2
 BPF_F_MMAPABLE = 1 << 10
 BPF_PROG_TYPE_RAW_TRACEPOINT = 17
@@ -60,75 +67,6 @@ FIRST_SLOT = -8  # the main program's first slot, passed to the callback as its 
 BTF_MAGIC = 0xEB9F
 BTF_KIND_FUNC, BTF_KIND_FUNC_PROTO = 12, 13
 FUNC_NAMES = (b"desanet_sum", b"desanet_sum_slot")
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-class _MapCreateAttr(ctypes.Structure):
-    _fields_ = [
-        ("map_type", ctypes.c_uint32),
-        ("key_size", ctypes.c_uint32),
-        ("value_size", ctypes.c_uint32),
-        ("max_entries", ctypes.c_uint32),
-        ("map_flags", ctypes.c_uint32),
-    ]
-
-
-class _BtfLoadAttr(ctypes.Structure):
-    _fields_ = [
-        ("btf", ctypes.c_uint64),
-        ("btf_log_buf", ctypes.c_uint64),
-        ("btf_size", ctypes.c_uint32),
-        ("btf_log_size", ctypes.c_uint32),
-        ("btf_log_level", ctypes.c_uint32),
-    ]
-
-
-class _ProgLoadAttr(ctypes.Structure):
-    _fields_ = [
-        ("prog_type", ctypes.c_uint32),
-        ("insn_cnt", ctypes.c_uint32),
-        ("insns", ctypes.c_uint64),
-        ("license", ctypes.c_uint64),
-        ("log_level", ctypes.c_uint32),
-        ("log_size", ctypes.c_uint32),
-        ("log_buf", ctypes.c_uint64),
-        ("kern_version", ctypes.c_uint32),
-        ("prog_flags", ctypes.c_uint32),
-        ("prog_name", ctypes.c_char * 16),
-        ("prog_ifindex", ctypes.c_uint32),
-        ("expected_attach_type", ctypes.c_uint32),
-        ("prog_btf_fd", ctypes.c_uint32),
-        ("func_info_rec_size", ctypes.c_uint32),
-        ("func_info", ctypes.c_uint64),
-        ("func_info_cnt", ctypes.c_uint32),
-    ]
-
-
-class _TestRunAttr(ctypes.Structure):
-    _fields_ = [
-        ("prog_fd", ctypes.c_uint32),
-        ("retval", ctypes.c_uint32),
-        ("data_size_in", ctypes.c_uint32),
-        ("data_size_out", ctypes.c_uint32),
-        ("data_in", ctypes.c_uint64),
-        ("data_out", ctypes.c_uint64),
-        ("repeat", ctypes.c_uint32),
-        ("duration", ctypes.c_uint32),
-        ("ctx_size_in", ctypes.c_uint32),
-        ("ctx_size_out", ctypes.c_uint32),
-        ("ctx_in", ctypes.c_uint64),
-        ("ctx_out", ctypes.c_uint64),
-    ]
-
-
-def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
-    result = _libc.syscall(SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
-    if result < 0:
-        err = ctypes.get_errno()
-        raise DatapathError(f"{what}: {os.strerror(err)} (errno {err})")
-    return int(result)
 
 
 def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
@@ -219,9 +157,9 @@ class KernelSum:
         self._fds: list[int] = []
         try:
             self._sums_fd = self._own(
-                _bpf(
+                bpf(
                     BPF_MAP_CREATE,
-                    _MapCreateAttr(BPF_MAP_TYPE_ARRAY, 4, COUNTER_BYTES, n_slots, BPF_F_MMAPABLE),
+                    MapCreateAttr(BPF_MAP_TYPE_ARRAY, 4, COUNTER_BYTES, n_slots, BPF_F_MMAPABLE),
                     "cannot create the counter sums map",
                 )
             )
@@ -235,7 +173,7 @@ class KernelSum:
             self._mapping, dtype=np.uint64, count=n_slots * 4
         ).reshape(n_slots, 4)
         self._args = (ctypes.c_uint64 * 2)()
-        self._run = _TestRunAttr(prog_fd=self._prog_fd, ctx_size_in=ctypes.sizeof(self._args))
+        self._run = TestRunAttr(prog_fd=self._prog_fd, ctx_size_in=ctypes.sizeof(self._args))
         self._run.ctx_in = ctypes.addressof(self._args)
 
     def _own(self, fd: int) -> int:
@@ -246,9 +184,9 @@ class KernelSum:
         btf = _btf()
         btf_buf = ctypes.create_string_buffer(btf, len(btf))
         btf_fd = self._own(
-            _bpf(
+            bpf(
                 BPF_BTF_LOAD,
-                _BtfLoadAttr(btf=ctypes.addressof(btf_buf), btf_size=len(btf)),
+                BtfLoadAttr(btf=ctypes.addressof(btf_buf), btf_size=len(btf)),
                 "cannot load the type info of the counter summing program",
             )
         )
@@ -256,7 +194,7 @@ class KernelSum:
         insns = ctypes.create_string_buffer(code, len(code))
         license_ = ctypes.create_string_buffer(b"GPL")
         func_info = (ctypes.c_uint32 * 4)(0, 2, MAIN_INSNS, 3)  # BTF type 1 is the prototype
-        attr = _ProgLoadAttr(
+        attr = ProgLoadAttr(
             prog_type=BPF_PROG_TYPE_RAW_TRACEPOINT,
             insn_cnt=len(code) // 8,
             insns=ctypes.addressof(insns),
@@ -268,12 +206,12 @@ class KernelSum:
             func_info_cnt=2,
         )
         try:
-            return self._own(_bpf(BPF_PROG_LOAD, attr, "cannot load the counter summing program"))
+            return self._own(bpf(BPF_PROG_LOAD, attr, "cannot load the counter summing program"))
         except DatapathError as err:
             # Load again with the verifier's log, only to tell the operator why.
             log = ctypes.create_string_buffer(1 << 16)
             attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
-            _libc.syscall(SYS_BPF, BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
+            bpf_raw(BPF_PROG_LOAD, attr)
             reason = log.value.decode(errors="replace").strip().splitlines()[-2:]
             raise DatapathError(
                 f"{err}; in-kernel summing needs Linux 5.19 or newer "
@@ -286,7 +224,7 @@ class KernelSum:
         for first in range(0, self.n_slots, CHUNK_SLOTS):
             count = min(CHUNK_SLOTS, self.n_slots - first)
             args[0], args[1] = first, count
-            _bpf(BPF_PROG_TEST_RUN, attr, "cannot run the counter summing program")
+            bpf(BPF_PROG_TEST_RUN, attr, "cannot run the counter summing program")
             if attr.retval != count:
                 raise DatapathError(
                     f"summing counter slots {first}..{first + count - 1} stopped "

@@ -7,9 +7,11 @@ steering on, which the latency tests before it leave off.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from gateway.lab import Village, in_netns
+from gateway.lab import Village, in_netns, run
 from tests.vm.satlink import LEO, Gateway, emulate, ping_rtts_ms
 
 pytestmark = pytest.mark.vm
@@ -27,5 +29,7 @@ def test_upload_goes_through_the_ifb_tree_and_on(sat_gateway: tuple[Village, Gat
     rtts = ping_rtts_ms(v, sub, 2.0)
     with in_netns(v.gw_ns):
         after = gw.shaper.class_stats()["up"][sub.index].sent_packets
-    assert len(rtts) >= 8, "pings through the upload IFB were lost"
+    stats = json.loads(run(["ip", "-s", "-j", "link", "show", gw.shaper.upload_ifb], v.gw_ns))
+    ifb_rx_dropped = stats[0]["stats64"]["rx"]["dropped"]
+    assert len(rtts) >= 8, f"pings through the upload IFB were lost ({ifb_rx_dropped=})"
     assert after - before >= len(rtts)

@@ -61,10 +61,9 @@ def test_fair_shares_at_geo_delay(geo_runs: dict[str, bloat.ThroughputRun]) -> N
     assert geo_runs["derived"].jain >= 0.95
 
 
-def test_rtt_derived_aqm_uses_the_geo_link_better_than_the_defaults(
+def test_rtt_derived_aqm_keeps_the_geo_link_busy(
     geo_runs: dict[str, bloat.ThroughputRun],
 ) -> None:
-    # The absolute figure (issue target: 85 % of the link) is the benchmark's
-    # headline `utilisation_geo_derived`, measured over a longer window.
-    derived, default = geo_runs["derived"], geo_runs["default"]
-    assert derived.utilisation > default.utilisation
+    # How the 5 ms / 100 ms defaults compare is measured, not asserted: with four
+    # streams per subscriber they come within a few percent (benchmarks.bufferbloat).
+    assert geo_runs["derived"].utilisation >= 0.85

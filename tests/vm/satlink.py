@@ -70,7 +70,6 @@ class Gateway:
         self.steer_upload = steer_upload
         self.shaper = Shaper(v.lan, upload_ifb_name(v.lan))
         self.datapath: Datapath | None = None
-        self.last: ApplyResult | None = None
 
     def start(self) -> None:
         """Create the upload IFB, attach the datapath and provision every subscriber.
@@ -120,8 +119,7 @@ class Gateway:
     def apply(self, plan: Plan) -> ApplyResult:
         """Apply a plan through the shaper (only the operations that differ)."""
         with in_netns(self.v.gw_ns):
-            self.last = self.shaper.apply(plan)
-        return self.last
+            return self.shaper.apply(plan)
 
     def counters(self) -> np.ndarray:
         """The datapath's cumulative counters, (slots, abi.COUNTER_FIELDS)."""

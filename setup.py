@@ -17,7 +17,7 @@ extensions = [
 setup(
     name="desanet",
     version="0.1.0",
-    description="Edge engine for village cooperative ISPs: eBPF metering, HTB shaping, usage to billing",
+    description="Edge engine for village cooperative ISPs: eBPF metering, HTB shaping, billing",
     python_requires=">=3.11",
     packages=["ebpf", "cython_ext", "meter", "shaper", "gateway", "benchmarks"],
     package_data={"ebpf": ["*.c", "*.h"], "gateway": ["*.service", "*.toml", "*.csv"]},

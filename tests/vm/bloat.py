@@ -89,6 +89,7 @@ def latency_under_load(
     idle_s: float = 3.0,
     warmup_s: float = 3.0,
     load_s: float = 6.0,
+    streams: int = 4,
 ) -> list[LatencyRun]:
     """Subscriber 1 stays idle and pings; the others download; once per leaf kind."""
     satlink.emulate(v, link)
@@ -97,7 +98,7 @@ def latency_under_load(
     for leaf in leaves:
         applied = gw.apply(gw.plan(link, leaf, link.rtt_ms))
         idle_rtts = satlink.ping_rtts_ms(v, idle, idle_s)
-        procs = satlink.start_downloads(v, busy, warmup_s + load_s + 2)
+        procs = satlink.start_downloads(v, busy, warmup_s + load_s + 2, streams)
         time.sleep(warmup_s)
         with ThreadPoolExecutor(max_workers=3) as pool:
             loaded = pool.submit(satlink.ping_rtts_ms, v, idle, load_s)

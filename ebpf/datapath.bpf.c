@@ -16,7 +16,12 @@
  *   4. if the shaper gave the slot an HTB class, put it in skb->priority (HTB
  *      picks the class from it before any filter); a blocked slot is dropped
  *      here, before counting, so blocked traffic is never billed;
- *   5. ingress only: redirect to the upload IFB, whose HTB tree shapes upload.
+ *   5. ingress only, when an upload IFB is configured: return TC_ACT_UNSPEC,
+ *      so that the next filter, `desanet_steer` with a mirred action, moves
+ *      the packet to the IFB whose HTB tree shapes upload. bpf_redirect()
+ *      would be shorter, but IFB drops what is not marked as redirected, and
+ *      bpf_redirect() marks packets only since Linux 6.5 (Debian 12 ships 6.1);
+ *      act_mirred marks them on every kernel.
  *
  * Cost: benchmarks/datapath.py (BPF_PROG_TEST_RUN, ns per packet over an empty
  * program). Settings are compile-time defines set by the loader (capacity, pin
@@ -218,8 +223,16 @@ int desanet_ingress(struct __sk_buff *skb)
 	__u32 zero = 0;
 	struct desanet_settings *s = settings.lookup(&zero);
 	if (s && s->upload_ifindex)
-		return bpf_redirect(s->upload_ifindex, 0);
+		return TC_ACT_UNSPEC; /* on to desanet_steer */
 	return TC_ACT_OK;
+}
+
+/* Attached without direct-action after desanet_ingress, with a mirred redirect
+ * to the upload IFB: -1 means "matched, use the filter's class", which runs
+ * the action. It only sees what desanet_ingress passed on. */
+int desanet_steer(struct __sk_buff *skb)
+{
+	return -1;
 }
 
 /* The baseline the benchmark subtracts: attach cost with no work at all. */

@@ -36,6 +36,7 @@ BPFFS = Path("/sys/fs/bpf")
 PARENT_INGRESS = 0xFFFFFFF2
 PARENT_EGRESS = 0xFFFFFFF3
 FILTER_PRIO = 0xDE5A >> 4  # a fixed priority so a re-attach replaces our own filter
+ETH_P_ALL = 0x0003
 _GATEWAY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MS_NOCLOEXEC = 0
 _HOST = 128  # key length of a whole address: such keys live in the `hosts` hash
@@ -128,7 +129,8 @@ class Datapath:
             bpf = compile_program(self.capacity, self.pin_dir)
             ingress = bpf.load_func(b"desanet_ingress", bpf.SCHED_CLS)
             egress = bpf.load_func(b"desanet_egress", bpf.SCHED_CLS)
-            self._attach_filters(lan_index, ingress, egress)
+            steer = bpf.load_func(b"desanet_steer", bpf.SCHED_CLS)
+            self._attach_filters(lan_index, ingress, egress, steer, upload_index)
         except BaseException:
             if created_pins:
                 self._unpin()
@@ -189,7 +191,9 @@ class Datapath:
                 "changing capacity"
             )
 
-    def _attach_filters(self, index: int, ingress: Any, egress: Any) -> None:
+    def _attach_filters(
+        self, index: int, ingress: Any, egress: Any, steer: Any, upload_index: int
+    ) -> None:
         with IPRoute() as ipr:
             created_qdisc = False
             try:
@@ -210,8 +214,30 @@ class Datapath:
                         fd=fn.fd,
                         name=fn.name.decode(),
                         direct_action=True,
-                        protocol=0x0003,  # ETH_P_ALL
+                        protocol=ETH_P_ALL,
                     )
+                steering = {"handle": 2, "prio": FILTER_PRIO + 1, "parent": PARENT_INGRESS}
+                if upload_index:
+                    ipr.tc(
+                        "replace-filter",
+                        "bpf",
+                        index,
+                        fd=steer.fd,
+                        name=steer.name.decode(),
+                        classid=1,
+                        protocol=ETH_P_ALL,
+                        action={
+                            "kind": "mirred",
+                            "direction": "egress",
+                            "action": "redirect",
+                            "ifindex": upload_index,
+                        },
+                        **steering,
+                    )
+                else:
+                    # A previous attach may have steered upload to an IFB; this one does not.
+                    with contextlib.suppress(NetlinkError):
+                        ipr.tc("del-filter", "bpf", index, protocol=ETH_P_ALL, **steering)
             except NetlinkError as err:
                 if created_qdisc:
                     with contextlib.suppress(NetlinkError):

@@ -15,12 +15,13 @@ from ebpf import abi, frames
 from ebpf.bpf_syscall import SkBuff, prog_test_run
 from ebpf.datapath import Datapath
 from gateway.lab import in_netns
+from gateway.lab import run as run_cmd
 
 pytestmark = pytest.mark.kernel
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
-TC_ACT_REDIRECT = 7
+TC_ACT_UNSPEC = 0xFFFFFFFF  # -1 as the u32 the kernel reports: "on to the next filter"
 UP_BYTES, UP_PKTS, DOWN_BYTES, DOWN_PKTS = range(4)
 
 SUB1_V4, SUB2_V4, SUB3_V4 = "10.1.0.7", "10.1.2.3", "10.9.9.9"
@@ -186,10 +187,15 @@ def test_upload_is_redirected_to_the_ifb(datapath: Datapath, netns_pair: tuple[s
         verdict, priority = run(steering, "desanet_ingress", frame)
         arp_verdict, _ = run(steering, "desanet_ingress", frames.arp_frame())
         c = steering.read_counters()
-    assert verdict == TC_ACT_REDIRECT
+    assert verdict == TC_ACT_UNSPEC  # the steering filter's mirred action takes it to the IFB
     assert priority == 0x10020
     assert arp_verdict == TC_ACT_OK
     assert c[1].tolist() == [ip_bytes, 1, 0, 0]
+    filters = run_cmd(["tc", "filter", "show", "dev", dev, "ingress"], netns)
+    assert "desanet_steer" in filters and "Egress Redirect to device dp1" in filters
+    with in_netns(netns):
+        Datapath(dev, datapath.gateway_id, capacity=64).attach()  # no upload device any more
+    assert "desanet_steer" not in run_cmd(["tc", "filter", "show", "dev", dev, "ingress"], netns)
 
 
 def test_unprovisioned_slot_falls_back_to_unmatched(datapath: Datapath) -> None:

@@ -66,5 +66,5 @@ def test_rtt_derived_aqm_uses_the_geo_link_better_than_the_defaults(
 ) -> None:
     # The absolute figure (target: 85 % of the link) is the benchmark's headline
     # `utilisation_geo_derived`; under emulation it varies from run to run
-    # (0.80-0.93 over 40 s windows), while derived > default held in every run.
+    # (0.80-0.93 across runs here), while derived > default held in every run.
     assert geo_runs["derived"].utilisation > geo_runs["default"].utilisation

@@ -45,8 +45,7 @@ def measure(report: Report) -> None:
     d = _durations(report.quick)
     with village(4) as v:
         satlink.start_servers(v)
-        # Upload is counted but not steered: both experiments concern the download.
-        gw = satlink.Gateway(v, steer_upload=False)
+        gw = satlink.Gateway(v)
         gw.start()
         try:
             latency = bloat.latency_under_load(

@@ -34,13 +34,11 @@ def sat_gateway() -> Iterator[tuple[Village, Gateway]]:
     """One village and one gateway for the whole tier: under emulation the datapath's
     compile alone takes about a minute, so every test shares them.
 
-    Subscriber 1 is the idle one of the bufferbloat runs; upload is counted but
-    not steered to the IFB (tests/vm/test_upload_steering.py covers that) so the
-    latency figures concern the download direction alone.
+    Subscriber 1 is the idle one of the bufferbloat runs.
     """
     with village(N_SUBSCRIBERS) as v:
         satlink.start_servers(v)
-        gw = Gateway(v, steer_upload=False)
+        gw = Gateway(v)
         gw.start()
         try:
             yield v, gw

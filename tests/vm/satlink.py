@@ -65,25 +65,20 @@ def emulate(v: Village, link: SatLink) -> None:
 class Gateway:
     """The datapath and shaper of a lab village's gateway, one subscriber per lab host."""
 
-    def __init__(self, v: Village, steer_upload: bool = True) -> None:
+    def __init__(self, v: Village) -> None:
         self.v = v
-        self.steer_upload = steer_upload
         self.shaper = Shaper(v.lan, upload_ifb_name(v.lan))
         self.datapath: Datapath | None = None
 
     def start(self) -> None:
-        """Create the upload IFB, attach the datapath and provision every subscriber.
-
-        Without `steer_upload` the datapath counts upload but leaves it on the
-        LAN's ingress path, unshaped, instead of redirecting it to the IFB.
-        """
+        """Create the upload IFB, attach the datapath steering upload to it, provision everyone."""
         with in_netns(self.v.gw_ns):
             self.shaper.ensure_ifb()
             datapath = Datapath(
                 self.v.lan,
                 GATEWAY_ID,
                 capacity=64,
-                upload_ifb=self.shaper.upload_ifb if self.steer_upload else None,
+                upload_ifb=self.shaper.upload_ifb,
             )
             datapath.attach()
             self.datapath = datapath

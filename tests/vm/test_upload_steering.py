@@ -1,8 +1,5 @@
 """Upload steering on the stock kernel: the datapath redirects LAN ingress to the upload IFB,
 whose HTB tree shapes it, and the packets go on to the internet.
-
-This file sorts last on purpose: it re-attaches the shared gateway's datapath with
-steering on, which the latency tests before it leave off.
 """
 
 from __future__ import annotations
@@ -22,8 +19,6 @@ def test_upload_goes_through_the_ifb_tree_and_on(sat_gateway: tuple[Village, Gat
     emulate(v, LEO)
     gw.apply(gw.plan(LEO, "fq_codel", LEO.rtt_ms))
     sub = v.subscribers[2]
-    gw.steer_upload = True
-    gw.start()
     with in_netns(v.gw_ns):
         before = gw.shaper.class_stats()["up"][sub.index].sent_packets
     rtts = ping_rtts_ms(v, sub, 2.0)

@@ -11,7 +11,7 @@ changed in place; only a leaf of another kind is deleted and recreated.
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shaper import netlink
 from shaper.tree import HtbClass, HtbRoot, LeafQdisc, Tree, minor_of, slot_of_minor
@@ -106,10 +106,16 @@ def diff(desired: Tree, actual: Tree, only: Collection[int] | None = None) -> li
     ]
     changed: list[HtbClass] = []
     added: list[HtbClass] = []
+    # HTB sets a class's quantum only while it is a leaf: an inner class keeps the
+    # quantum it was created with, whatever a later change asks. Comparing it would
+    # make every re-apply after a link-rate change "change" the root classes again.
+    inner = {cls.parent for cls in desired.classes.values()}
     for cid, want in desired.classes.items():
         have = actual.classes.get(cid)
         if want is have:
             continue
+        if have is not None and cid in inner:
+            have = replace(have, quantum=want.quantum)
         if have is None:
             added.append(want)
         elif want != have:

@@ -8,6 +8,7 @@ kernel, fq_codel3 and cake3 from Debian's stock 6.1 kernel (the VM tier).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -77,6 +78,24 @@ def test_changing_one_subscriber_touches_only_its_class_and_leaf() -> None:
     down2, _ = classids_for_slot(2)
     assert verbs(diff(plan.down, actual["down"])) == [("change-class", down2), ("put-leaf", down2)]
     assert diff(plan.up, actual["up"]) == []
+
+
+def test_a_new_link_rate_changes_the_root_class_once() -> None:
+    # The kernel keeps an inner class's quantum from its creation: a read-back after
+    # a link change still shows the old one, and that must not count as a difference.
+    faster = build_plan(Link(40_000_000, 10_000_000), SUBS, leaf="pfifo", rtt_ms=META["rtt_ms"])
+    actual = saved_trees()["down"]
+    root_id = next(
+        c.classid for c in faster.down.classes.values() if c.parent == faster.down.root.handle
+    )
+    assert ("change-class", root_id) in verbs(diff(faster.down, actual))
+    kernel_after = dataclasses.replace(
+        faster.down.classes[root_id], quantum=actual.classes[root_id].quantum
+    )
+    assert kernel_after.quantum != faster.down.classes[root_id].quantum
+    actual.classes[root_id] = kernel_after
+    leftovers = [(v, cid) for v, cid in verbs(diff(faster.down, actual)) if cid == root_id]
+    assert leftovers == []
 
 
 def test_adding_and_removing_subscribers() -> None:

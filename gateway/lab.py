@@ -239,20 +239,17 @@ def build_village(n_subscribers: int, offloads: bool = False, tag: str | None = 
     return village
 
 
+def _add_namespace(ns: str) -> None:
+    run(["ip", "netns", "add", ns])
+    run(["ip", "link", "set", "lo", "up"], ns)
+    # Addresses are unique in the lab: waiting for duplicate detection only slows tests.
+    dad_off = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
+    run(["sysctl", "-qw", *dad_off], ns)
+
+
 def _build(v: Village, n_subscribers: int, offloads: bool) -> None:
-    run(["ip", "netns", "add", v.inet_ns])
-    run(["ip", "netns", "add", v.gw_ns])
     for ns in (v.inet_ns, v.gw_ns):
-        run(["ip", "link", "set", "lo", "up"], ns)
-        run(
-            [
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
-            ],
-            ns,
-        )
+        _add_namespace(ns)
     gw, inet = v.gw_ns, v.inet_ns
     run(["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"], gw)
 
@@ -294,18 +291,9 @@ def _build(v: Village, n_subscribers: int, offloads: bool) -> None:
         ns = f"{v.tag}-s{i}"
         port = f"lan{i}"
         ipv4, ipv6 = subscriber_addresses(i)
-        run(["ip", "netns", "add", ns])
+        # Listed before it exists, so a failure below still removes it.
         v.subscribers.append(SubscriberHost(index=i, netns=ns, ipv4=ipv4, ipv6=ipv6, gw_port=port))
-        run(["ip", "link", "set", "lo", "up"], ns)
-        run(
-            [
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
-            ],
-            ns,
-        )
+        _add_namespace(ns)
         run(
             [
                 "ip",

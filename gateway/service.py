@@ -16,13 +16,12 @@ import signal
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
-from ipaddress import ip_network
 from pathlib import Path
 from types import FrameType
 from typing import Any, cast
 
 from cython_ext import load_backend
-from ebpf.datapath import Datapath
+from ebpf.datapath import Datapath, Provision
 from gateway import status
 from gateway.config import Config, load_config, require_lan
 from gateway.control import ControlEndpoint, ControlState, Event
@@ -167,7 +166,7 @@ class Gateway:
             if delivered_state:
                 self.delivered.restore(delivered_state)
         # cast: Poller is annotated with CounterReader; DeliveredReader has the same interface.
-        self.poller = Poller(cast(CounterReader, self.delivered), self.aggregator)
+        self.poller = Poller(self.delivered, self.aggregator)
         self.seq = self.meter.last_seq
         # Slots the kernel still steers but no subscriber holds (removed while we were down).
         stale = set(self.datapath.prefixes()) - set(self.slots.slots.values())
@@ -209,31 +208,23 @@ class Gateway:
         result = self.shaper.apply(shaping_plan(self.config, self._enforced()))
         self.leaf_in_use = result.leaf_in_use
         self.warnings = list(result.warnings)
-        # A prefix may move between subscribers: withdraw every prefix a subscriber loses
-        # before any subscriber gains one, so no prefix is ever claimed by two slots.
-        held = self.datapath.prefixes()
-        for sub_id in sorted(touched):
-            sub = self.by_id[sub_id]
-            slot = self.slots.slots[sub_id]
-            current = {ip_network(p) for p in held.get(slot, [])}
-            keep = [p for p in sub.prefixes if ip_network(p) in current]
-            if len(keep) < len(current):
-                if keep:
-                    flags = self.control.enforced(sub).flags
-                    self.datapath.provision(slot, keep, *classids_for_slot(slot), flags)
-                else:
-                    self.datapath.unprovision(slot)
-        for sub_id in sorted(touched):
-            self._provision(self.by_id[sub_id])
+        # One call for every touched subscriber: the datapath withdraws the prefixes
+        # they lose before it stores the ones they gain, so prefixes may change hands.
+        self.datapath.provision_many(
+            [self._provision_entry(self.by_id[s]) for s in sorted(touched)]
+        )
         self.slots.save()
         self.meter.set_subscribers(self._slot_ids())
         log.info("applied: %d shaper operations, %d provisioned", result.operations, len(touched))
 
-    def _provision(self, sub: Subscriber) -> None:
+    def _provision_entry(self, sub: Subscriber) -> Provision:
         slot = self.slots.slots[sub.id]
         down_classid, up_classid = classids_for_slot(slot)
         flags = self.control.enforced(sub).flags
-        self.datapath.provision(slot, sub.prefixes, down_classid, up_classid, flags)
+        return Provision(slot, tuple(sub.prefixes), down_classid, up_classid, flags)
+
+    def _provision(self, sub: Subscriber) -> None:
+        self.datapath.provision_many([self._provision_entry(sub)])
 
     def reload(self) -> None:
         """Re-read the subscribers file and apply only what changed; a bad file changes nothing."""

@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.errors import StreamError
+from meter.poll import CounterSource
 
 ETHERNET_HEADER_BYTES = 14
 STATE_PREFIX = "delivered."
@@ -47,23 +48,6 @@ class SentStats(Protocol):
 
     @property
     def sent_packets(self) -> int: ...
-
-
-class CounterSource(Protocol):
-    """The datapath counter reader interface the poller uses (meter.poll.CounterReader)."""
-
-    n_slots: int
-
-    @property
-    def identity(self) -> bytes: ...
-
-    def read(self) -> U64: ...
-
-    def repinned(self) -> bool: ...
-
-    def reopen(self) -> Any: ...
-
-    def close(self) -> None: ...
 
 
 ClassStatsFn = Callable[[], Mapping[str, Mapping[int, SentStats]]]

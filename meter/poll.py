@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -235,10 +235,27 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class CounterSource(Protocol):
+    """What the poller reads: CounterReader, or a reader wrapping one (meter.delivered)."""
+
+    n_slots: int
+
+    @property
+    def identity(self) -> bytes: ...
+
+    def read(self) -> npt.NDArray[np.uint64]: ...
+
+    def repinned(self) -> bool: ...
+
+    def reopen(self) -> CounterSource: ...
+
+    def close(self) -> None: ...
+
+
 class Poller:
     """One step of the meter loop: read the counters, account them in the aggregator."""
 
-    def __init__(self, reader: CounterReader, aggregator: Any) -> None:
+    def __init__(self, reader: CounterSource, aggregator: Any) -> None:
         if aggregator.n_slots != reader.n_slots:
             raise DatapathError(
                 f"the aggregator has {aggregator.n_slots} slots but the counters map "

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.lab import Village, village
+from gateway.lab import Village, run, village
 
 
 @pytest.fixture(autouse=True)
@@ -19,10 +19,15 @@ def _require_root() -> None:
 
 @pytest.fixture
 def netns_pair() -> Iterator[tuple[str, str]]:
-    """A throwaway namespace holding a veth pair ("dp0" <-> "dp1"); returns (netns, "dp0")."""
+    """A throwaway namespace holding a veth pair ("dp0" <-> "dp1") that carries no traffic of
+    its own (IPv6 off, no addresses); returns (netns, "dp0")."""
     name = f"dnt{os.getpid() % 100000}x{id(object()) % 100000}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
+        # A silent link: with IPv6 on, the kernel's own duplicate-address and router
+        # solicitations cross the veth and land in the counters the tests assert exactly.
+        ipv6_off = [f"net.ipv6.conf.{scope}.disable_ipv6=1" for scope in ("all", "default")]
+        run(["sysctl", "-qw", *ipv6_off], name)
         subprocess.run(
             ["ip", "-n", name, "link", "add", "dp0", "type", "veth", "peer", "name", "dp1"],
             check=True,

@@ -244,7 +244,11 @@ def _add_namespace(ns: str) -> None:
     run(["ip", "link", "set", "lo", "up"], ns)
     # Addresses are unique in the lab: waiting for duplicate detection only slows tests.
     dad_off = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
-    run(["sysctl", "-qw", *dad_off], ns)
+    # Every run starts from the same TCP state: by default Linux remembers each
+    # destination's last ssthresh, so a flow would start from whatever the previous
+    # run left behind (at 600 ms RTT that skews shares for tens of seconds).
+    fresh_tcp = ["net.ipv4.tcp_no_metrics_save=1"]
+    run(["sysctl", "-qw", *dad_off, *fresh_tcp], ns)
 
 
 def _build(v: Village, n_subscribers: int, offloads: bool) -> None:

@@ -136,7 +136,7 @@ def utilisation_at(
     link: SatLink,
     settings: tuple[str, ...] = ("derived", "default"),
     *,
-    warmup_s: float = 8.0,
+    warmup_s: float = 12.0,
     window_s: float = 20.0,
     streams: int = 4,
 ) -> list[ThroughputRun]:

@@ -54,7 +54,7 @@ test-vm: setup
 
 bench-quick: setup
 	for m in $$(ls benchmarks/*.py | xargs -n1 basename | sed 's/\.py$$//' | grep -v -e '^__init__$$' -e '^common$$'); do \
-		echo "== benchmarks.$$m --quick"; $(PY) -m benchmarks.$$m --quick --json /tmp/desanet-bench-$$m.json; \
+		echo "== benchmarks.$$m --quick"; $(PY) -m benchmarks.$$m --quick --json /tmp/desanet-bench-$$m.json || exit 1; \
 	done
 
 test: setup lint test-unit test-kernel test-vm bench-quick
@@ -62,7 +62,7 @@ test: setup lint test-unit test-kernel test-vm bench-quick
 bench: setup
 	mkdir -p bench-results
 	for m in $$(ls benchmarks/*.py | xargs -n1 basename | sed 's/\.py$$//' | grep -v -e '^__init__$$' -e '^common$$'); do \
-		echo "== benchmarks.$$m"; $(PY) -m benchmarks.$$m --json bench-results/$$m.json; \
+		echo "== benchmarks.$$m"; $(PY) -m benchmarks.$$m --json bench-results/$$m.json || exit 1; \
 	done
 
 demo: setup

@@ -22,10 +22,8 @@ from gateway.errors import ConfigError
 from meter.client import UsageClient
 from meter.collector import UsageStore, collect, month_bounds_ms
 from meter.journal import Retention
-from meter.keys import ServerSecurity
-from meter.service import MeterService, StreamConfig
 from meter.wire import UsageMessage
-from tests.unit.test_stream import interval
+from tests.unit.test_stream import interval, loopback_service
 
 pytestmark = pytest.mark.unit
 
@@ -143,17 +141,7 @@ def test_month_bounds() -> None:
 
 
 def test_collector_catches_up_after_being_offline(tmp_path: Path, store: UsageStore) -> None:
-    svc = MeterService(
-        "gw1",
-        tmp_path / "state",
-        StreamConfig(
-            "tcp://127.0.0.1:*",
-            "tcp://127.0.0.1:*",
-            ServerSecurity(plaintext=True),
-            snapshot_every=7,
-        ),
-        {1: "s1", 2: "s2"},
-    )
+    svc = loopback_service(tmp_path / "state", snapshot_every=7)
     expected = {"s1": 0, "s2": 0}
 
     def publish(n: int) -> None:
@@ -185,18 +173,11 @@ def test_collector_catches_up_after_being_offline(tmp_path: Path, store: UsageSt
 def test_collector_resyncs_from_a_snapshot_when_history_is_gone(
     tmp_path: Path, store: UsageStore
 ) -> None:
-    svc = MeterService(
-        "gw1",
+    svc = loopback_service(
         tmp_path / "state",
-        StreamConfig(
-            "tcp://127.0.0.1:*",
-            "tcp://127.0.0.1:*",
-            ServerSecurity(plaintext=True),
-            retention=Retention(max_bytes=2000, segment_bytes=500),
-            checkpoint_every=5,
-            snapshot_every=10**9,
-        ),
-        {1: "s1"},
+        retention=Retention(max_bytes=2000, segment_bytes=500),
+        checkpoint_every=5,
+        snapshot_every=10**9,
     )
     try:
         for t in range(1, 60):
@@ -218,12 +199,7 @@ def test_cli_usage_collect_report_and_keygen(
     assert main(["keygen", "billing", "--dir", str(tmp_path / "keys")]) == 0
     assert (tmp_path / "keys" / "billing.key").exists()
     assert (tmp_path / "keys" / "billing.key_secret").stat().st_mode & 0o077 == 0
-    svc = MeterService(
-        "gw1",
-        tmp_path / "state",
-        StreamConfig("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ServerSecurity(plaintext=True)),
-        {1: "s1"},
-    )
+    svc = loopback_service(tmp_path / "state")
     try:
         t1 = month_bounds_ms("2026-11")[0] + 5000
         for n in range(3):

@@ -53,15 +53,22 @@ def interval(t1: int, slots: list[int], up: list[int], totals: list[int]) -> Usa
     )
 
 
-def start(
-    state_dir: Path, security: ServerSecurity = PLAINTEXT, **kw: int
-) -> Generator[MeterService, None, None]:
-    svc = MeterService(
+def loopback_service(
+    state_dir: Path, security: ServerSecurity = PLAINTEXT, **kw: object
+) -> MeterService:
+    """Gateway "gw1" publishing for s1-s3 on loopback ports the kernel picks."""
+    return MeterService(
         "gw1",
         state_dir,
         StreamConfig(ANY_PORT, ANY_PORT, security, **kw),  # type: ignore[arg-type]
         {1: "s1", 2: "s2", 3: "s3"},
     )
+
+
+def start(
+    state_dir: Path, security: ServerSecurity = PLAINTEXT, **kw: int
+) -> Generator[MeterService, None, None]:
+    svc = loopback_service(state_dir, security, **kw)
     try:
         yield svc
     finally:

@@ -52,18 +52,14 @@ test-kernel: setup
 test-vm: setup
 	$(PY) -m tests.vm.run
 
+# `desanet bench` runs every benchmarks/*.py module and fails if any of them failed.
 bench-quick: setup
-	for m in $$(ls benchmarks/*.py | xargs -n1 basename | sed 's/\.py$$//' | grep -v -e '^__init__$$' -e '^common$$'); do \
-		echo "== benchmarks.$$m --quick"; $(PY) -m benchmarks.$$m --quick --json /tmp/desanet-bench-$$m.json || exit 1; \
-	done
+	$(VENV)/bin/desanet bench --quick --out /tmp/desanet-bench
 
 test: setup lint test-unit test-kernel test-vm bench-quick
 
 bench: setup
-	mkdir -p bench-results
-	for m in $$(ls benchmarks/*.py | xargs -n1 basename | sed 's/\.py$$//' | grep -v -e '^__init__$$' -e '^common$$'); do \
-		echo "== benchmarks.$$m"; $(PY) -m benchmarks.$$m --json bench-results/$$m.json || exit 1; \
-	done
+	$(VENV)/bin/desanet bench --out bench-results
 
 demo: setup
 	$(VENV)/bin/desanet demo

@@ -20,6 +20,7 @@ BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_BTF_LOAD = 18
+BPF_MAP_LOOKUP_BATCH = 24
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -136,6 +137,21 @@ class TestRunAttr(ctypes.Structure):
     ]
 
 
+class BatchAttr(ctypes.Structure):
+    """The `batch` member of union bpf_attr (BPF_MAP_*_BATCH commands)."""
+
+    _fields_ = [
+        ("in_batch", ctypes.c_uint64),
+        ("out_batch", ctypes.c_uint64),
+        ("keys", ctypes.c_uint64),
+        ("values", ctypes.c_uint64),
+        ("count", ctypes.c_uint32),
+        ("map_fd", ctypes.c_uint32),
+        ("elem_flags", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
 class _ObjGetAttr(ctypes.Structure):
     _fields_ = [
         ("pathname", ctypes.c_uint64),
@@ -197,6 +213,7 @@ class MapShape:
     value_size: int
     max_entries: int
     name: str
+    id: int  # the kernel's id of this map instance, new for every map created
 
 
 def obj_get(path: str) -> int:
@@ -207,11 +224,13 @@ def obj_get(path: str) -> int:
 
 
 def map_shape(fd: int) -> MapShape:
-    """Type, key/value sizes and capacity of the map behind `fd`."""
+    """Type, key/value sizes, capacity and id of the map behind `fd`."""
     info = _MapInfo()
     attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
     bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "cannot read BPF map info")
-    return MapShape(info.type, info.key_size, info.value_size, info.max_entries, info.name.decode())
+    return MapShape(
+        info.type, info.key_size, info.value_size, info.max_entries, info.name.decode(), info.id
+    )
 
 
 @dataclass(frozen=True)

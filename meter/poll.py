@@ -30,28 +30,12 @@ from ebpf import abi, bpf_syscall
 from ebpf.percpu_sum import KernelSum
 from gateway.errors import DatapathError, ValidationError
 
-BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPFFS = Path("/sys/fs/bpf")
 POSSIBLE_CPUS = Path("/sys/devices/system/cpu/possible")
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 COUNTER_BYTES = ctypes.sizeof(abi.Counters)
 READ_METHODS = ("kernel", "batch")
-
-
-class _BatchAttr(ctypes.Structure):
-    """The `batch` member of union bpf_attr (BPF_MAP_*_BATCH commands)."""
-
-    _fields_ = [
-        ("in_batch", ctypes.c_uint64),
-        ("out_batch", ctypes.c_uint64),
-        ("keys", ctypes.c_uint64),
-        ("values", ctypes.c_uint64),
-        ("count", ctypes.c_uint32),
-        ("map_fd", ctypes.c_uint32),
-        ("elem_flags", ctypes.c_uint64),
-        ("flags", ctypes.c_uint64),
-    ]
 
 
 def possible_cpus(path: Path = POSSIBLE_CPUS) -> list[int]:
@@ -66,13 +50,6 @@ def possible_cpus(path: Path = POSSIBLE_CPUS) -> list[int]:
 def counters_path(gateway_id: str, lan: str, bpffs: Path = BPFFS) -> Path:
     """Where the datapath of `lan` on gateway `gateway_id` pins its counters map."""
     return bpffs / "desanet" / gateway_id / lan / abi.MAP_COUNTERS
-
-
-def _map_id(fd: int) -> int:
-    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-        if line.startswith("map_id:"):
-            return int(line.split()[1])
-    raise DatapathError(f"file descriptor {fd} is not a BPF map")
 
 
 class CounterReader:
@@ -112,7 +89,7 @@ class CounterReader:
             self.cpus = possible_cpus()
             self.n_cpus = len(self.cpus)
             # Names this map instance across restarts: a new map or a reboot changes it.
-            self.identity = BOOT_ID.read_text().strip().encode() + f"/{_map_id(fd)}".encode()
+            self.identity = BOOT_ID.read_text().strip().encode() + f"/{shape.id}".encode()
             if method == "kernel":
                 self._kernel_sum = KernelSum(fd, self.n_slots, self.cpus)
         except BaseException:
@@ -188,7 +165,9 @@ class CounterReader:
             self._percpu = np.empty((self.n_slots, self.n_cpus, 4), dtype=np.uint64)
             self._keys = np.empty(self.n_slots, dtype=np.uint32)
             self._cursor = ctypes.c_uint32(0)
-            self._batch = _BatchAttr(out_batch=ctypes.addressof(self._cursor), map_fd=self._fd)
+            self._batch = bpf_syscall.BatchAttr(
+                out_batch=ctypes.addressof(self._cursor), map_fd=self._fd
+            )
         attr = self._batch
         done = 0
         while done < self.n_slots:
@@ -198,7 +177,7 @@ class CounterReader:
             attr.values = self._percpu.ctypes.data + done * self.n_cpus * COUNTER_BYTES
             attr.count = self.n_slots - done
             # ENOENT is how the kernel says the last batch ended the map: not an error here.
-            result = bpf_syscall.bpf_raw(BPF_MAP_LOOKUP_BATCH, attr)
+            result = bpf_syscall.bpf_raw(bpf_syscall.BPF_MAP_LOOKUP_BATCH, attr)
             err = ctypes.get_errno() if result < 0 else 0
             done += attr.count
             if err == errno.ENOENT or (err == 0 and attr.count == 0):

@@ -4,9 +4,14 @@ import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+# The card's folders stay at the top of the tree; installed, they are subpackages of
+# `desanet` (desanet/<name> links to ../<name>), so no import name can collide with
+# another distribution's `gateway` or `benchmarks`.
+LAYERS = ("ebpf", "cython_ext", "meter", "shaper", "gateway", "benchmarks")
+
 extensions = [
     Extension(
-        "cython_ext._aggregate",
+        "desanet.cython_ext._aggregate",
         ["cython_ext/_aggregate.pyx"],
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
@@ -19,8 +24,13 @@ setup(
     version="0.1.0",
     description="Edge engine for village cooperative ISPs: eBPF metering, HTB shaping, billing",
     python_requires=">=3.11",
-    packages=["ebpf", "cython_ext", "meter", "shaper", "gateway", "benchmarks"],
-    package_data={"ebpf": ["*.c", "*.h"], "gateway": ["*.service", "*.toml", "*.csv"]},
+    packages=["desanet", *(f"desanet.{p}" for p in LAYERS)],
+    package_data={
+        "desanet": ["py.typed"],
+        "desanet.ebpf": ["*.c", "*.h"],
+        "desanet.cython_ext": ["*.pyi"],
+        "desanet.gateway": ["*.service", "*.toml", "*.csv"],
+    },
     ext_modules=cythonize(extensions, language_level=3),
     install_requires=[
         "pyroute2>=0.7.12,<0.10",
@@ -42,5 +52,5 @@ setup(
             "virtme-ng>=1.25,<2",
         ],
     },
-    entry_points={"console_scripts": ["desanet=gateway.cli:main"]},
+    entry_points={"console_scripts": ["desanet=desanet.gateway.cli:main"]},
 )

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from bcc import BPF
 
-import cython_ext
-from benchmarks.common import Report, median, parse_args
-from ebpf import abi
-from meter.poll import CounterReader
+from desanet import cython_ext
+from desanet.benchmarks.common import Report, median, parse_args
+from desanet.ebpf import abi
+from desanet.meter.poll import CounterReader
 
 SIZES = (1_000, 65_536, 1_000_000)
 PROGRAM = "#include <desanet_abi.h>\n" + "".join(

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import Report, parse_args
+from desanet.benchmarks.common import Report, parse_args
 from tests.vm.guest import IN_VM_ENV
 
 REPORT_NAME = "bufferbloat"
@@ -39,7 +39,7 @@ def _durations(quick: bool) -> dict[str, float]:
 
 def measure(report: Report) -> None:
     """Inside the VM: build the village and gateway, run both experiments, fill `report`."""
-    from gateway.lab import village
+    from desanet.gateway.lab import village
     from tests.vm import bloat, satlink
 
     d = _durations(report.quick)

@@ -25,11 +25,11 @@ from collections.abc import Iterator
 
 from pyroute2 import IPRoute
 
-from benchmarks.common import Report, median, parse_args
-from ebpf import frames
-from ebpf.bpf_syscall import prog_test_run
-from ebpf.datapath import Datapath, Provision
-from gateway.lab import in_netns, netns_cmd, run
+from desanet.benchmarks.common import Report, median, parse_args
+from desanet.ebpf import frames
+from desanet.ebpf.bpf_syscall import prog_test_run
+from desanet.ebpf.datapath import Datapath, Provision
+from desanet.gateway.lab import in_netns, netns_cmd, run
 
 SUBSCRIBER_COUNTS = (1, 1000, 65536)
 INTERNET_V4, INTERNET_V6 = "198.51.100.1", "2001:db8:ff::1"

@@ -17,12 +17,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-from benchmarks.common import Report, median, parse_args
-from gateway.lab import in_netns
-from shaper.apply import Shaper
-from shaper.diff import diff
-from shaper.plan import Link, Plan, SubscriberPlan, build_plan
-from shaper.tree import HtbClass, LeafQdisc
+from desanet.benchmarks.common import Report, median, parse_args
+from desanet.gateway.lab import in_netns
+from desanet.shaper.apply import Shaper
+from desanet.shaper.diff import diff
+from desanet.shaper.plan import Link, Plan, SubscriberPlan, build_plan
+from desanet.shaper.tree import HtbClass, LeafQdisc
 
 LAN = "br-lan"
 LINK = Link(down_bps=1_000_000_000, up_bps=500_000_000)

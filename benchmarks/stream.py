@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from benchmarks.common import Report, median, parse_args
-from meter import wire
-from meter.journal import Journal
-from meter.keys import ServerSecurity
-from meter.service import MeterService, StreamConfig
-from meter.usage import UsageInterval
+from desanet.benchmarks.common import Report, median, parse_args
+from desanet.meter import wire
+from desanet.meter.journal import Journal
+from desanet.meter.keys import ServerSecurity
+from desanet.meter.service import MeterService, StreamConfig
+from desanet.meter.usage import UsageInterval
 
 REPO = Path(__file__).resolve().parents[1]
 ANY_PORT = "tcp://127.0.0.1:*"

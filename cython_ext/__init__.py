@@ -13,10 +13,10 @@ import importlib
 import os
 from types import ModuleType
 
-from gateway.errors import DesanetError
+from desanet.errors import DesanetError
 
 ENV_VAR = "DESANET_AGGREGATOR"
-BACKENDS = {"cython": "cython_ext._aggregate", "python": "cython_ext.twin"}
+BACKENDS = {"cython": "desanet.cython_ext._aggregate", "python": "desanet.cython_ext.twin"}
 
 
 def load_backend(name: str | None = None) -> ModuleType:

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from gateway.errors import DesanetError, ValidationError
+from desanet.errors import DesanetError, ValidationError
 
 STATE_VERSION = 1
 # Columns of a counter row, as ebpf/abi.py COUNTER_FIELDS: up bytes/packets, down bytes/packets.

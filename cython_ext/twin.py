@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from cython_ext import _state
-from gateway.errors import ValidationError
-from meter.usage import UsageInterval
+from desanet.cython_ext import _state
+from desanet.errors import ValidationError
+from desanet.meter.usage import UsageInterval
 
 BITS_PER_MS = 8000.0
 # Bytes columns of a counter row, whose deltas drive the up and down rates.

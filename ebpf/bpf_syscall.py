@@ -11,7 +11,7 @@ import ctypes
 import os
 from dataclasses import dataclass
 
-from gateway.errors import DatapathError
+from desanet.errors import DatapathError
 
 SYS_BPF = 321  # x86_64
 BPF_MAP_CREATE = 0

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from ebpf import abi
-from ebpf.datapath import Datapath
-from gateway.units import format_bytes
+from desanet.ebpf import abi
+from desanet.ebpf.datapath import Datapath
+from desanet.units import format_bytes
 
 
 def register(subparsers: Any) -> None:

@@ -24,9 +24,9 @@ import numpy.typing as npt
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ebpf import abi, bpf_syscall
-from ebpf.prefixes import KeyTuple, key_of, parse_prefix, prefix_of
-from gateway.errors import DatapathError, ValidationError
+from desanet.ebpf import abi, bpf_syscall
+from desanet.ebpf.prefixes import KeyTuple, key_of, parse_prefix, prefix_of
+from desanet.errors import DatapathError, ValidationError
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from ebpf import abi
-from ebpf.bpf_syscall import (
+from desanet.ebpf import abi
+from desanet.ebpf.bpf_syscall import (
     BPF_BTF_LOAD,
     BPF_MAP_CREATE,
     BPF_PROG_LOAD,
@@ -43,7 +43,7 @@ from ebpf.bpf_syscall import (
     bpf,
     bpf_raw,
 )
-from gateway.errors import DatapathError
+from desanet.errors import DatapathError
 
 CHUNK_SLOTS = 65_536
 COUNTER_BYTES = ctypes.sizeof(abi.Counters)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from gateway.errors import ValidationError
+from desanet.errors import ValidationError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # The key as the trie sees it: (prefix length in the 128-bit space, 16 address bytes).

@@ -8,10 +8,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from gateway.errors import DesanetError
+from desanet.errors import DesanetError
 
 # Each module exposes `register(subparsers)`, adding its verbs with a `func(args) -> int`.
-COMMAND_MODULES = ("ebpf.commands", "meter.commands", "gateway.commands")
+COMMAND_MODULES = ("desanet.ebpf.commands", "desanet.meter.commands", "desanet.gateway.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

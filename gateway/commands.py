@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.config import load_config
-from gateway.errors import DesanetError
+from desanet.errors import DesanetError
+from desanet.gateway.config import load_config
 
 DEFAULT_CONFIG = "/etc/desanet/gateway.toml"
 
@@ -59,7 +59,7 @@ def register(subparsers: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Check everything, then run until SIGTERM."""
-    from gateway.service import Gateway
+    from desanet.gateway.service import Gateway
 
     gateway = Gateway(args.config)
     if args.check:
@@ -75,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     """SIGTERM the service and wait; with --detach remove what desanet put in the kernel."""
-    from gateway.service import running_pid
+    from desanet.gateway.service import running_pid
 
     config = load_config(args.config)
     pid = running_pid(config.state_dir)
@@ -88,8 +88,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
             raise DesanetError(f"the service (pid {pid}) did not stop within 30 s")
         print(f"stopped the service (pid {pid})")
     if args.detach:
-        from ebpf.datapath import Datapath
-        from shaper.apply import Shaper, upload_ifb_name
+        from desanet.ebpf.datapath import Datapath
+        from desanet.shaper.apply import Shaper, upload_ifb_name
 
         ifb = upload_ifb_name(config.lan)
         Datapath(config.lan, config.gateway_id, capacity=config.capacity, upload_ifb=ifb).detach()
@@ -103,7 +103,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
-    from gateway.status import read_snapshot, render
+    from desanet.gateway.status import read_snapshot, render
 
     config = load_config(args.config)
     while True:
@@ -129,8 +129,8 @@ def cmd_control(args: argparse.Namespace) -> int:
     """Send one request and print the reply; exit 1 when refused."""
     import json
 
-    from gateway.control import request
-    from meter.keys import ClientSecurity, load_keypair
+    from desanet.gateway.control import request
+    from desanet.meter.keys import ClientSecurity, load_keypair
 
     body: dict[str, object] = {"op": args.op, "sub": args.sub}
     for item in args.args:
@@ -149,7 +149,7 @@ def cmd_control(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the village demo and write its report."""
-    from gateway.demo import run_demo
+    from desanet.gateway.demo import run_demo
 
     summary = run_demo(seconds=args.seconds, out_dir=args.out)
     return 0 if summary["ok"] else 1
@@ -157,14 +157,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run every benchmarks/<name>.py module, each writing <out>/<name>.json."""
-    import benchmarks
+    from desanet import benchmarks
 
     folder = Path(benchmarks.__file__).parent
     names = sorted(p.stem for p in folder.glob("*.py") if p.stem not in ("__init__", "common"))
     failed = []
     for name in names:
         print(f"== benchmarks.{name}", flush=True)
-        cmd = [sys.executable, "-m", f"benchmarks.{name}", "--json", str(args.out / f"{name}.json")]
+        cmd = [
+            sys.executable,
+            "-m",
+            f"desanet.benchmarks.{name}",
+            "--json",
+            str(args.out / f"{name}.json"),
+        ]
         if args.quick:
             cmd.append("--quick")
         if subprocess.run(cmd).returncode != 0:

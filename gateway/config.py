@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.errors import ConfigError, ValidationError
-from gateway.units import parse_duration_ms, parse_rate_bps
+from desanet.errors import ConfigError, ValidationError
+from desanet.units import parse_duration_ms, parse_rate_bps
 
 LEAF_KINDS = ("fq_codel", "cake", "pfifo")
 SUSPEND_MODES = ("wall", "block")

@@ -26,18 +26,18 @@ from typing import Any
 import msgpack
 import zmq
 
-from ebpf.abi import SLOT_BLOCKED
-from gateway.config import ControlConfig, LinkConfig
-from gateway.errors import ControlError, StreamError, ValidationError
-from gateway.registry import Plan, Subscriber
-from gateway.units import format_rate, parse_bytes, parse_rate_bps
-from meter.keys import (
+from desanet.ebpf.abi import SLOT_BLOCKED
+from desanet.errors import ControlError, StreamError, ValidationError
+from desanet.gateway.config import ControlConfig, LinkConfig
+from desanet.gateway.registry import Plan, Subscriber
+from desanet.meter.keys import (
     ClientSecurity,
     ServerSecurity,
     secure_client,
     secure_server,
     start_authenticator,
 )
+from desanet.units import format_rate, parse_bytes, parse_rate_bps
 
 log = logging.getLogger(__name__)
 

@@ -28,14 +28,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway import report
-from gateway.control import request
-from gateway.errors import DesanetError
-from gateway.lab import INET_V4, INET_V6, Village, in_netns, run, village
-from gateway.report import DemoRecord, DemoSubscriber, Sample
-from gateway.status import read_snapshot
-from meter.client import UsageClient
-from meter.keys import ClientSecurity
+from desanet.errors import DesanetError
+from desanet.gateway import report
+from desanet.gateway.control import request
+from desanet.gateway.lab import INET_V4, INET_V6, Village, in_netns, run, village
+from desanet.gateway.report import DemoRecord, DemoSubscriber, Sample
+from desanet.gateway.status import read_snapshot
+from desanet.meter.client import UsageClient
+from desanet.meter.keys import ClientSecurity
 
 Printer = Callable[[str], object]
 LINK_DOWN, LINK_UP = "20mbit", "5mbit"
@@ -290,7 +290,7 @@ def _run(lab: Village, workdir: Path, seconds: int, print_: Printer) -> DemoReco
     config.write_text(_config_text(gateway_id, state_dir))
     (workdir / "subscribers.csv").write_text(_subscribers_csv(lab, quota_bytes))
     log = workdir / "service.log"
-    cli = [sys.executable, "-m", "gateway.cli"]
+    cli = [sys.executable, "-m", "desanet.gateway.cli"]
     print_(f"starting `desanet run` in namespace {lab.gw_ns} (compiling the datapath)")
     with open(log, "wb") as log_file:
         service = subprocess.Popen(

@@ -27,7 +27,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gateway.status import Snapshot
+from desanet.gateway.status import Snapshot
 
 
 class GatewayCollector(Collector):

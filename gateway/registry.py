@@ -17,10 +17,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ebpf.abi import PREFIXES_PER_SUBSCRIBER
-from gateway.config import LinkConfig
-from gateway.errors import ConfigError, StreamError, ValidationError
-from gateway.units import format_rate, parse_bytes, parse_rate_bps
+from desanet.ebpf.abi import PREFIXES_PER_SUBSCRIBER
+from desanet.errors import ConfigError, StreamError, ValidationError
+from desanet.gateway.config import LinkConfig
+from desanet.units import format_rate, parse_bytes, parse_rate_bps
 
 COLUMNS = ("id", "name", "prefixes", "down_min", "down_max", "up_min", "up_max", "quota")
 _SUBSCRIBER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.units import format_bytes, format_rate
+from desanet.units import format_bytes, format_rate
 
 
 @dataclass

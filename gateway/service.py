@@ -20,21 +20,21 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, cast
 
-from cython_ext import load_backend
-from ebpf.datapath import Datapath, Provision
-from gateway import status
-from gateway.config import Config, load_config, require_lan
-from gateway.control import ControlEndpoint, ControlState, Event
-from gateway.errors import ConfigError, DesanetError, ValidationError
-from gateway.metrics import GatewayCollector, serve
-from gateway.registry import Plan, SlotTable, Subscriber, diff, load_subscribers
-from meter.delivered import DeliveredReader, split_state
-from meter.keys import ServerSecurity, load_allowed_keys, load_keypair
-from meter.poll import CounterReader, Poller
-from meter.service import MeterService, StreamConfig
-from meter.wire import UsageEvent
-from shaper.apply import Shaper, upload_ifb_name
-from shaper.plan import Link, SubscriberPlan, build_plan, classids_for_slot
+from desanet.cython_ext import load_backend
+from desanet.ebpf.datapath import Datapath, Provision
+from desanet.errors import ConfigError, DesanetError, ValidationError
+from desanet.gateway import status
+from desanet.gateway.config import Config, load_config, require_lan
+from desanet.gateway.control import ControlEndpoint, ControlState, Event
+from desanet.gateway.metrics import GatewayCollector, serve
+from desanet.gateway.registry import Plan, SlotTable, Subscriber, diff, load_subscribers
+from desanet.meter.delivered import DeliveredReader, split_state
+from desanet.meter.keys import ServerSecurity, load_allowed_keys, load_keypair
+from desanet.meter.poll import CounterReader, Poller
+from desanet.meter.service import MeterService, StreamConfig
+from desanet.meter.wire import UsageEvent
+from desanet.shaper.apply import Shaper, upload_ifb_name
+from desanet.shaper.plan import Link, SubscriberPlan, build_plan, classids_for_slot
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def running_pid(state_dir: Path) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
-    return pid if b"desanet" in cmdline or b"gateway.cli" in cmdline else None
+    return pid if b"desanet" in cmdline or b"desanet.gateway.cli" in cmdline else None
 
 
 def server_security(config: Config) -> ServerSecurity:

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import DesanetError
-from gateway.units import format_bytes, format_rate
+from desanet.errors import DesanetError
+from desanet.units import format_bytes, format_rate
 
 STATUS_FILE = "status.json"
 

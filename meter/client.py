@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import zmq
 
-from gateway.errors import StreamError
-from meter import wire
-from meter.keys import ClientSecurity, secure_client
+from desanet.errors import StreamError
+from desanet.meter import wire
+from desanet.meter.keys import ClientSecurity, secure_client
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import ConfigError, StreamError
-from meter.client import ReplayGone, Snapshot, UsageClient
-from meter.wire import UsageMessage
+from desanet.errors import ConfigError, StreamError
+from desanet.meter.client import ReplayGone, Snapshot, UsageClient
+from desanet.meter.wire import UsageMessage
 
 log = logging.getLogger(__name__)
 

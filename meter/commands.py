@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from gateway.units import format_bytes
-from meter.client import UsageClient
-from meter.collector import UsageStore, collect, month_bounds_ms
-from meter.keys import ClientSecurity, generate_keypair, load_keypair
-from meter.wire import UsageMessage
+from desanet.meter.client import UsageClient
+from desanet.meter.collector import UsageStore, collect, month_bounds_ms
+from desanet.meter.keys import ClientSecurity, generate_keypair, load_keypair
+from desanet.meter.wire import UsageMessage
+from desanet.units import format_bytes
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

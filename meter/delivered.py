@@ -28,8 +28,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from gateway.errors import StreamError
-from meter.poll import CounterSource
+from desanet.errors import StreamError
+from desanet.meter.poll import CounterSource
 
 ETHERNET_HEADER_BYTES = 14
 STATE_PREFIX = "delivered."

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.errors import StreamError
+from desanet.errors import StreamError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from gateway.errors import ConfigError
+from desanet.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

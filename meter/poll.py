@@ -25,10 +25,10 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-import cython_ext
-from ebpf import abi, bpf_syscall
-from ebpf.percpu_sum import KernelSum
-from gateway.errors import DatapathError, ValidationError
+from desanet import cython_ext
+from desanet.ebpf import abi, bpf_syscall
+from desanet.ebpf.percpu_sum import KernelSum
+from desanet.errors import DatapathError, ValidationError
 
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPFFS = Path("/sys/fs/bpf")

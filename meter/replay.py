@@ -16,10 +16,10 @@ from typing import Any
 
 import zmq
 
-from gateway.errors import StreamError
-from meter import wire
-from meter.journal import Journal
-from meter.keys import ServerSecurity, secure_server
+from desanet.errors import StreamError
+from desanet.meter import wire
+from desanet.meter.journal import Journal
+from desanet.meter.keys import ServerSecurity, secure_server
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from gateway.errors import StreamError
-from meter.journal import encode_record, scan_records, split_payload
+from desanet.errors import StreamError
+from desanet.meter.journal import encode_record, scan_records, split_payload
 
 StateArrays = dict[str, npt.NDArray[Any]]
 CHECKPOINT_NAME = "checkpoint.bin"

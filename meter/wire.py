@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from gateway.errors import StreamError
+from desanet.errors import StreamError
 
 VERSION = 1
 TOPIC_PREFIX = "usage."

@@ -27,13 +27,13 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_GETQDISC, RTM_GETTCLASS
 
-from gateway.errors import ShaperError
-from shaper.diff import Operation, diff
-from shaper.leaf import choose_leaf
-from shaper.netlink import TcSocket, encode_root_delete, encode_root_probe
-from shaper.plan import DIRECTIONS, Plan
-from shaper.readback import ClassStats, leaf_stats, parse_qdiscs_of, tree_from_parts
-from shaper.tree import DOWN_MAJOR, UP_MAJOR, Tree, make_handle, slot_of_minor
+from desanet.errors import ShaperError
+from desanet.shaper.diff import Operation, diff
+from desanet.shaper.leaf import choose_leaf
+from desanet.shaper.netlink import TcSocket, encode_root_delete, encode_root_probe
+from desanet.shaper.plan import DIRECTIONS, Plan
+from desanet.shaper.readback import ClassStats, leaf_stats, parse_qdiscs_of, tree_from_parts
+from desanet.shaper.tree import DOWN_MAJOR, UP_MAJOR, Tree, make_handle, slot_of_minor
 
 log = logging.getLogger("desanet.shaper")
 

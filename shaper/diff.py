@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 
-from shaper import netlink
-from shaper.tree import HtbClass, HtbRoot, LeafQdisc, Tree, minor_of, slot_of_minor
+from desanet.shaper import netlink
+from desanet.shaper.tree import HtbClass, HtbRoot, LeafQdisc, Tree, minor_of, slot_of_minor
 
 
 @dataclass(frozen=True)

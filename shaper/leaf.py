@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from gateway.errors import ShaperError, ValidationError
+from desanet.errors import ShaperError, ValidationError
 
 LEAF_KINDS = ("fq_codel", "cake", "pfifo")
 

@@ -35,8 +35,8 @@ from pyroute2.netlink.rtnl import (
     RTM_NEWTCLASS,
 )
 
-from gateway.errors import ShaperError
-from shaper.tree import TC_H_ROOT, HtbClass, HtbRoot, LeafQdisc
+from desanet.errors import ShaperError
+from desanet.shaper.tree import TC_H_ROOT, HtbClass, HtbRoot, LeafQdisc
 
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270

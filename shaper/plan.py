@@ -21,11 +21,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from gateway.errors import ValidationError
-from gateway.units import format_rate, parse_rate_bps
-from shaper import leaf as leafmod
-from shaper.cowmap import CowMap
-from shaper.tree import (
+from desanet.errors import ValidationError
+from desanet.shaper import leaf as leafmod
+from desanet.shaper.cowmap import CowMap
+from desanet.shaper.tree import (
     DEFAULT_MINOR,
     DOWN_MAJOR,
     MAX_SLOT,
@@ -39,6 +38,7 @@ from shaper.tree import (
     leaf_handle,
     make_handle,
 )
+from desanet.units import format_rate, parse_rate_bps
 
 DIRECTIONS = ("down", "up")
 R2Q = 10

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pyroute2.netlink.rtnl import RTM_NEWQDISC, RTM_NEWTCLASS
 
-from shaper.netlink import (
+from desanet.shaper.netlink import (
     HTB_GLOB,
     HTB_OPT,
     LEAF_ATTRS,
@@ -36,7 +36,7 @@ from shaper.netlink import (
     iter_attrs,
     iter_messages,
 )
-from shaper.tree import TC_H_ROOT, HtbClass, HtbRoot, LeafQdisc, Tree, major_of, make_handle
+from desanet.shaper.tree import TC_H_ROOT, HtbClass, HtbRoot, LeafQdisc, Tree, major_of, make_handle
 
 BASIC = struct.Struct("=QI")
 QUEUE = struct.Struct("=IIIII")

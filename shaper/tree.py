@@ -11,7 +11,7 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from shaper.cowmap import CowMap
+from desanet.shaper.cowmap import CowMap
 
 T = TypeVar("T")
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.lab import Village, run, village
+from desanet.gateway.lab import Village, run, village
 
 
 @pytest.fixture(autouse=True)

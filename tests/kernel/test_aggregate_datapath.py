@@ -16,11 +16,11 @@ import time
 import numpy as np
 import pytest
 
-import cython_ext
-from ebpf import abi
-from ebpf.datapath import Datapath
-from gateway.lab import INET_V4, INET_V6, Village, in_netns
-from meter.poll import CounterReader
+from desanet import cython_ext
+from desanet.ebpf import abi
+from desanet.ebpf.datapath import Datapath
+from desanet.gateway.lab import INET_V4, INET_V6, Village, in_netns
+from desanet.meter.poll import CounterReader
 
 pytestmark = pytest.mark.kernel
 

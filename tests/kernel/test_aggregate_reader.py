@@ -13,11 +13,11 @@ import pytest
 from bcc import BPF
 from bcc.libbcc import lib as libbcc
 
-import cython_ext
-from ebpf import abi
-from ebpf.percpu_sum import KernelSum
-from gateway.errors import DatapathError, ValidationError
-from meter.poll import CounterReader, Poller, possible_cpus
+from desanet import cython_ext
+from desanet.ebpf import abi
+from desanet.ebpf.percpu_sum import KernelSum
+from desanet.errors import DatapathError, ValidationError
+from desanet.meter.poll import CounterReader, Poller, possible_cpus
 
 pytestmark = pytest.mark.kernel
 

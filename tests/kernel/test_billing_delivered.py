@@ -18,13 +18,13 @@ import time
 import numpy as np
 import pytest
 
-from cython_ext import load_backend
-from ebpf.datapath import Datapath
-from gateway.lab import INET_V4, in_netns, run, village
-from meter.delivered import DeliveredReader
-from meter.poll import CounterReader
-from shaper.apply import Shaper
-from shaper.plan import Link, SubscriberPlan, build_plan, classids_for_slot
+from desanet.cython_ext import load_backend
+from desanet.ebpf.datapath import Datapath
+from desanet.gateway.lab import INET_V4, in_netns, run, village
+from desanet.meter.delivered import DeliveredReader
+from desanet.meter.poll import CounterReader
+from desanet.shaper.apply import Shaper
+from desanet.shaper.plan import Link, SubscriberPlan, build_plan, classids_for_slot
 
 pytestmark = pytest.mark.kernel
 

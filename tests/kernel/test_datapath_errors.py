@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ebpf import datapath as datapath_module
-from ebpf.datapath import Datapath, Provision
-from gateway.errors import DatapathError, ValidationError
-from gateway.lab import in_netns, run
+from desanet.ebpf import datapath as datapath_module
+from desanet.ebpf.datapath import Datapath, Provision
+from desanet.errors import DatapathError, ValidationError
+from desanet.gateway.lab import in_netns, run
 
 pytestmark = pytest.mark.kernel
 

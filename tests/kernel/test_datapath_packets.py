@@ -11,11 +11,11 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from ebpf import abi, frames
-from ebpf.bpf_syscall import SkBuff, prog_test_run
-from ebpf.datapath import Datapath
-from gateway.lab import in_netns
-from gateway.lab import run as run_cmd
+from desanet.ebpf import abi, frames
+from desanet.ebpf.bpf_syscall import SkBuff, prog_test_run
+from desanet.ebpf.datapath import Datapath
+from desanet.gateway.lab import in_netns
+from desanet.gateway.lab import run as run_cmd
 
 pytestmark = pytest.mark.kernel
 

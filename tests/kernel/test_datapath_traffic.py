@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ebpf.datapath import Datapath
-from gateway.lab import INET_V4, INET_V6, SubscriberHost, Village, in_netns, netns_cmd, run
+from desanet.ebpf.datapath import Datapath
+from desanet.gateway.lab import INET_V4, INET_V6, SubscriberHost, Village, in_netns, netns_cmd, run
 
 pytestmark = pytest.mark.kernel
 
@@ -23,7 +23,7 @@ UP_BYTES, UP_PKTS, DOWN_BYTES, DOWN_PKTS = range(4)
 def cli(village: Village, *args: str) -> str:
     """Run `desanet` in the gateway namespace as its own process (a real restart boundary)."""
     proc = subprocess.run(
-        netns_cmd(village.gw_ns, [sys.executable, "-m", "gateway.cli", *args]),
+        netns_cmd(village.gw_ns, [sys.executable, "-m", "desanet.gateway.cli", *args]),
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.demo import run_demo
+from desanet.gateway.demo import run_demo
 
 pytestmark = pytest.mark.kernel
 

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from gateway.control import request
-from gateway.demo import nsenter
-from gateway.errors import ControlError
-from gateway.lab import INET_V4, Village, in_netns, village
-from gateway.status import Snapshot, read_snapshot
-from meter.client import UsageClient
-from meter.keys import ClientSecurity, generate_keypair, load_keypair
+from desanet.errors import ControlError
+from desanet.gateway.control import request
+from desanet.gateway.demo import nsenter
+from desanet.gateway.lab import INET_V4, Village, in_netns, village
+from desanet.gateway.status import Snapshot, read_snapshot
+from desanet.meter.client import UsageClient
+from desanet.meter.keys import ClientSecurity, generate_keypair, load_keypair
 
 pytestmark = pytest.mark.kernel
 
-CLI = [sys.executable, "-m", "gateway.cli"]
+CLI = [sys.executable, "-m", "desanet.gateway.cli"]
 HEADER = "id,name,prefixes,down_min,down_max,up_min,up_max,quota\n"
 
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from ebpf.datapath import Datapath
-from gateway.lab import INET_V4, SubscriberHost, Village, in_netns, run, village
-from shaper.apply import Shaper
-from shaper.plan import Link, Plan, SubscriberPlan, build_plan, classids_for_slot
+from desanet.ebpf.datapath import Datapath
+from desanet.gateway.lab import INET_V4, SubscriberHost, Village, in_netns, run, village
+from desanet.shaper.apply import Shaper
+from desanet.shaper.plan import Link, Plan, SubscriberPlan, build_plan, classids_for_slot
 
 pytestmark = pytest.mark.kernel
 

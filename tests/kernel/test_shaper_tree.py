@@ -17,13 +17,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.errors import ShaperError, ValidationError
-from gateway.lab import in_netns
-from shaper import apply as shaper_apply
-from shaper.apply import Shaper, available_leaves, upload_ifb_name
-from shaper.diff import Operation
-from shaper.plan import Link, SubscriberPlan, build_plan, classids_for_slot
-from shaper.tree import HtbClass
+from desanet.errors import ShaperError, ValidationError
+from desanet.gateway.lab import in_netns
+from desanet.shaper import apply as shaper_apply
+from desanet.shaper.apply import Shaper, available_leaves, upload_ifb_name
+from desanet.shaper.diff import Operation
+from desanet.shaper.plan import Link, SubscriberPlan, build_plan, classids_for_slot
+from desanet.shaper.tree import HtbClass
 
 pytestmark = pytest.mark.kernel
 

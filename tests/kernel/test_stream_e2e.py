@@ -22,11 +22,11 @@ import msgpack
 import pytest
 import zmq
 
-from gateway.errors import StreamError
-from gateway.lab import INET_V4, Village, in_netns, village
-from meter.client import UsageClient
-from meter.collector import UsageStore, collect
-from meter.keys import ClientSecurity, KeyPair, generate_keypair, load_keypair
+from desanet.errors import StreamError
+from desanet.gateway.lab import INET_V4, Village, in_netns, village
+from desanet.meter.client import UsageClient
+from desanet.meter.collector import UsageStore, collect
+from desanet.meter.keys import ClientSecurity, KeyPair, generate_keypair, load_keypair
 from tests.kernel.test_gateway import Service, row
 
 pytestmark = pytest.mark.kernel

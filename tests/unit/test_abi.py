@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ebpf import abi
-from ebpf.bpf_syscall import SkBuff
+from desanet.ebpf import abi
+from desanet.ebpf.bpf_syscall import SkBuff
 
 pytestmark = pytest.mark.unit
 

@@ -7,9 +7,9 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-import cython_ext
-from cython_ext import twin
-from gateway.errors import DesanetError, ValidationError
+from desanet import cython_ext
+from desanet.cython_ext import twin
+from desanet.errors import DesanetError, ValidationError
 
 pytestmark = pytest.mark.unit
 

@@ -8,9 +8,9 @@ from typing import cast
 import numpy as np
 import pytest
 
-import cython_ext
-from gateway.errors import DatapathError
-from meter.poll import CounterReader, Poller, counters_path, possible_cpus
+from desanet import cython_ext
+from desanet.errors import DatapathError
+from desanet.meter.poll import CounterReader, Poller, counters_path, possible_cpus
 
 pytestmark = pytest.mark.unit
 

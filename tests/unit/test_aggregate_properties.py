@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import cython_ext
+from desanet import cython_ext
 
 pytestmark = pytest.mark.unit
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import ConfigError
-from meter.client import UsageClient
-from meter.collector import UsageStore, collect, month_bounds_ms
-from meter.journal import Retention
-from meter.wire import UsageMessage
+from desanet.errors import ConfigError
+from desanet.meter.client import UsageClient
+from desanet.meter.collector import UsageStore, collect, month_bounds_ms
+from desanet.meter.journal import Retention
+from desanet.meter.wire import UsageMessage
 from tests.unit.test_stream import interval, loopback_service
 
 pytestmark = pytest.mark.unit
@@ -194,7 +194,7 @@ def test_collector_resyncs_from_a_snapshot_when_history_is_gone(
 def test_cli_usage_collect_report_and_keygen(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from gateway.cli import main
+    from desanet.gateway.cli import main
 
     assert main(["keygen", "billing", "--dir", str(tmp_path / "keys")]) == 0
     assert (tmp_path / "keys" / "billing.key").exists()

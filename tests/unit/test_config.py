@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config, parse_config
-from gateway.errors import ConfigError
+from desanet.errors import ConfigError
+from desanet.gateway.config import load_config, parse_config
 
 pytestmark = pytest.mark.unit
 
@@ -106,7 +106,7 @@ def test_unreadable_file_is_named(tmp_path: Path) -> None:
 
 
 def test_shipped_examples_are_valid() -> None:
-    from gateway.registry import load_subscribers
+    from desanet.gateway.registry import load_subscribers
 
     example = Path(__file__).parents[2] / "gateway" / "example.toml"
     cfg = load_config(example)

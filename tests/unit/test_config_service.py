@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
-from gateway.service import Gateway
-from meter.keys import generate_keypair
+from desanet.gateway.cli import main
+from desanet.gateway.service import Gateway
+from desanet.meter.keys import generate_keypair
 
 pytestmark = pytest.mark.unit
 

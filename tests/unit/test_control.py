@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from ebpf.abi import SLOT_BLOCKED
-from gateway.config import ControlConfig, LinkConfig
-from gateway.control import ControlState
-from gateway.errors import ValidationError
-from gateway.registry import Plan, Subscriber
+from desanet.ebpf.abi import SLOT_BLOCKED
+from desanet.errors import ValidationError
+from desanet.gateway.config import ControlConfig, LinkConfig
+from desanet.gateway.control import ControlState
+from desanet.gateway.registry import Plan, Subscriber
 
 pytestmark = pytest.mark.unit
 

@@ -10,9 +10,9 @@ import msgpack
 import pytest
 import zmq
 
-from gateway.control import ControlEndpoint, request
-from gateway.errors import ControlError
-from meter.keys import ClientSecurity, KeyPair, ServerSecurity
+from desanet.errors import ControlError
+from desanet.gateway.control import ControlEndpoint, request
+from desanet.meter.keys import ClientSecurity, KeyPair, ServerSecurity
 
 pytestmark = pytest.mark.unit
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ebpf import datapath as datapath_module
-from ebpf.datapath import Datapath, compile_program
-from gateway.errors import DatapathError, ValidationError
+from desanet.ebpf import datapath as datapath_module
+from desanet.ebpf.datapath import Datapath, compile_program
+from desanet.errors import DatapathError, ValidationError
 
 pytestmark = pytest.mark.unit
 

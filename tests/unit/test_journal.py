@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import StreamError
-from meter.journal import HEADER, Journal, Retention, encode_record
-from meter.state import Checkpoint, apply_state_change, encode_state_change
+from desanet.errors import StreamError
+from desanet.meter.journal import HEADER, Journal, Retention, encode_record
+from desanet.meter.state import Checkpoint, apply_state_change, encode_state_change
 
 pytestmark = pytest.mark.unit
 

@@ -6,8 +6,8 @@ import ipaddress
 
 import pytest
 
-from ebpf.prefixes import check_unique, key_of, parse_prefix, parse_prefixes, prefix_of
-from gateway.errors import ValidationError
+from desanet.ebpf.prefixes import check_unique, key_of, parse_prefix, parse_prefixes, prefix_of
+from desanet.errors import ValidationError
 
 pytestmark = pytest.mark.unit
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import LinkConfig
-from gateway.errors import ConfigError
-from gateway.registry import SlotTable, diff, parse_subscribers
+from desanet.errors import ConfigError
+from desanet.gateway.config import LinkConfig
+from desanet.gateway.registry import SlotTable, diff, parse_subscribers
 
 pytestmark = pytest.mark.unit
 

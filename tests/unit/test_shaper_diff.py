@@ -16,10 +16,10 @@ import pytest
 from pyroute2.netlink.rtnl import RTM_NEWQDISC
 from pyroute2.netlink.rtnl.tcmsg import tcmsg
 
-from shaper.diff import diff
-from shaper.plan import Link, Plan, SubscriberPlan, build_plan, classids_for_slot
-from shaper.readback import leaf_stats, parse_qdiscs, tree_from_dumps
-from shaper.tree import Tree
+from desanet.shaper.diff import diff
+from desanet.shaper.plan import Link, Plan, SubscriberPlan, build_plan, classids_for_slot
+from desanet.shaper.readback import leaf_stats, parse_qdiscs, tree_from_dumps
+from desanet.shaper.tree import Tree
 
 pytestmark = pytest.mark.unit
 

@@ -6,11 +6,11 @@ import pytest
 from pyroute2.netlink.rtnl import RTM_DELTCLASS, RTM_NEWQDISC, RTM_NEWTCLASS
 from pyroute2.netlink.rtnl.tcmsg import tcmsg
 
-from shaper import netlink
-from shaper.diff import Operation
-from shaper.plan import Link, SubscriberPlan, build_plan, classids_for_slot
-from shaper.readback import parse_classes, parse_qdiscs
-from shaper.tree import TC_H_ROOT
+from desanet.shaper import netlink
+from desanet.shaper.diff import Operation
+from desanet.shaper.plan import Link, SubscriberPlan, build_plan, classids_for_slot
+from desanet.shaper.readback import parse_classes, parse_qdiscs
+from desanet.shaper.tree import TC_H_ROOT
 
 pytestmark = pytest.mark.unit
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import ShaperError, ValidationError
-from shaper.apply import upload_ifb_name
-from shaper.cowmap import CowMap
-from shaper.leaf import choose_leaf, codel_times_us, leaf_options
-from shaper.plan import (
+from desanet.errors import ShaperError, ValidationError
+from desanet.shaper.apply import upload_ifb_name
+from desanet.shaper.cowmap import CowMap
+from desanet.shaper.leaf import choose_leaf, codel_times_us, leaf_options
+from desanet.shaper.plan import (
     QUANTUM_MAX,
     QUANTUM_MIN,
     Link,
@@ -16,7 +16,7 @@ from shaper.plan import (
     build_plan,
     classids_for_slot,
 )
-from shaper.tree import MAX_SLOT
+from desanet.shaper.tree import MAX_SLOT
 
 pytestmark = pytest.mark.unit
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import zmq
 
-from cython_ext import twin
-from gateway.errors import ConfigError, StreamError
-from meter import wire
-from meter.client import UsageClient
-from meter.keys import (
+from desanet.cython_ext import twin
+from desanet.errors import ConfigError, StreamError
+from desanet.meter import wire
+from desanet.meter.client import UsageClient
+from desanet.meter.keys import (
     ClientSecurity,
     KeyPair,
     ServerSecurity,
@@ -25,8 +25,8 @@ from meter.keys import (
     load_allowed_keys,
     load_keypair,
 )
-from meter.service import MeterService, StreamConfig
-from meter.usage import UsageInterval
+from desanet.meter.service import MeterService, StreamConfig
+from desanet.meter.usage import UsageInterval
 
 pytestmark = pytest.mark.unit
 
@@ -373,7 +373,7 @@ def test_client_asks_again_when_a_reply_lost_messages(tmp_path: Path) -> None:
 
 
 def test_cli_usage_with_curve_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.cli import main
+    from desanet.gateway.cli import main
 
     keys = tmp_path / "keys"
     assert main(["keygen", "gateway", "--dir", str(keys)]) == 0

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cython_ext import twin
-from gateway.errors import StreamError
-from meter.client import UsageClient
-from meter.collector import UsageStore, collect
-from meter.keys import ServerSecurity
-from meter.service import MeterService, StreamConfig
-from meter.wire import UsageMessage
+from desanet.cython_ext import twin
+from desanet.errors import StreamError
+from desanet.meter.client import UsageClient
+from desanet.meter.collector import UsageStore, collect
+from desanet.meter.keys import ServerSecurity
+from desanet.meter.service import MeterService, StreamConfig
+from desanet.meter.wire import UsageMessage
 
 pytestmark = pytest.mark.unit
 

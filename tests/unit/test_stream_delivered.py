@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from cython_ext import twin
-from meter.delivered import DeliveredReader, split_state
+from desanet.cython_ext import twin
+from desanet.meter.delivered import DeliveredReader, split_state
 
 pytestmark = pytest.mark.unit
 

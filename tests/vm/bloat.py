@@ -19,8 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from gateway.lab import Village
-from shaper.plan import Plan, classids_for_slot
+from desanet.gateway.lab import Village
+from desanet.shaper.plan import Plan, classids_for_slot
 from tests.vm import satlink
 from tests.vm.satlink import Gateway, SatLink
 

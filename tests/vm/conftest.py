@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.lab import Village, village
+from desanet.gateway.lab import Village, village
 from tests.vm import satlink
 from tests.vm.guest import IN_VM_ENV
 from tests.vm.satlink import Gateway

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import DesanetError
+from desanet.errors import DesanetError
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST_SHARE = "/mnt"

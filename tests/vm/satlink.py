@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ebpf import abi
-from ebpf.datapath import Datapath
-from gateway.lab import INET_V4, SubscriberHost, Village, in_netns, run
-from shaper.apply import ApplyResult, Shaper, upload_ifb_name
-from shaper.plan import Link, Plan, SubscriberPlan, build_plan, classids_for_slot
+from desanet.ebpf import abi
+from desanet.ebpf.datapath import Datapath
+from desanet.gateway.lab import INET_V4, SubscriberHost, Village, in_netns, run
+from desanet.shaper.apply import ApplyResult, Shaper, upload_ifb_name
+from desanet.shaper.plan import Link, Plan, SubscriberPlan, build_plan, classids_for_slot
 
 GATEWAY_ID = "vm-tier"
 IPERF_BASE_PORT = 5201

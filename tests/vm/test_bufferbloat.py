@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.lab import Village
+from desanet.gateway.lab import Village
 from tests.vm import bloat
 from tests.vm.satlink import GEO, LEO, Gateway
 

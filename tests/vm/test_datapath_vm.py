@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from ebpf import abi
-from gateway.lab import INET_V4, Village
+from desanet.ebpf import abi
+from desanet.gateway.lab import INET_V4, Village
 from tests.vm.satlink import IPERF_BASE_PORT, LEO, Gateway, emulate
 
 pytestmark = pytest.mark.vm

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from gateway.lab import Village, in_netns, run
-from shaper.plan import classids_for_slot
+from desanet.gateway.lab import Village, in_netns, run
+from desanet.shaper.plan import classids_for_slot
 from tests.vm.satlink import GEO, Gateway
 
 pytestmark = pytest.mark.vm

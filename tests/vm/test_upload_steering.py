@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from gateway.lab import Village, in_netns, run
+from desanet.gateway.lab import Village, in_netns, run
 from tests.vm.satlink import LEO, Gateway, emulate, ping_rtts_ms
 
 pytestmark = pytest.mark.vm

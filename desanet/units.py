@@ -2,7 +2,7 @@
 
 import re
 
-from gateway.errors import ValidationError
+from desanet.errors import ValidationError
 
 _RATE_UNITS = {
     "bit": 1,

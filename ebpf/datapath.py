@@ -13,7 +13,6 @@ import errno
 import logging
 import os
 import platform
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from desanet.ebpf import abi, bpf_syscall
 from desanet.ebpf.prefixes import KeyTuple, key_of, parse_prefix, prefix_of
 from desanet.errors import DatapathError, ValidationError
+from desanet.validate import check_gateway_id
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ PARENT_INGRESS = 0xFFFFFFF2
 PARENT_EGRESS = 0xFFFFFFF3
 FILTER_PRIO = 0xDE5A >> 4  # a fixed priority so a re-attach replaces our own filter
 ETH_P_ALL = 0x0003
-_GATEWAY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MS_NOCLOEXEC = 0
 _HOST = 128  # key length of a whole address: such keys live in the `hosts` hash
 
@@ -95,10 +94,7 @@ class Datapath:
         upload_ifb: str | None = None,
         bpffs: Path = BPFFS,
     ) -> None:
-        if not _GATEWAY_ID.match(gateway_id):
-            raise ValidationError(
-                f"gateway id {gateway_id!r}: use letters, digits, '.', '_' or '-' (at most 63)"
-            )
+        check_gateway_id(gateway_id)
         if not 1 <= capacity <= 4_000_000:
             raise ValidationError(
                 f"datapath capacity {capacity} must be 1 to 4,000,000 subscribers"

@@ -16,14 +16,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from desanet.errors import ConfigError, ValidationError
+from desanet.shaper.leaf import LEAF_KINDS
 from desanet.units import parse_duration_ms, parse_rate_bps
+from desanet.validate import (
+    check_endpoint,
+    check_gateway_id,
+    check_ifname,
+    is_loopback,
+    parse_host_port,
+)
 
-LEAF_KINDS = ("fq_codel", "cake", "pfifo")
 SUSPEND_MODES = ("wall", "block")
-_GATEWAY_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_IFNAME = re.compile(r"^[A-Za-z0-9._-]{1,15}$")
-_ENDPOINT = re.compile(r"^(tcp://[^\s:]+:[0-9]{1,5}|ipc://\S+)$")
-_LISTEN = re.compile(r"^([^\s:]+|\[[0-9a-fA-F:]+\]):([0-9]{1,5})$")
 
 T = TypeVar("T")
 
@@ -208,14 +211,8 @@ def _build(doc: Mapping[str, Any], loc: _Located, path: Path) -> Config:
         except ValidationError as err:
             raise loc.error(section, key, str(err)) from err
 
-    gateway_id = get("gateway", "id", str)
-    if not _GATEWAY_ID.match(gateway_id):
-        raise loc.error(
-            "gateway", "id", f"{gateway_id!r}: use lowercase letters, digits and '-' (max 63)"
-        )
-    lan = get("gateway", "lan", str)
-    if not _IFNAME.match(lan):
-        raise loc.error("gateway", "lan", f"{lan!r} is not an interface name")
+    gateway_id = parsed("gateway", "id", check_gateway_id)
+    lan = parsed("gateway", "lan", check_ifname)
     capacity = get("gateway", "capacity", int, 65536)
     if not 1 <= capacity <= 1 << 20:
         raise loc.error("gateway", "capacity", f"{capacity} must be between 1 and 1048576")
@@ -234,22 +231,17 @@ def _build(doc: Mapping[str, Any], loc: _Located, path: Path) -> Config:
     suspend = get("control", "suspend", str, "wall")
     if suspend not in SUSPEND_MODES:
         raise loc.error("control", "suspend", f"{suspend!r} is not one of wall, block")
-    control_endpoint = _endpoint(
-        loc, "control", "endpoint", get("control", "endpoint", str, "tcp://127.0.0.1:7572")
-    )
-    publish = _publish(doc, loc, base, get)
-    if publish.plaintext and not _is_loopback(control_endpoint):
+    control_endpoint = parsed("control", "endpoint", check_endpoint, "tcp://127.0.0.1:7572")
+    publish = _publish(doc, loc, base, get, parsed)
+    if publish.plaintext and not is_loopback(control_endpoint):
         raise loc.error(
             "control", "endpoint", f"{control_endpoint!r}: plaintext is only allowed on loopback"
         )
     metrics = doc.get("metrics", {}).get("listen")
     metrics_listen = None
     if metrics is not None:
-        text = get("metrics", "listen", str)
-        match = _LISTEN.match(text)
-        if not match or not 0 < int(match.group(2)) < 65536:
-            raise loc.error("metrics", "listen", f"{text!r}: use host:port, e.g. 127.0.0.1:9570")
-        metrics_listen = (match.group(1).strip("[]"), int(match.group(2)))
+        listen = parsed("metrics", "listen", parse_host_port)
+        metrics_listen = (listen.host, listen.port)
     return Config(
         path=path,
         gateway_id=gateway_id,
@@ -280,29 +272,22 @@ def _build(doc: Mapping[str, Any], loc: _Located, path: Path) -> Config:
     )
 
 
-def _endpoint(loc: _Located, section: str, key: str, value: str) -> str:
-    if not _ENDPOINT.match(value):
-        raise loc.error(section, key, f"{value!r}: use tcp://host:port or ipc://path")
-    return value
-
-
-def _is_loopback(endpoint: str) -> bool:
-    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
-    return endpoint.startswith("ipc://") or host in ("127.0.0.1", "localhost", "[::1]", "::1")
-
-
 def _publish(
-    doc: Mapping[str, Any], loc: _Located, base: Path, get: Callable[..., Any]
+    doc: Mapping[str, Any],
+    loc: _Located,
+    base: Path,
+    get: Callable[..., Any],
+    parsed: Callable[..., Any],
 ) -> PublishConfig:
-    usage = _endpoint(loc, "publish", "usage", get("publish", "usage", str))
-    replay = _endpoint(loc, "publish", "replay", get("publish", "replay", str))
+    usage = parsed("publish", "usage", check_endpoint)
+    replay = parsed("publish", "replay", check_endpoint)
     plaintext = get("publish", "plaintext", bool, False)
     section = doc.get("publish", {})
     secret = section.get("secret_key")
     allowed = section.get("allowed_keys")
     if plaintext:
         for key, endpoint in (("usage", usage), ("replay", replay)):
-            if not _is_loopback(endpoint):
+            if not is_loopback(endpoint):
                 raise loc.error(
                     "publish", key, f"{endpoint!r}: plaintext is only allowed on loopback or ipc"
                 )

@@ -283,7 +283,7 @@ def run_demo(
 
 
 def _run(lab: Village, workdir: Path, seconds: int, print_: Printer) -> DemoRecord:
-    gateway_id = f"demo-{lab.tag}".lower()
+    gateway_id = f"demo-{lab.tag}"
     state_dir = workdir / "state"
     config = workdir / "gateway.toml"
     quota_bytes = seconds * 160_000  # passed about halfway through at a standard share

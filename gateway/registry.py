@@ -11,12 +11,12 @@ from __future__ import annotations
 import csv
 import ipaddress
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from desanet.durable import replace_atomically
 from desanet.ebpf.abi import PREFIXES_PER_SUBSCRIBER
 from desanet.errors import ConfigError, StreamError, ValidationError
 from desanet.gateway.config import LinkConfig
@@ -281,9 +281,5 @@ class SlotTable:
     def save(self) -> None:
         """Write the table atomically (a crash leaves the old or the new file, never half)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"high_water": self.high_water, "slots": self.slots}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        table = {"high_water": self.high_water, "slots": self.slots}
+        replace_atomically(self.path, json.dumps(table).encode())

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, cast
 
+from desanet.clock import now_ms
 from desanet.cython_ext import load_backend
 from desanet.ebpf.datapath import Datapath, Provision
 from desanet.errors import ConfigError, DesanetError, ValidationError
@@ -40,11 +41,6 @@ log = logging.getLogger(__name__)
 
 PID_FILE = "desanet.pid"
 _MAX_EVENTS = 50
-
-
-def now_ms() -> int:
-    """Wall clock in Unix milliseconds (usage intervals are stamped with it)."""
-    return time.time_ns() // 1_000_000
 
 
 def running_pid(state_dir: Path) -> int | None:

@@ -8,12 +8,12 @@ is plain JSON so other tools (and the demo) can read it too.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from desanet.durable import replace_atomically
 from desanet.errors import DesanetError
 from desanet.units import format_bytes, format_rate
 
@@ -67,10 +67,9 @@ class Snapshot:
 
 def write_snapshot(state_dir: Path, snapshot: Snapshot) -> None:
     """Replace status.json atomically (readers never see half a file)."""
-    path = state_dir / STATUS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(snapshot)))
-    os.replace(tmp, path)
+    # Rewritten every interval and worthless after a crash: no fsync.
+    data = json.dumps(asdict(snapshot)).encode()
+    replace_atomically(state_dir / STATUS_FILE, data, mode=0o640, sync=False)
 
 
 def read_snapshot(state_dir: Path) -> Snapshot:

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from desanet.durable import PRIVATE, fsync_dir
 from desanet.errors import StreamError
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,8 @@ class Journal:
 
     def _open(self, seg: _Segment) -> int:
         try:
-            self._fd = os.open(seg.path, os.O_RDWR | os.O_CREAT, 0o640)
-            _fsync_dir(self.directory)
+            self._fd = os.open(seg.path, os.O_RDWR | os.O_CREAT, PRIVATE)
+            fsync_dir(self.directory)
         except OSError as err:
             raise StreamError(f"cannot open journal segment {seg.path}: {err}") from err
         return self._fd
@@ -285,11 +286,3 @@ class Journal:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

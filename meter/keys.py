@@ -9,7 +9,6 @@ every endpoint is loopback-only, so usage never crosses a link in clear.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Iterable
@@ -21,6 +20,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from desanet.errors import ConfigError
+from desanet.validate import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -103,21 +103,6 @@ def load_allowed_keys(path: Path) -> frozenset[bytes]:
             raise ConfigError(f"{path}:{number}: a CURVE public key is 40 Z85 characters")
         keys.add(text.encode())
     return frozenset(keys)
-
-
-def is_loopback(endpoint: str) -> bool:
-    """True when a bind endpoint cannot be reached from another machine."""
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    if not endpoint.startswith("tcp://"):
-        return False
-    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _AllowedKeys:

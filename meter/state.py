@@ -7,12 +7,11 @@ record (a "state change"), in the same crc-checked write as the message. A
 checkpoint file holds the full state, the per-subscriber totals and the seq
 they correspond to; recovery loads the checkpoint and applies the changes of
 every newer journal record, giving exactly the state after the last journaled
-message. Checkpoints are replaced atomically (write, fsync, rename, fsync dir).
+message. Checkpoints are replaced atomically (desanet.durable).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
+from desanet.durable import replace_atomically
 from desanet.errors import StreamError
 from desanet.meter.journal import encode_record, scan_records, split_payload
 
@@ -114,18 +114,8 @@ class Checkpoint:
             }
         )
         path = directory / CHECKPOINT_NAME
-        tmp = path.with_suffix(".tmp")
         try:
-            with open(tmp, "wb") as f:
-                f.write(encode_record(self.seq, body, b""))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            replace_atomically(path, encode_record(self.seq, body, b""))
         except OSError as err:
             raise StreamError(f"cannot write checkpoint {path}: {err}") from err
 

@@ -1,4 +1,4 @@
-# desanet: the two commands a newcomer needs are `sudo make demo` and `sudo make test`.
+# desanet: the two commands a newcomer needs, as root, are `make demo` and `make test`.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 VENV    := .venv
@@ -6,17 +6,27 @@ PY      := $(VENV)/bin/python
 PYTEST  := $(PY) -m pytest
 STAMP   := $(VENV)/.desanet-installed
 
-# Debian packages the gateway and the test tiers need.
-DEB_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-dev \
-	iproute2 iputils-ping procps nftables iperf3 ethtool build-essential \
-	linux-image-amd64 qemu-system-x86 busybox-static postgresql
+# Debian names its kernel packages (linux-headers-F, linux-image-F) by flavour: the
+# architecture itself, except on armhf, whose multiplatform flavour is armmp.
+DEB_ARCH       := $(shell dpkg --print-architecture 2>/dev/null)
+KERNEL_FLAVOUR := $(if $(filter armhf,$(DEB_ARCH)),armmp,$(filter amd64 arm64 riscv64,$(DEB_ARCH)))
+# The VM tier boots Debian's amd64 kernel under qemu-system-x86: x86-64 hosts only.
+VM_TIER        := $(filter amd64,$(DEB_ARCH))
+VM_PACKAGES    := linux-image-amd64 qemu-system-x86 busybox-static
 
-.PHONY: setup deb-packages venv build lint test test-unit test-kernel test-vm bench bench-quick demo clean
+# Debian packages the gateway and the test tiers need.
+DEB_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-$(KERNEL_FLAVOUR) python3-venv python3-dev \
+	iproute2 iputils-ping procps nftables iperf3 ethtool build-essential postgresql \
+	$(if $(VM_TIER),$(VM_PACKAGES))
+
+.PHONY: setup deb-packages venv build lint test test-unit test-kernel test-vm test-wheel \
+	bench bench-quick demo clean
 
 setup: deb-packages venv build
 
 deb-packages:
-	bash gateway/setup-host.sh $(DEB_PACKAGES)
+	bash gateway/setup-host.sh --arch "$(DEB_ARCH)" --kernel-flavour "$(KERNEL_FLAVOUR)" \
+		$(DEB_PACKAGES)
 
 $(VENV)/bin/python:
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
@@ -50,13 +60,22 @@ test-kernel: setup
 	$(call run_pytest,tests/kernel -m kernel)
 
 test-vm: setup
+ifeq ($(VM_TIER),)
+	@echo "test-vm: skipped: the VM tier boots Debian's amd64 kernel under qemu-system-x86," \
+		"so it runs on x86-64 (amd64) hosts only; this one is $(DEB_ARCH)"
+else
 	$(PY) -m tests.vm.run
+endif
+
+# The wheel a user installs, in a fresh venv, used from outside the checkout (tests/wheel/run.py).
+test-wheel: setup
+	$(PY) -m tests.wheel.run
 
 # `desanet bench` runs every benchmarks/*.py module and fails if any of them failed.
 bench-quick: setup
 	$(VENV)/bin/desanet bench --quick --out /tmp/desanet-bench
 
-test: setup lint test-unit test-kernel test-vm bench-quick
+test: setup lint test-unit test-kernel test-vm bench-quick test-wheel
 
 bench: setup
 	$(VENV)/bin/desanet bench --out bench-results

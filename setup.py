@@ -1,5 +1,8 @@
 """Build and install desanet: the Python packages, the Cython aggregator, the CLI."""
 
+import ast
+from pathlib import Path
+
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -8,6 +11,23 @@ from setuptools import Extension, setup
 # `desanet` (desanet/<name> links to ../<name>), so no import name can collide with
 # another distribution's `gateway` or `benchmarks`.
 LAYERS = ("ebpf", "cython_ext", "meter", "shaper", "gateway", "benchmarks")
+
+# Extras: only the demo draws a picture (a gateway needs no plotting library), and only
+# the collector's PostgreSQL store needs psycopg (its SQLite store is in the standard library).
+DEMO = ["matplotlib>=3.6,<4"]
+POSTGRES = ["psycopg[binary]>=3.1,<4"]
+
+
+def read_version() -> str:
+    """`__version__` of desanet/__init__.py, the one place the version is written."""
+    tree = ast.parse((Path(__file__).parent / "desanet" / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__version__" for t in node.targets
+        ):
+            return str(ast.literal_eval(node.value))
+    raise SystemExit("desanet/__init__.py defines no __version__")
+
 
 extensions = [
     Extension(
@@ -21,7 +41,7 @@ extensions = [
 
 setup(
     name="desanet",
-    version="0.1.0",
+    version=read_version(),
     description="Edge engine for village cooperative ISPs: eBPF metering, HTB shaping, billing",
     python_requires=">=3.11",
     packages=["desanet", *(f"desanet.{p}" for p in LAYERS)],
@@ -38,17 +58,18 @@ setup(
         "msgpack>=1.0,<2",
         "numpy>=1.24,<3",
         "prometheus_client>=0.17,<1",
-        "matplotlib>=3.6,<4",
     ],
     extras_require={
-        "postgres": ["psycopg[binary]>=3.1,<4"],
+        "postgres": POSTGRES,
+        "demo": DEMO,
         "dev": [
+            *DEMO,
+            *POSTGRES,
             "cython>=3.0,<4",
             "pytest>=7,<10",
             "hypothesis>=6.80,<7",
             "ruff>=0.5,<1",
             "mypy>=1.8,<3",
-            "psycopg[binary]>=3.1,<4",
             "virtme-ng>=1.25,<2",
         ],
     },

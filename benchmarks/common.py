@@ -2,7 +2,8 @@
 
 A benchmark module builds a `Report`, adds rows (one per measured case, its
 peer measured in the same run) and headline figures (the keys its issue names),
-then calls `report.finish(args)`, which prints the table and writes the JSON.
+then calls `report.finish(args)`, which prints the table and writes the JSON;
+a benchmark this machine cannot run calls `report.skip(args, reason)` instead.
 """
 
 from __future__ import annotations
@@ -95,17 +96,27 @@ class Report:
     def finish(self, args: argparse.Namespace) -> None:
         """Print the table; write the JSON file when asked."""
         print(self.render(), flush=True)
-        if args.json:
-            doc = {
-                "benchmark": self.name,
-                "quick": self.quick,
-                "machine": machine(),
-                "rows": self.rows,
-                "headline": self.headline,
-                "notes": self.notes,
-            }
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        self._write(args, {})
+
+    def skip(self, args: argparse.Namespace, reason: str) -> None:
+        """Say why nothing was measured on this machine; the JSON file keeps the reason."""
+        print(f"benchmark {self.name}: skipped: {reason}", flush=True)
+        self._write(args, {"skipped": reason})
+
+    def _write(self, args: argparse.Namespace, extra: dict[str, Any]) -> None:
+        if not args.json:
+            return
+        doc = {
+            "benchmark": self.name,
+            "quick": self.quick,
+            "machine": machine(),
+            "rows": self.rows,
+            "headline": self.headline,
+            "notes": self.notes,
+            **extra,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def _fmt(value: Any) -> str:

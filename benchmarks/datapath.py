@@ -10,7 +10,7 @@ subscriber namespace through a router namespace to a sink, counted per
 subscriber either by the desanet datapath or by the usual alternative, an
 nftables set of subscriber addresses with per-element counters; the two (and
 a run with neither) alternate, and the sink's received packets per second are
-compared. Run as root: `python -m benchmarks.datapath [--quick] [--json F]`.
+compared. Run as root: `python -m desanet.benchmarks.datapath [--quick] [--json F]`.
 """
 
 from __future__ import annotations

@@ -28,7 +28,6 @@ from desanet.meter.keys import ServerSecurity
 from desanet.meter.service import MeterService, StreamConfig
 from desanet.meter.usage import UsageInterval
 
-REPO = Path(__file__).resolve().parents[1]
 ANY_PORT = "tcp://127.0.0.1:*"
 
 
@@ -90,11 +89,10 @@ def _intervals(n_msgs: int, n_subs: int) -> list[UsageInterval]:
 
 def _start_client(endpoint: str, kind: str, records: int) -> subprocess.Popen[str]:
     code = (
-        f"from benchmarks.stream import client_main; client_main({endpoint!r}, {kind!r}, {records})"
+        "from desanet.benchmarks.stream import client_main; "
+        f"client_main({endpoint!r}, {kind!r}, {records})"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
         raise RuntimeError("benchmark client did not start")

@@ -1,17 +1,18 @@
-"""The `desanet` command: one verb per job, each registered by the package that owns it."""
+"""The `desanet` command: one verb per job, all registered here by the composition root."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
 
+from desanet import __version__
 from desanet.errors import DesanetError
+from desanet.gateway import commands, datapath_commands, usage_commands
 
 # Each module exposes `register(subparsers)`, adding its verbs with a `func(args) -> int`.
-COMMAND_MODULES = ("desanet.ebpf.commands", "desanet.meter.commands", "desanet.gateway.commands")
+COMMAND_MODULES = (datapath_commands, usage_commands, commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,11 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="desanet",
         description="Edge engine of village cooperative ISPs: meter, shape, publish usage.",
     )
+    parser.add_argument("--version", action="version", version=f"desanet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
     return parser
 
 

@@ -150,16 +150,22 @@ def cmd_control(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the village demo and write its report."""
     from desanet.gateway.demo import run_demo
+    from desanet.gateway.report import pyplot
 
+    pyplot()  # without matplotlib, fail now rather than after the whole run
     summary = run_demo(seconds=args.seconds, out_dir=args.out)
     return 0 if summary["ok"] else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run every benchmarks/<name>.py module, each writing <out>/<name>.json."""
-    from desanet import benchmarks
+    """Run every benchmarks/<name>.py module, each writing <out>/<name>.json.
 
-    folder = Path(benchmarks.__file__).parent
+    Each runs as its own program (`python -m`): the gateway starts benchmarks, it never
+    imports them (they sit above it). One this machine cannot run says why and skips.
+    """
+    import desanet
+
+    folder = Path(desanet.__file__).parent / "benchmarks"
     names = sorted(p.stem for p in folder.glob("*.py") if p.stem not in ("__init__", "common"))
     failed = []
     for name in names:

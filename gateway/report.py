@@ -11,8 +11,10 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+from desanet.errors import DesanetError
 from desanet.units import format_bytes, format_rate
 
 
@@ -271,13 +273,26 @@ def render_markdown(record: DemoRecord, summary: dict[str, Any], plot_name: str)
     return "\n".join(lines)
 
 
-def plot(record: DemoRecord, path: Path) -> None:
-    """PNG of every subscriber's download and upload throughput over time."""
-    import matplotlib
-
+def pyplot() -> ModuleType:
+    """matplotlib's pyplot, drawing to files: only the demo needs it (the `demo` extra)."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError as err:
+        if err.name != "matplotlib":
+            raise
+        raise DesanetError(
+            "the demo draws its throughput plot with matplotlib, which is not installed: "
+            "pip install 'desanet[demo]' (in a checkout, `make setup` installs it)"
+        ) from err
     matplotlib.use("Agg")  # no display on a gateway
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(record: DemoRecord, path: Path) -> None:
+    """PNG of every subscriber's download and upload throughput over time."""
+    plt = pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     for ax, direction in zip(axes, ("down", "up"), strict=True):
         for sub in record.subscribers:

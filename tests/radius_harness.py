@@ -86,6 +86,9 @@ modules {{
     # tolower and md5, used by the shipped queries and the session key below.
     expr {{
     }}
+    always ok {{
+        rcode = ok
+    }}
     sql {{
         dialect = "postgresql"
         driver = "rlm_sql_postgresql"
@@ -136,6 +139,9 @@ server default {{
     }}
     accounting {{
         sql
+        # sql is noop when a query touched no row (Accounting-On with no open session), and
+        # FreeRADIUS answers only ok/updated: the default site's later modules give that.
+        ok
     }}
 }}
 """
@@ -213,7 +219,8 @@ class FreeRadius:
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         """Rows of one query on the `radius` database."""
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            return list(conn.execute(sql, params).fetchall())
+            cur = conn.execute(sql, params)
+            return list(cur.fetchall()) if cur.description else []
 
     def octets_by_user(self) -> dict[str, tuple[int, int]]:
         """Sum of (AcctInputOctets, AcctOutputOctets) of every radacct row, per UserName."""

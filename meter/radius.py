@@ -126,6 +126,11 @@ class RadiusAccounting:
         """The seq of the newest journal record RADIUS acknowledged everything of."""
         return self.accountant.book.cursor
 
+    def session_owner(self, session_id: str) -> str | None:
+        """The subscriber whose open session has this Acct-Session-Id (for Disconnect/CoA)."""
+        sessions = list(self.accountant.book.sessions.values())
+        return next((s.sub for s in sessions if s.session_id == session_id), None)
+
     def _load_book(self) -> SessionBook:
         try:
             doc = json.loads(self._book_path.read_bytes())

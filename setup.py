@@ -58,6 +58,7 @@ setup(
         "msgpack>=1.0,<2",
         "numpy>=1.24,<3",
         "prometheus_client>=0.17,<1",
+        "pyrad>=2.6,<3",
     ],
     extras_require={
         "postgres": POSTGRES,

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 from desanet import __version__
 from desanet.errors import DesanetError
-from desanet.gateway import commands, datapath_commands, usage_commands
+from desanet.gateway import commands, datapath_commands, import_commands, usage_commands
 
 # Each module exposes `register(subparsers)`, adding its verbs with a `func(args) -> int`.
-COMMAND_MODULES = (datapath_commands, usage_commands, commands)
+COMMAND_MODULES = (datapath_commands, usage_commands, commands, import_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

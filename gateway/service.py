@@ -15,7 +15,6 @@ import os
 import signal
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import Any, cast
@@ -24,10 +23,13 @@ from desanet.clock import now_ms
 from desanet.cython_ext import load_backend
 from desanet.ebpf.datapath import Datapath, Provision
 from desanet.errors import ConfigError, DesanetError, ValidationError
-from desanet.gateway import status
+from desanet.gateway import control_requests, status
 from desanet.gateway.config import Config, load_config, require_lan
-from desanet.gateway.control import ControlEndpoint, ControlState, Event
+from desanet.gateway.control import ControlEndpoint
+from desanet.gateway.control_state import ControlState
+from desanet.gateway.enforcement import Enforced, enforce, quota_in_force
 from desanet.gateway.metrics import GatewayCollector, serve
+from desanet.gateway.quota import quota_pass, usage_bytes, used_in_period
 from desanet.gateway.registry import Plan, SlotTable, Subscriber, diff, load_subscribers
 from desanet.meter.delivered import DeliveredReader, split_state
 from desanet.meter.keys import ServerSecurity, load_allowed_keys, load_keypair
@@ -91,7 +93,7 @@ class Gateway:
         self.subscribers = load_subscribers(cfg.subscribers_file, cfg.link, cfg.capacity)
         self.security = server_security(cfg)
         self.slots = SlotTable(cfg.state_dir / "slots.json", cfg.capacity)
-        self.control = ControlState(cfg.state_dir / "control.journal", cfg.control, cfg.link)
+        self.control = ControlState(cfg.state_dir)
         self.by_id = {s.id: s for s in self.subscribers}
         self.slots.assign(self.by_id)
         try:
@@ -111,9 +113,7 @@ class Gateway:
         self._file_stamp = self._stamp()
 
     def _enforced(self) -> list[tuple[Subscriber, int, Plan]]:
-        return [
-            (s, self.slots.slots[s.id], self.control.enforced(s).plan) for s in self.subscribers
-        ]
+        return [(s, self.slots.slots[s.id], self._enforce(s).plan) for s in self.subscribers]
 
     def _stamp(self) -> tuple[float, int]:
         try:
@@ -135,8 +135,8 @@ class Gateway:
             )
         (cfg.state_dir / PID_FILE).write_text(f"{os.getpid()}\n")
         self.control.open()
-        for sub_id in [i for i in self.control.subs if i not in self.by_id]:
-            self.control.forget(sub_id)  # removed from the file while the service was down
+        # Removed from the file while the service was down.
+        self.control.forget([i for i in self.control.records if i not in self.by_id])
         # Endpoints first: a port already taken is refused before the kernel is touched.
         self.meter = MeterService(
             cfg.gateway_id,
@@ -216,7 +216,7 @@ class Gateway:
     def _provision_entry(self, sub: Subscriber) -> Provision:
         slot = self.slots.slots[sub.id]
         down_classid, up_classid = classids_for_slot(slot)
-        flags = self.control.enforced(sub).flags
+        flags = self._enforce(sub).flags
         return Provision(slot, tuple(sub.prefixes), down_classid, up_classid, flags)
 
     def _provision(self, sub: Subscriber) -> None:
@@ -251,8 +251,7 @@ class Gateway:
         for slot in added.values():
             if slot <= old_high:
                 self.aggregator.reset_slot(slot)
-        for sub_id in change.removed:
-            self.control.forget(sub_id)
+        self.control.forget(change.removed)
         touched = set(change.added) | set(change.readdressed)
         self._shape_and_provision(touched, freed.values())
         log.info(
@@ -268,10 +267,11 @@ class Gateway:
 
     # -- control ---------------------------------------------------------------------------------
 
+    def _enforce(self, sub: Subscriber) -> Enforced:
+        return enforce(sub, self.control.get(sub.id), self.config.control)
+
     def _total_of(self, sub_id: str) -> int:
-        slot = self.slots.slots[sub_id]
-        row = self.aggregator.totals()[slot]
-        return int(row[0]) + int(row[2])
+        return usage_bytes(self.aggregator.totals(), self.slots.slots[sub_id])
 
     def _check_plan(self, sub_id: str, plan: Plan) -> None:
         # The shaper's validation names the subscriber when the plan does not fit the link.
@@ -280,7 +280,10 @@ class Gateway:
 
     def handle_request(self, request: object) -> dict[str, Any]:
         """Answer one control request, re-enforcing the subscriber it changed."""
-        reply, changed = self.control.handle(request, self.by_id, self._total_of, self._check_plan)
+        ctx = control_requests.Context(
+            self.by_id, self.config.control, self.config.link, self._total_of, self._check_plan
+        )
+        reply, changed = control_requests.handle(request, self.control, ctx)
         self.collector.count_request(bool(reply.get("ok")))
         if changed is not None:
             try:
@@ -293,14 +296,14 @@ class Gateway:
                     "error": f"recorded, not applied ({err}); applied at the next start",
                 }
             op = request.get("op") if isinstance(request, dict) else "control"
-            self._event(Event(now_ms(), changed, str(op), f"now {reply['state']}"))
+            self._event(UsageEvent(now_ms(), changed, str(op), f"now {reply['state']}"))
         return reply
 
-    def _event(self, event: Event) -> None:
+    def _event(self, event: UsageEvent) -> None:
         log.info("subscriber %s: %s %s", event.sub, event.kind, event.detail)
-        self.events = [*self.events[-_MAX_EVENTS + 1 :], asdict(event)]
+        self.events = [*self.events[-_MAX_EVENTS + 1 :], event._asdict()]
         # Billing hears of it in the next usage message (key `ev`), journaled like the usage.
-        self._unpublished.append(UsageEvent(event.t_ms, event.sub, event.kind, event.detail))
+        self._unpublished.append(event)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -310,11 +313,12 @@ class Gateway:
         self.poller.poll(t)
         interval = self.aggregator.rollup(t)
         totals = self.aggregator.totals()
-        per_sub = {
-            sub_id: int(totals[slot][0]) + int(totals[slot][2])
-            for sub_id, slot in self.slots.slots.items()
-        }
-        for event in self.control.check_quotas(self.by_id, per_sub, t):
+        per_sub = {sub_id: usage_bytes(totals, slot) for sub_id, slot in self.slots.slots.items()}
+        changed, events = quota_pass(
+            self.by_id, self.control.records, per_sub, t, self.config.control
+        )
+        self.control.update(changed)
+        for event in events:
             self._event(event)
             self._reenforce(event.sub)
         if len(interval) or self._unpublished:
@@ -334,8 +338,8 @@ class Gateway:
         packets = {}
         for sub in self.subscribers:
             slot = self.slots.slots[sub.id]
-            enforced = self.control.enforced(sub)
-            state = self.control.get(sub.id)
+            record = self.control.get(sub.id)
+            enforced = enforce(sub, record, self.config.control)
             rows.append(
                 status.SubscriberStatus(
                     id=sub.id,
@@ -348,8 +352,8 @@ class Gateway:
                     up_bps=float(rates[slot][0]),
                     down_total=int(totals[slot][2]),
                     up_total=int(totals[slot][0]),
-                    period_bytes=int(totals[slot][0]) + int(totals[slot][2]) - state.period_base,
-                    quota_bytes=self.control.quota_of(sub),
+                    period_bytes=used_in_period(usage_bytes(totals, slot), record),
+                    quota_bytes=quota_in_force(sub, record),
                 )
             )
             packets[sub.id] = (int(totals[slot][1]), int(totals[slot][3]))

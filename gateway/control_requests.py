@@ -1,0 +1,167 @@
+"""Control requests: check one request billing sent, and compute the control record it asks for.
+
+A request is a msgpack map with `op` and `sub` (rates are tc-style strings or
+bit/s ints):
+
+  plan {down_min, down_max, up_min, up_max} | plan_reset | suspend {mode?} |
+  resume | quota {bytes: int|str|None} | quota_reset | show
+
+`handle` checks the request in full, stores the new record (durable before
+the reply), and answers with the subscriber's state; a refused request changes
+nothing and gets `{ok: false, error}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from desanet.errors import ControlError, ValidationError
+from desanet.gateway.config import SUSPEND_MODES, ControlConfig, LinkConfig
+from desanet.gateway.control_record import SubscriberControl
+from desanet.gateway.control_state import ControlState
+from desanet.gateway.enforcement import enforce, quota_in_force
+from desanet.gateway.quota import used_in_period
+from desanet.gateway.registry import Plan, Subscriber
+from desanet.units import format_rate, parse_bytes, parse_rate_bps
+
+OPS = ("plan", "plan_reset", "suspend", "resume", "quota", "quota_reset", "show")
+
+
+class Malformed:
+    """A request body that could not be decoded at all (not msgpack)."""
+
+
+MALFORMED = Malformed()
+
+
+@dataclass(frozen=True)
+class Context:
+    """What checking a request needs beside the control state.
+
+    `total_of(sub)` gives the subscriber's usage bytes; `check_plan(sub, plan)`
+    raises ValidationError when the plan does not fit the link beside everyone
+    else's.
+    """
+
+    subscribers: Mapping[str, Subscriber]
+    policy: ControlConfig
+    link: LinkConfig
+    total_of: Callable[[str], int]
+    check_plan: Callable[[str, Plan], None]
+
+
+def handle(request: object, state: ControlState, ctx: Context) -> tuple[dict[str, Any], str | None]:
+    """Check and apply one request; returns (reply, subscriber whose record changed)."""
+    try:
+        op, sub_id, args = parse(request, ctx.subscribers)
+        record = state.get(sub_id)
+        new = changed_record(op, sub_id, args, record, ctx)
+    except (ControlError, ValidationError) as err:
+        return {"ok": False, "error": str(err)}, None
+    changed = new != record
+    if changed:
+        state.update({sub_id: new})
+    return reply_for(ctx.subscribers[sub_id], new, ctx), (sub_id if changed else None)
+
+
+def reply_for(sub: Subscriber, record: SubscriberControl, ctx: Context) -> dict[str, Any]:
+    """The reply describing a subscriber's state after a request."""
+    enforced = enforce(sub, record, ctx.policy)
+    return {
+        "ok": True,
+        "sub": sub.id,
+        "state": enforced.state,
+        "plan": asdict(enforced.plan),
+        "quota": quota_in_force(sub, record),
+        "used": used_in_period(ctx.total_of(sub.id), record),
+        "period": record.period,
+    }
+
+
+def parse(
+    request: object, subscribers: Mapping[str, Subscriber]
+) -> tuple[str, str, Mapping[str, Any]]:
+    """(op, subscriber id, the whole request) of a well-formed request; raises ControlError."""
+    if isinstance(request, Malformed):
+        raise ControlError("malformed: the body is not msgpack")
+    if not isinstance(request, dict):
+        raise ControlError("a request is a map with 'op' and 'sub'")
+    op, sub_id = request.get("op"), request.get("sub")
+    if op not in OPS:
+        raise ControlError(f"unknown op {op!r} (known: {', '.join(OPS)})")
+    if not isinstance(sub_id, str):
+        raise ControlError("'sub' must be a subscriber id string")
+    if sub_id not in subscribers:
+        raise ControlError(f"unknown subscriber {sub_id!r}")
+    return op, sub_id, request
+
+
+def changed_record(
+    op: str, sub_id: str, args: Mapping[str, Any], record: SubscriberControl, ctx: Context
+) -> SubscriberControl:
+    """The control record after `op`; raises ControlError or ValidationError if refused."""
+    if op == "plan":
+        plan = parse_plan(args, ctx.link)
+        ctx.check_plan(sub_id, plan)
+        return replace(record, plan=plan)
+    if op == "plan_reset":
+        ctx.check_plan(sub_id, ctx.subscribers[sub_id].plan)
+        return replace(record, plan=None)
+    if op == "suspend":
+        mode = args.get("mode", ctx.policy.suspend)
+        if mode not in SUSPEND_MODES:
+            raise ControlError(f"suspend mode {mode!r} is not one of {', '.join(SUSPEND_MODES)}")
+        return replace(record, suspended=mode)
+    if op == "resume":
+        return replace(record, suspended=None)
+    if op == "quota":
+        quota = parse_quota(args)
+        used = used_in_period(ctx.total_of(sub_id), record)
+        return replace(
+            record,
+            quota_overridden=True,
+            quota_bytes=quota,
+            throttled=quota is not None and used >= quota,
+        )
+    if op == "quota_reset":
+        return replace(record, period_base=ctx.total_of(sub_id), throttled=False)
+    return record
+
+
+_MISSING = object()
+
+
+def parse_quota(args: Mapping[str, Any]) -> int | None:
+    """The `bytes` of a quota request: an int, a size string, or None (no quota)."""
+    quota = args.get("bytes", _MISSING)
+    if quota is _MISSING:
+        raise ControlError("quota: give 'bytes' (an int, a size like '50GB', or nil)")
+    if isinstance(quota, str):
+        quota = parse_bytes(quota)
+    if quota is not None and (not isinstance(quota, int) or isinstance(quota, bool)):
+        raise ControlError(f"quota: bytes must be an int, a size or nil, not {quota!r}")
+    if quota is not None and quota <= 0:
+        raise ControlError("quota: bytes must be above zero (nil removes the quota)")
+    return quota
+
+
+def parse_plan(args: Mapping[str, Any], link: LinkConfig) -> Plan:
+    """The four rates of a plan request, each a rate string or bit/s above zero."""
+    rates = {}
+    for key in ("down_min", "down_max", "up_min", "up_max"):
+        value = args.get(key)
+        if isinstance(value, str):
+            rates[key] = parse_rate_bps(value)
+        elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            rates[key] = value
+        else:
+            raise ControlError(f"plan: {key} must be a rate ('2mbit') or bit/s above zero")
+    for direction, limit in (("down", link.down_bps), ("up", link.up_bps)):
+        low, high = rates[f"{direction}_min"], rates[f"{direction}_max"]
+        if low > high:
+            raise ControlError(f"plan: {direction}_min is above {direction}_max")
+        if high > limit:
+            raise ControlError(f"plan: {direction}_max is above the link's {format_rate(limit)}")
+    return Plan(rates["down_min"], rates["down_max"], rates["up_min"], rates["up_max"])

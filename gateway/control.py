@@ -49,6 +49,10 @@ class ControlEndpoint:
             raise ControlError(f"cannot bind the control endpoint {endpoint}: {err}") from err
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
+    def wait(self, timeout_ms: int) -> bool:
+        """Wait up to `timeout_ms` for a request; True when one is waiting."""
+        return bool(self.sock.poll(timeout_ms))
+
     def serve_pending(self, handler: Callable[[object], dict[str, Any]]) -> int:
         """Answer every request waiting on the socket; returns how many were answered."""
         served = 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from desanet.durable import replace_atomically
 from desanet.ebpf.abi import PREFIXES_PER_SUBSCRIBER
-from desanet.errors import ConfigError, StreamError, ValidationError
+from desanet.errors import ConfigError, StateError, ValidationError
 from desanet.gateway.config import LinkConfig
 from desanet.units import format_rate, parse_bytes, parse_rate_bps
 
@@ -228,58 +228,78 @@ def diff(old: Iterable[Subscriber], new: Iterable[Subscriber]) -> RegistryDiff:
     )
 
 
+@dataclass(frozen=True)
+class SlotChange:
+    """A proposed slot table and what it changes: new assignments and freed ones."""
+
+    table: SlotTable
+    added: dict[str, int]
+    freed: dict[str, int]
+
+
+@dataclass(frozen=True)
 class SlotTable:
     """Subscriber id -> datapath slot, stable for a subscriber's life, persisted as JSON.
 
-    A freed slot is reused only after every never-used slot is taken, so a
-    slot's counters rarely change hands (the aggregator resets them when they do).
+    A table never changes in place: `assign` computes the next one, which the
+    caller adopts only once everything else about the change checked out (a
+    refused reload then leaves nothing to undo). A freed slot is reused only
+    after every never-used slot is taken, so a slot's counters rarely change
+    hands (the aggregator resets them when they do).
     """
 
-    def __init__(self, path: Path, capacity: int) -> None:
-        self.path = path
-        self.capacity = capacity
-        self.slots: dict[str, int] = {}
-        self.high_water = 0
-        if path.exists():
-            try:
-                doc = json.loads(path.read_text())
-                self.slots = {str(k): int(v) for k, v in doc["slots"].items()}
-                self.high_water = int(doc["high_water"])
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-                raise StreamError(
-                    f"{path}: slot table unreadable ({err}); restore it from backup, "
-                    "deleting it re-numbers every subscriber"
-                ) from err
+    capacity: int
+    slots: Mapping[str, int] = field(default_factory=dict)
+    high_water: int = 0
 
-    def assign(self, ids: Iterable[str]) -> tuple[dict[str, int], dict[str, int]]:
-        """Give every id a slot, freeing the slots of ids no longer present.
+    @classmethod
+    def load(cls, path: Path, capacity: int) -> SlotTable:
+        """The table saved at `path`, or an empty one if there is none."""
+        if not path.exists():
+            return cls(capacity)
+        try:
+            doc = json.loads(path.read_text())
+            slots = {str(k): int(v) for k, v in doc["slots"].items()}
+            return cls(capacity, slots, int(doc["high_water"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise StateError(
+                f"{path}: slot table unreadable ({err}); restore it from backup, "
+                "deleting it re-numbers every subscriber"
+            ) from err
 
-        Returns (new assignments, freed assignments); the table is not saved.
+    def assign(self, ids: Iterable[str]) -> SlotChange:
+        """The table giving every id a slot and freeing the slots of ids no longer present.
+
+        Raises ConfigError when the ids do not fit; this table is unchanged either way.
         """
         wanted = list(ids)
         keep = set(wanted)
+        slots = {i: s for i, s in self.slots.items() if i in keep}
         freed = {i: s for i, s in self.slots.items() if i not in keep}
-        for sub_id in freed:
-            del self.slots[sub_id]
-        used = set(self.slots.values())
+        used = set(slots.values())
         reusable = sorted(set(range(1, self.high_water + 1)) - used, reverse=True)
+        high_water = self.high_water
         added: dict[str, int] = {}
         for sub_id in wanted:
-            if sub_id in self.slots:
+            if sub_id in slots:
                 continue
-            if self.high_water < self.capacity:
-                self.high_water += 1
-                slot = self.high_water
+            if high_water < self.capacity:
+                high_water += 1
+                slot = high_water
             elif reusable:
                 slot = reusable.pop()
             else:
                 raise ConfigError(f"no free slot for subscriber {sub_id}: capacity {self.capacity}")
-            self.slots[sub_id] = slot
+            slots[sub_id] = slot
             added[sub_id] = slot
-        return added, freed
+        return SlotChange(SlotTable(self.capacity, slots, high_water), added, freed)
 
-    def save(self) -> None:
+    def owners(self) -> dict[int, str]:
+        """Slot -> subscriber id."""
+        return {slot: sub_id for sub_id, slot in self.slots.items()}
+
+    def save(self, path: Path) -> None:
         """Write the table atomically (a crash leaves the old or the new file, never half)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        table = {"high_water": self.high_water, "slots": self.slots}
-        replace_atomically(self.path, json.dumps(table).encode())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = {"high_water": self.high_water, "slots": dict(self.slots)}
+        replace_atomically(path, json.dumps(table).encode())

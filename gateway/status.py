@@ -2,19 +2,28 @@
 
 The service writes `status.json` in its state directory atomically after each
 poll; `desanet status` renders it (once, or live with --watch). The snapshot
-is plain JSON so other tools (and the demo) can read it too.
+is plain JSON so other tools (and the demo) can read it too. `rows` builds the
+per-subscriber rows from the aggregator's arrays and each subscriber's
+enforcement, so the service loop never assembles one by hand.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from desanet.durable import replace_atomically
 from desanet.errors import DesanetError
+from desanet.gateway.control_record import SubscriberControl
+from desanet.gateway.enforcement import Enforced, quota_in_force
+from desanet.gateway.quota import usage_bytes, used_in_period
+from desanet.gateway.registry import Subscriber
 from desanet.units import format_bytes, format_rate
 
 STATUS_FILE = "status.json"
@@ -36,6 +45,42 @@ class SubscriberStatus:
     up_total: int
     period_bytes: int
     quota_bytes: int | None
+    up_pkts: int = 0
+    down_pkts: int = 0
+
+
+def rows(
+    entries: Iterable[tuple[Subscriber, int, Enforced, SubscriberControl]],
+    totals: npt.NDArray[np.uint64],
+    rates: npt.NDArray[np.float64],
+) -> list[SubscriberStatus]:
+    """One row per (subscriber, slot, enforcement, control record).
+
+    `totals` and `rates` are the aggregator's arrays: totals columns up, up_pkts,
+    down, down_pkts; rates columns up, down (bit/s).
+    """
+    result = []
+    for sub, slot, enforced, record in entries:
+        total = totals[slot]
+        result.append(
+            SubscriberStatus(
+                id=sub.id,
+                name=sub.name,
+                slot=slot,
+                state=enforced.state,
+                down_max_bps=enforced.plan.down_max_bps,
+                up_max_bps=enforced.plan.up_max_bps,
+                down_bps=float(rates[slot][1]),
+                up_bps=float(rates[slot][0]),
+                down_total=int(total[2]),
+                up_total=int(total[0]),
+                period_bytes=used_in_period(usage_bytes(totals, slot), record),
+                quota_bytes=quota_in_force(sub, record),
+                up_pkts=int(total[1]),
+                down_pkts=int(total[3]),
+            )
+        )
+    return result
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from desanet.gateway.cli import main
-from desanet.gateway.service import Gateway
+from desanet.gateway.service import GatewayService
 from desanet.meter.keys import generate_keypair
 
 pytestmark = pytest.mark.unit
@@ -106,7 +106,9 @@ def test_run_refuses_with_file_line_and_field(
     message: str,
 ) -> None:
     # Should a case ever pass the checks, it must not reach the kernel of the test machine.
-    monkeypatch.setattr(Gateway, "start", lambda self: pytest.fail("the checks let it through"))
+    monkeypatch.setattr(
+        GatewayService, "start", lambda self: pytest.fail("the checks let it through")
+    )
     generate_keypair(tmp_path / "keys", "gateway")
     generate_keypair(tmp_path / "allowed", "billing")
     config, subscribers = CONFIG, SUBSCRIBERS

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from desanet.errors import ConfigError
+from desanet.errors import ConfigError, StateError
 from desanet.gateway.config import LinkConfig
 from desanet.gateway.registry import SlotTable, diff, parse_subscribers
 
@@ -97,15 +97,26 @@ def test_diff_names_each_kind_of_change() -> None:
 
 def test_slots_are_stable_persisted_and_reused_last(tmp_path: Path) -> None:
     path = tmp_path / "slots.json"
-    table = SlotTable(path, capacity=4)
-    added, freed = table.assign(["a", "b", "c"])
-    assert added == {"a": 1, "b": 2, "c": 3} and freed == {}
-    table.save()
-    again = SlotTable(path, capacity=4)
-    added, freed = again.assign(["c", "a", "d"])
-    assert added == {"d": 4} and freed == {"b": 2}
-    assert again.slots == {"a": 1, "c": 3, "d": 4}
-    added, _ = again.assign(["c", "a", "d", "e"])
-    assert added == {"e": 2}
+    table = SlotTable.load(path, capacity=4)
+    change = table.assign(["a", "b", "c"])
+    assert change.added == {"a": 1, "b": 2, "c": 3} and change.freed == {}
+    change.table.save(path)
+    again = SlotTable.load(path, capacity=4)
+    change = again.assign(["c", "a", "d"])
+    assert change.added == {"d": 4} and change.freed == {"b": 2}
+    assert change.table.slots == {"a": 1, "c": 3, "d": 4}
+    change = change.table.assign(["c", "a", "d", "e"])
+    assert change.added == {"e": 2}
     with pytest.raises(ConfigError, match="no free slot for subscriber f"):
-        again.assign(["a", "c", "d", "e", "f"])
+        change.table.assign(["a", "c", "d", "e", "f"])
+    # A table never changes in place: a refused or abandoned change leaves nothing to undo.
+    assert change.table.slots == {"a": 1, "c": 3, "d": 4, "e": 2}
+    assert again.slots == {"a": 1, "b": 2, "c": 3} and again.high_water == 3
+    assert SlotTable.load(path, capacity=4) == again
+
+
+def test_an_unreadable_slot_table_stops_with_the_file_named(tmp_path: Path) -> None:
+    path = tmp_path / "slots.json"
+    path.write_text('{"high_water": 3, "slots": {"a": 1')
+    with pytest.raises(StateError, match=rf"{path}: slot table unreadable"):
+        SlotTable.load(path, capacity=4)

@@ -17,7 +17,7 @@ from typing import Any
 
 from desanet.errors import StateError
 from desanet.gateway.control_record import SubscriberControl, check_record, damaged
-from desanet.gateway.registry import Plan
+from desanet.gateway.registry import RatePlan
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _record(doc: Mapping[str, Any]) -> SubscriberControl:
     plan = doc.get("plan")
     override = doc.get("quota_override", _UNSET)
     return SubscriberControl(
-        plan=Plan(**plan) if plan else None,
+        plan=RatePlan(**plan) if plan else None,
         suspended=doc.get("suspended"),
         quota_overridden=override != _UNSET,
         quota_bytes=None if override == _UNSET else override,

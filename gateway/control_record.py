@@ -12,7 +12,7 @@ from pathlib import Path
 
 from desanet.errors import StateError
 from desanet.gateway.config import SUSPEND_MODES
-from desanet.gateway.registry import Plan
+from desanet.gateway.registry import RatePlan
 
 _PERIOD = re.compile(r"^([0-9]{4}-[0-9]{2})?$")
 MAX_STORED_INT = (1 << 63) - 1  # SQLite integers are signed 64-bit
@@ -22,7 +22,7 @@ MAX_STORED_INT = (1 << 63) - 1  # SQLite integers are signed 64-bit
 class SubscriberControl:
     """Billing's changes to one subscriber, plus where its current quota period began."""
 
-    plan: Plan | None = None  # None: the subscribers file's plan
+    plan: RatePlan | None = None  # None: the subscribers file's plan
     suspended: str | None = None  # None, or one of SUSPEND_MODES
     quota_overridden: bool = False  # True: `quota_bytes` replaces the file's quota
     quota_bytes: int | None = None  # the override; None = no quota at all

@@ -23,7 +23,7 @@ from desanet.gateway.control_record import SubscriberControl
 from desanet.gateway.control_state import ControlState
 from desanet.gateway.enforcement import enforce, quota_in_force
 from desanet.gateway.quota import used_in_period
-from desanet.gateway.registry import Plan, Subscriber
+from desanet.gateway.registry import RatePlan, Subscriber
 from desanet.units import format_rate, parse_bytes, parse_rate_bps
 
 OPS = ("plan", "plan_reset", "suspend", "resume", "quota", "quota_reset", "show")
@@ -49,7 +49,7 @@ class Context:
     policy: ControlConfig
     link: LinkConfig
     total_of: Callable[[str], int]
-    check_plan: Callable[[str, Plan], None]
+    check_plan: Callable[[str, RatePlan], None]
 
 
 def handle(request: object, state: ControlState, ctx: Context) -> tuple[dict[str, Any], str | None]:
@@ -147,7 +147,7 @@ def parse_quota(args: Mapping[str, Any]) -> int | None:
     return quota
 
 
-def parse_plan(args: Mapping[str, Any], link: LinkConfig) -> Plan:
+def parse_plan(args: Mapping[str, Any], link: LinkConfig) -> RatePlan:
     """The four rates of a plan request, each a rate string or bit/s above zero."""
     rates = {}
     for key in ("down_min", "down_max", "up_min", "up_max"):
@@ -164,4 +164,4 @@ def parse_plan(args: Mapping[str, Any], link: LinkConfig) -> Plan:
             raise ControlError(f"plan: {direction}_min is above {direction}_max")
         if high > limit:
             raise ControlError(f"plan: {direction}_max is above the link's {format_rate(limit)}")
-    return Plan(rates["down_min"], rates["down_max"], rates["up_min"], rates["up_max"])
+    return RatePlan(rates["down_min"], rates["down_max"], rates["up_min"], rates["up_max"])

@@ -37,7 +37,7 @@ from desanet.gateway.control_record import (
     check_record,
     damaged,
 )
-from desanet.gateway.registry import Plan
+from desanet.gateway.registry import RatePlan
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def _record(row: tuple[Any, ...], path: Path) -> tuple[str, SubscriberControl]:
     ):
         raise damaged(path, f"the row of subscriber {sub_id!r} holds impossible values")
     record = SubscriberControl(
-        plan=None if rates[0] is None else Plan(*rates),
+        plan=None if rates[0] is None else RatePlan(*rates),
         suspended=values[5],
         quota_overridden=bool(overridden),
         quota_bytes=values[7],

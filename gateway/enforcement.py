@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from desanet.ebpf.abi import SLOT_BLOCKED
 from desanet.gateway.config import ControlConfig
 from desanet.gateway.control_record import SubscriberControl
-from desanet.gateway.registry import Plan, Subscriber
+from desanet.gateway.registry import RatePlan, Subscriber
 
 ACTIVE = "active"
 WALLED = "suspended (wall)"
@@ -26,7 +26,7 @@ FAIR_USE = "fair-use"
 class Enforced:
     """What the gateway enforces on a subscriber: the plan, the datapath flags, the state name."""
 
-    plan: Plan
+    plan: RatePlan
     flags: int
     state: str  # ACTIVE, WALLED, BLOCKED or FAIR_USE
 
@@ -48,10 +48,10 @@ def quota_in_force(sub: Subscriber, record: SubscriberControl) -> int | None:
     return record.quota_bytes if record.quota_overridden else sub.quota_bytes
 
 
-def capped(plan: Plan, down_bps: int, up_bps: int) -> Plan:
+def capped(plan: RatePlan, down_bps: int, up_bps: int) -> RatePlan:
     """`plan` with both ceilings (and guarantees) at most the given rates."""
     down_max, up_max = min(plan.down_max_bps, down_bps), min(plan.up_max_bps, up_bps)
-    return Plan(
+    return RatePlan(
         down_min_bps=min(plan.down_min_bps, down_max),
         down_max_bps=down_max,
         up_min_bps=min(plan.up_min_bps, up_max),

@@ -27,17 +27,17 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from desanet.gateway.status import Snapshot
+from desanet.gateway.status import StatusSnapshot
 
 
 class GatewayCollector(Collector):
     """Yields the metrics of the latest snapshot and the control request counts."""
 
     def __init__(self) -> None:
-        self.snapshot: Snapshot | None = None
+        self.snapshot: StatusSnapshot | None = None
         self.control_requests = {"ok": 0, "refused": 0}
 
-    def update(self, snapshot: Snapshot) -> None:
+    def update(self, snapshot: StatusSnapshot) -> None:
         """Take a new snapshot."""
         self.snapshot = snapshot
 

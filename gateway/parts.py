@@ -18,8 +18,8 @@ from desanet.meter.poll import CounterSource
 from desanet.meter.state import StateArrays
 from desanet.meter.usage import UsageInterval
 from desanet.meter.wire import UsageEvent
-from desanet.shaper import plan as shaping
 from desanet.shaper.apply import ApplyResult
+from desanet.shaper.plan import ShapingPlan
 
 
 class DatapathPort(Protocol):
@@ -39,7 +39,7 @@ class ShaperPort(Protocol):
 
     def ensure_ifb(self) -> int: ...
 
-    def apply(self, plan: shaping.Plan) -> ApplyResult: ...
+    def apply(self, plan: ShapingPlan) -> ApplyResult: ...
 
     def class_stats(self) -> Mapping[str, Mapping[int, SentStats]]: ...
 

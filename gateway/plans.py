@@ -12,12 +12,13 @@ from collections.abc import Iterable
 
 from desanet.ebpf.datapath import Provision
 from desanet.gateway.config import Config
-from desanet.gateway.registry import Plan, Subscriber
-from desanet.shaper import plan as shaping
-from desanet.shaper.plan import Link, SubscriberPlan, build_plan, classids_for_slot
+from desanet.gateway.registry import RatePlan, Subscriber
+from desanet.shaper.plan import Link, ShapingPlan, SubscriberPlan, build_plan, classids_for_slot
 
 
-def shaping_plan(config: Config, entries: Iterable[tuple[Subscriber, int, Plan]]) -> shaping.Plan:
+def shaping_plan(
+    config: Config, entries: Iterable[tuple[Subscriber, int, RatePlan]]
+) -> ShapingPlan:
     """The HTB plan for (subscriber, slot, enforced plan) triples; raises ValidationError."""
     link = Link(
         down_bps=config.link.down_bps, up_bps=config.link.up_bps, headroom=config.shaping.headroom

@@ -28,7 +28,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
-class Plan:
+class RatePlan:
     """Guaranteed (min) and ceiling (max) rates of one subscriber, bits per second."""
 
     down_min_bps: int
@@ -51,7 +51,7 @@ class Subscriber:
     id: str
     name: str
     prefixes: tuple[str, ...]
-    plan: Plan
+    plan: RatePlan
     quota_bytes: int | None
     line: int = field(default=0, compare=False)
 
@@ -184,7 +184,7 @@ def _row(cells: Mapping[str, str], path: Path, number: int, link: LinkConfig) ->
         id=sub_id,
         name=cells["name"],
         prefixes=prefixes,
-        plan=Plan(rates["down_min"], rates["down_max"], rates["up_min"], rates["up_max"]),
+        plan=RatePlan(rates["down_min"], rates["down_max"], rates["up_min"], rates["up_max"]),
         quota_bytes=quota,
         line=number,
     )

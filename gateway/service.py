@@ -36,12 +36,12 @@ from desanet.gateway.parts import Parts
 from desanet.gateway.pidlock import StateLock
 from desanet.gateway.plans import provision_entry, shaping_plan
 from desanet.gateway.quota import quota_pass, usage_bytes
-from desanet.gateway.registry import Plan, SlotTable, Subscriber, diff, load_subscribers
+from desanet.gateway.registry import RatePlan, SlotTable, Subscriber, diff, load_subscribers
 from desanet.meter.delivered import DeliveredReader, split_state
 from desanet.meter.keys import ServerSecurity, load_server_security
 from desanet.meter.poll import Poller
 from desanet.meter.wire import UsageEvent
-from desanet.shaper import plan as shaping
+from desanet.shaper.plan import ShapingPlan
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,10 @@ class GatewayService:
 
     def _enforced(
         self, subscribers: Iterable[Subscriber], slots: SlotTable
-    ) -> list[tuple[Subscriber, int, Plan]]:
+    ) -> list[tuple[Subscriber, int, RatePlan]]:
         return [(s, slots.slots[s.id], self._enforce(s).plan) for s in subscribers]
 
-    def _plan(self) -> shaping.Plan:
+    def _plan(self) -> ShapingPlan:
         return shaping_plan(self.config, self._enforced(self.subscribers, self.slots))
 
     def _stamp(self) -> tuple[float, int]:
@@ -263,7 +263,7 @@ class GatewayService:
     def _total_of(self, sub_id: str) -> int:
         return usage_bytes(self.aggregator.totals(), self.slots.slots[sub_id])
 
-    def _check_plan(self, sub_id: str, plan: Plan) -> None:
+    def _check_plan(self, sub_id: str, plan: RatePlan) -> None:
         # The shaper's validation names the subscriber when the plan does not fit the link.
         trial = [
             (s, slot, plan if s.id == sub_id else p)
@@ -333,7 +333,7 @@ class GatewayService:
             (sub, self.slots.slots[sub.id], self._enforce(sub), self.control.get(sub.id))
             for sub in self.subscribers
         ]
-        snapshot = status.Snapshot(
+        snapshot = status.StatusSnapshot(
             gateway=self.config.gateway_id,
             t_ms=t,
             started_ms=self.started_ms,

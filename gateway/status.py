@@ -84,7 +84,7 @@ def rows(
 
 
 @dataclass
-class Snapshot:
+class StatusSnapshot:
     """What the gateway is doing, as of `t_ms`."""
 
     gateway: str
@@ -110,14 +110,14 @@ class Snapshot:
         return sum(s.up_bps for s in self.subscribers)
 
 
-def write_snapshot(state_dir: Path, snapshot: Snapshot) -> None:
+def write_snapshot(state_dir: Path, snapshot: StatusSnapshot) -> None:
     """Replace status.json atomically (readers never see half a file)."""
     # Rewritten every interval and worthless after a crash: no fsync.
     data = json.dumps(asdict(snapshot)).encode()
     replace_atomically(state_dir / STATUS_FILE, data, mode=0o640, sync=False)
 
 
-def read_snapshot(state_dir: Path) -> Snapshot:
+def read_snapshot(state_dir: Path) -> StatusSnapshot:
     """Read the latest status.json of a running (or stopped) service."""
     path = state_dir / STATUS_FILE
     try:
@@ -127,7 +127,7 @@ def read_snapshot(state_dir: Path) -> Snapshot:
     except (OSError, ValueError) as err:
         raise DesanetError(f"{path}: unreadable status ({err})") from err
     doc["subscribers"] = [SubscriberStatus(**s) for s in doc["subscribers"]]
-    return Snapshot(**doc)
+    return StatusSnapshot(**doc)
 
 
 def quota_state(row: SubscriberStatus) -> str:
@@ -138,7 +138,7 @@ def quota_state(row: SubscriberStatus) -> str:
     return f"{share:.0f}% passed" if row.period_bytes >= row.quota_bytes else f"{share:.0f}%"
 
 
-def render(snap: Snapshot, now_ms: int | None = None) -> str:
+def render(snap: StatusSnapshot, now_ms: int | None = None) -> str:
     """The status table: the link, then one row per subscriber, then warnings and recent events."""
     age = "" if now_ms is None else f", {max(0, now_ms - snap.t_ms) / 1000:.0f}s ago"
     down_share = snap.down_bps / snap.link_down_bps if snap.link_down_bps else 0.0

@@ -166,7 +166,7 @@ def _leaf(kind: str, cls: HtbClass, rtt_ms: float) -> LeafQdisc:
 
 
 @dataclass
-class Plan:
+class ShapingPlan:
     """The desired trees of both directions, with the inputs they came from.
 
     `with_subscriber`/`without_subscriber` derive a new plan in time flat in
@@ -184,13 +184,13 @@ class Plan:
     slot_owner: CowMap[int, str] = field(default_factory=CowMap)
     # The plan this one was derived from and the class ids that differ from it:
     # the shaper diffs only those when `base` is what it last applied.
-    base: Plan | None = None
+    base: ShapingPlan | None = None
     touched: set[int] = field(default_factory=set)
 
     def tree(self, direction: str) -> Tree:
         return self.down if direction == "down" else self.up
 
-    def with_subscriber(self, sub: SubscriberPlan) -> Plan:
+    def with_subscriber(self, sub: SubscriberPlan) -> ShapingPlan:
         """A copy of this plan where `sub` is added or replaces the subscriber of the same id."""
         new = self._copy()
         old = new.subscribers.get(sub.id)
@@ -202,7 +202,7 @@ class Plan:
         new._add(sub)
         return new
 
-    def without_subscriber(self, sub_id: str) -> Plan:
+    def without_subscriber(self, sub_id: str) -> ShapingPlan:
         """A copy of this plan without subscriber `sub_id`."""
         if sub_id not in self.subscribers:
             raise ValidationError(f"subscriber {sub_id}: not in the plan")
@@ -210,7 +210,7 @@ class Plan:
         new._drop(new.subscribers[sub_id])
         return new
 
-    def with_leaf(self, kind: str) -> Plan:
+    def with_leaf(self, kind: str) -> ShapingPlan:
         """The same classes with `kind` leaves (used when the kernel lacks the requested kind)."""
         leafmod.check_leaf_kind(kind)
         new = self._copy()
@@ -222,8 +222,8 @@ class Plan:
         new.base = None
         return new
 
-    def _copy(self) -> Plan:
-        return Plan(
+    def _copy(self) -> ShapingPlan:
+        return ShapingPlan(
             self.link,
             self.leaf,
             self.rtt_ms,
@@ -344,13 +344,13 @@ def build_plan(
     subscribers: Sequence[SubscriberPlan] | Iterable[SubscriberPlan],
     leaf: str = "fq_codel",
     rtt_ms: float = 100.0,
-) -> Plan:
+) -> ShapingPlan:
     """Validate the inputs and compute the desired trees of both directions."""
     leafmod.check_leaf_kind(leaf)
     if not 1.0 <= rtt_ms <= 10_000.0:
         raise ValidationError(f"path RTT {rtt_ms} ms must be within 1 ms .. 10 s")
     _check_link(link)
-    plan = Plan(
+    plan = ShapingPlan(
         link=link,
         leaf=leaf,
         rtt_ms=rtt_ms,

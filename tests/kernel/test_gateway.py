@@ -17,7 +17,7 @@ from desanet.errors import ControlError
 from desanet.gateway.control import request
 from desanet.gateway.demo import nsenter
 from desanet.gateway.lab import INET_V4, Village, in_netns, village
-from desanet.gateway.status import Snapshot, read_snapshot
+from desanet.gateway.status import StatusSnapshot, read_snapshot
 from desanet.meter.client import UsageClient
 from desanet.meter.keys import ClientSecurity, generate_keypair, load_keypair
 
@@ -57,7 +57,7 @@ class Service:
         tmp.write_text(HEADER + "\n".join(rows) + "\n")
         tmp.replace(self.folder / "subscribers.csv")
 
-    def start(self) -> Snapshot:
+    def start(self) -> StatusSnapshot:
         (self.state / "status.json").unlink(missing_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -74,7 +74,7 @@ class Service:
             time.sleep(0.1)
         raise AssertionError(f"service did not start:\n{self.log.read_text()}")
 
-    def status(self, after_ms: int = 0) -> Snapshot:
+    def status(self, after_ms: int = 0) -> StatusSnapshot:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             snap = read_snapshot(self.state)

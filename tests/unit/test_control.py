@@ -13,7 +13,7 @@ from desanet.gateway.config import ControlConfig, LinkConfig
 from desanet.gateway.control_state import ControlState
 from desanet.gateway.enforcement import Enforced, enforce, quota_in_force
 from desanet.gateway.quota import quota_pass
-from desanet.gateway.registry import Plan, Subscriber
+from desanet.gateway.registry import RatePlan, Subscriber
 from desanet.meter.wire import UsageEvent
 
 pytestmark = pytest.mark.unit
@@ -27,7 +27,7 @@ CONTROL = ControlConfig(
     fair_use_down_bps=1_000_000,
     fair_use_up_bps=256_000,
 )
-PLAN = Plan(2_000_000, 10_000_000, 500_000, 2_000_000)
+PLAN = RatePlan(2_000_000, 10_000_000, 500_000, 2_000_000)
 SUBS = {
     "s1": Subscriber("s1", "A", ("10.0.0.1",), PLAN, 1_000_000),
     "s2": Subscriber("s2", "B", ("10.0.0.2",), PLAN, None),
@@ -36,7 +36,7 @@ MAY_2026 = 1_779_000_000_000  # 2026-05-17
 JUNE_2026 = 1_781_000_000_000  # 2026-06-09
 
 
-def fits(sub_id: str, plan: Plan) -> None:
+def fits(sub_id: str, plan: RatePlan) -> None:
     if plan.down_min_bps > 15_000_000:
         raise ValidationError(f"subscriber {sub_id}: guaranteed rates exceed the link")
 
@@ -78,7 +78,7 @@ def test_plan_change_suspend_and_resume(tmp_path: Path) -> None:
         },
     )
     assert reply["ok"] and reply["plan"]["down_max_bps"] == 4_000_000
-    assert enforced(state, "s2").plan == Plan(1_000_000, 4_000_000, 128_000, 1_000_000)
+    assert enforced(state, "s2").plan == RatePlan(1_000_000, 4_000_000, 128_000, 1_000_000)
     assert ask(state, {"op": "suspend", "sub": "s2"})["state"] == "suspended (wall)"
     walled = enforced(state, "s2")
     assert walled.plan.down_max_bps == 64_000 and walled.plan.down_min_bps == 64_000
@@ -156,7 +156,7 @@ def test_quota_throttles_to_fair_use_and_reset_lifts_it(tmp_path: Path) -> None:
     assert [(e.sub, e.kind) for e in events] == [("s1", "throttled")]
     throttled = enforced(state, "s1")
     assert throttled.state == "fair-use"
-    assert throttled.plan == Plan(1_000_000, 1_000_000, 256_000, 256_000)
+    assert throttled.plan == RatePlan(1_000_000, 1_000_000, 256_000, 256_000)
     assert quotas(state, {"s1": 2_000_000}, MAY_2026 + 3000) == []
     reply = ask(state, {"op": "quota_reset", "sub": "s1"}, {"s1": 2_000_000})
     assert reply["state"] == "active" and reply["used"] == 0
@@ -198,7 +198,7 @@ def changes_made(state: ControlState) -> None:
 def assert_changes_kept(state: ControlState) -> None:
     assert enforced(state, "s2").flags == SLOT_BLOCKED
     assert enforced(state, "s1").state == "fair-use"
-    assert state.get("s1").plan == Plan(1_000_000, 3_000_000, 1_000_000, 1_000_000)
+    assert state.get("s1").plan == RatePlan(1_000_000, 3_000_000, 1_000_000, 1_000_000)
 
 
 def test_every_change_survives_a_restart(tmp_path: Path) -> None:

@@ -11,13 +11,13 @@ import pytest
 from desanet.errors import StateError
 from desanet.gateway.control_record import SubscriberControl
 from desanet.gateway.control_state import ControlState
-from desanet.gateway.registry import Plan
+from desanet.gateway.registry import RatePlan
 
 pytestmark = pytest.mark.unit
 
 BLOCKED = SubscriberControl(suspended="block", period="2026-05", period_base=7_000)
 REPLANNED = SubscriberControl(
-    plan=Plan(1_000_000, 3_000_000, 256_000, 1_000_000),
+    plan=RatePlan(1_000_000, 3_000_000, 256_000, 1_000_000),
     quota_overridden=True,
     quota_bytes=None,
     period="2026-05",

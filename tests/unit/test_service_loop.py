@@ -32,9 +32,8 @@ from desanet.meter.client import UsageClient
 from desanet.meter.keys import ClientSecurity, ServerSecurity
 from desanet.meter.service import MeterService, StreamConfig
 from desanet.meter.wire import UsageMessage
-from desanet.shaper import plan as shaping
 from desanet.shaper.apply import ApplyResult
-from desanet.shaper.plan import classids_for_slot
+from desanet.shaper.plan import ShapingPlan, classids_for_slot
 
 pytestmark = pytest.mark.unit
 
@@ -164,12 +163,12 @@ class FakeCounters:
 class FakeShaper:
     """The two HTB trees as the last applied plan."""
 
-    applied: list[shaping.Plan] = field(default_factory=list)
+    applied: list[ShapingPlan] = field(default_factory=list)
 
     def ensure_ifb(self) -> int:
         return 42
 
-    def apply(self, plan: shaping.Plan) -> ApplyResult:
+    def apply(self, plan: ShapingPlan) -> ApplyResult:
         self.applied.append(plan)
         return ApplyResult(operations=1, leaf_in_use=plan.leaf, warnings=[], plan=plan)
 

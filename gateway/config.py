@@ -26,6 +26,7 @@ from desanet.validate import (
     parse_host_port,
 )
 
+# What a suspended subscriber gets: a walled rate, or nothing (dropped in the datapath).
 SUSPEND_MODES = ("wall", "block")
 
 T = TypeVar("T")
@@ -230,7 +231,9 @@ def _build(doc: Mapping[str, Any], loc: _Located, path: Path) -> Config:
         raise loc.error("meter", "interval", f"{interval_ms:g} ms must be between 100ms and 1h")
     suspend = get("control", "suspend", str, "wall")
     if suspend not in SUSPEND_MODES:
-        raise loc.error("control", "suspend", f"{suspend!r} is not one of wall, block")
+        raise loc.error(
+            "control", "suspend", f"{suspend!r} is not one of {', '.join(SUSPEND_MODES)}"
+        )
     control_endpoint = parsed("control", "endpoint", check_endpoint, "tcp://127.0.0.1:7572")
     publish = _publish(doc, loc, base, get, parsed)
     if publish.plaintext and not is_loopback(control_endpoint):

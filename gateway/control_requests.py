@@ -24,7 +24,8 @@ from desanet.gateway.control_state import ControlState
 from desanet.gateway.enforcement import enforce, quota_in_force
 from desanet.gateway.quota import used_in_period
 from desanet.gateway.registry import RatePlan, Subscriber
-from desanet.units import format_rate, parse_bytes, parse_rate_bps
+from desanet.shaper.plan import RATE_FIELDS, rate_fault
+from desanet.units import parse_bytes, parse_rate_bps
 
 OPS = ("plan", "plan_reset", "suspend", "resume", "quota", "quota_reset", "show")
 
@@ -150,7 +151,7 @@ def parse_quota(args: Mapping[str, Any]) -> int | None:
 def parse_plan(args: Mapping[str, Any], link: LinkConfig) -> RatePlan:
     """The four rates of a plan request, each a rate string or bit/s above zero."""
     rates = {}
-    for key in ("down_min", "down_max", "up_min", "up_max"):
+    for key in RATE_FIELDS:
         value = args.get(key)
         if isinstance(value, str):
             rates[key] = parse_rate_bps(value)
@@ -158,10 +159,7 @@ def parse_plan(args: Mapping[str, Any], link: LinkConfig) -> RatePlan:
             rates[key] = value
         else:
             raise ControlError(f"plan: {key} must be a rate ('2mbit') or bit/s above zero")
-    for direction, limit in (("down", link.down_bps), ("up", link.up_bps)):
-        low, high = rates[f"{direction}_min"], rates[f"{direction}_max"]
-        if low > high:
-            raise ControlError(f"plan: {direction}_min is above {direction}_max")
-        if high > limit:
-            raise ControlError(f"plan: {direction}_max is above the link's {format_rate(limit)}")
+    fault = rate_fault(rates, link.down_bps, link.up_bps)
+    if fault is not None:
+        raise ControlError(f"plan: {fault[0]}: {fault[1]}")
     return RatePlan(rates["down_min"], rates["down_max"], rates["up_min"], rates["up_max"])

@@ -17,7 +17,7 @@ names the subscriber.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -125,6 +125,37 @@ class SubscriberPlan:
         if direction == "down":
             return self.down_min_bps, self.down_max_bps
         return self.up_min_bps, self.up_max_bps
+
+
+RATE_FIELDS = ("down_min", "down_max", "up_min", "up_max")
+MIN_RATE_BPS = 8  # one byte a second: HTB's rates are in bytes
+
+
+def rate_fault(
+    rates: Mapping[str, int], link_down_bps: int, link_up_bps: int
+) -> tuple[str, str] | None:
+    """The rule every subscriber's rates obey, per direction: 8 bit/s <= min <= max <= link.
+
+    `rates` maps each of RATE_FIELDS to bit/s. Returns None when the rule
+    holds, else (the field at fault, why), which each caller words in its own
+    context (a subscribers file line, a control request, a plan).
+    """
+    for direction, link_bps in (("down", link_down_bps), ("up", link_up_bps)):
+        low, high = rates[f"{direction}_min"], rates[f"{direction}_max"]
+        for name, rate in ((f"{direction}_min", low), (f"{direction}_max", high)):
+            if rate < MIN_RATE_BPS:
+                return name, f"{format_rate(rate)} is below {MIN_RATE_BPS} bit/s"
+        if low > high:
+            return (
+                f"{direction}_min",
+                f"{format_rate(low)} is above {direction}_max {format_rate(high)}",
+            )
+        if high > link_bps:
+            return (
+                f"{direction}_max",
+                f"{format_rate(high)} is above the link's {format_rate(link_bps)}",
+            )
+    return None
 
 
 def _ticks(burst_bytes: int, rate_bytes_ps: int) -> int:
@@ -295,21 +326,15 @@ def _check_subscriber(sub: SubscriberPlan, link: Link) -> None:
             f"subscriber {sub.id}: slot {sub.slot} is outside 1..{MAX_SLOT}: "
             f"the HTB class id space is exhausted"
         )
-    for direction in DIRECTIONS:
-        lo, hi = sub.rates_bps(direction)
-        name = _NAMES[direction]
-        if lo < 8 or hi < 8:
-            raise ValidationError(f"subscriber {sub.id}: {name} rates must be at least 8 bit/s")
-        if lo > hi:
-            raise ValidationError(
-                f"subscriber {sub.id}: {name} min {format_rate(lo)} is above its max "
-                f"{format_rate(hi)}"
-            )
-        if hi > link.rate_bps(direction):
-            raise ValidationError(
-                f"subscriber {sub.id}: {name} max {format_rate(hi)} is above the link's "
-                f"{format_rate(link.rate_bps(direction))}"
-            )
+    rates = {
+        "down_min": sub.down_min_bps,
+        "down_max": sub.down_max_bps,
+        "up_min": sub.up_min_bps,
+        "up_max": sub.up_max_bps,
+    }
+    fault = rate_fault(rates, link.down_bps, link.up_bps)
+    if fault is not None:
+        raise ValidationError(f"subscriber {sub.id}: {fault[0]}: {fault[1]}")
 
 
 def _check_link(link: Link) -> None:

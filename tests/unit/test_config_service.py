@@ -84,7 +84,8 @@ CASES = [
         "csv",
         "s1,A,10.0.0.1,1mbit,10mbit",
         "s1,A,10.0.0.1,19500kbit,20mbit",
-        r"subscribers.csv: down_min: the guaranteed rates add up to 20.5 Mbit/s",
+        r"subscribers.csv: subscriber s1: its download min 19.5 Mbit/s brings the sum of "
+        r"guaranteed rates to 19.5 Mbit/s, above the 18.8 Mbit/s the link can guarantee",
     ),
     (
         "csv",

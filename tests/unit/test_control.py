@@ -108,7 +108,7 @@ def test_plan_change_suspend_and_resume(tmp_path: Path) -> None:
                 "up_min": "1mbit",
                 "up_max": "1mbit",
             },
-            "plan: down_min is above down_max",
+            "plan: down_min: 3.0 Mbit/s is above down_max 2.0 Mbit/s",
         ),
         (
             {

@@ -37,15 +37,23 @@ def test_good_file_parses() -> None:
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ("s4,X,10.77.0.300,1mbit,2mbit,1mbit,1mbit,", r"subs.csv:5: prefixes: subscriber s4: pre"),
-        ("s4,X,10.77.0.0/8,1mbit,2mbit,1mbit,1mbit,", r":5: prefixes: .*not an IPv4/IPv6"),
+        (
+            "s4,X,10.77.0.300,1mbit,2mbit,1mbit,1mbit,",
+            r"subs.csv:5: prefixes: subscriber s4: '10.77.0.300' is not an IPv4/IPv6 address",
+        ),
+        (
+            "s4,X,10.77.0.0/8,1mbit,2mbit,1mbit,1mbit,",
+            r":5: prefixes: subscriber s4: prefix 10.77.0.0/8 has host bits set: did you mean "
+            r"10.0.0.0/8\?",
+        ),
         ("s4,X,,1mbit,2mbit,1mbit,1mbit,", r":5: prefixes: subscriber s4: no address"),
         ("s4,X,10.9.0.1,1mbit,2mbitz,1mbit,1mbit,", r":5: down_max: subscriber s4: rate '2mbitz'"),
         ("s4,X,10.9.0.1,3mbit,2mbit,1mbit,1mbit,", r":5: down_min: subscriber s4: 3.0 Mbit/s is"),
         ("s4,X,10.9.0.1,1mbit,2mbit,1mbit,6mbit,", r":5: up_max: .* above the link's 5.0 Mbit/s"),
         ("s4,X,10.9.0.1,1mbit,2mbit,1mbit,1mbit,lots", r":5: quota: subscriber s4: size 'lots'"),
         ("s4,X,10.9.0.1,1mbit,2mbit,1mbit,1mbit,0", r":5: quota: .*above zero"),
-        ("s 4,X,10.9.0.1,1mbit,2mbit,1mbit,1mbit,", r":5: id: 's 4' is not an id"),
+        ("s 4,X,10.9.0.1,1mbit,2mbit,1mbit,1mbit,", r":5: id: 's 4': a subscriber id is letters"),
+        ("s4,X,10.9.0.1,1mbit,2mbit,4bit,1mbit,", r":5: up_min: subscriber s4: 4 bit/s is below 8"),
         (
             "s2,X,10.9.0.1,1mbit,2mbit,1mbit,1mbit,",
             r":5: id: subscriber s2 already defined on line 3",
@@ -59,7 +67,11 @@ def test_good_file_parses() -> None:
             "s4,X,10.1.0.1 10.1.0.1,1mbit,2mbit,1mbit,1mbit,",
             r":5: prefixes: subscriber s4: prefix 10.1.0.1 overlaps 10.1.0.1 of itself",
         ),
-        ("s4,X,10.9.0.1,17mbit,20mbit,1mbit,1mbit,", r"down_min: the guaranteed rates add up to"),
+        (
+            # One address space, as in the datapath: an IPv4-mapped address is the IPv4 one.
+            "s4,X,::ffff:10.77.0.10,1mbit,2mbit,1mbit,1mbit,",
+            r":5: prefixes: subscriber s4: prefix ::ffff:10.77.0.10 overlaps 10.77.0.10 of s1",
+        ),
     ],
 )
 def test_each_error_names_line_field_and_subscriber(row: str, message: str) -> None:

@@ -15,7 +15,7 @@ from desanet.ebpf.datapath import Datapath
 from desanet.gateway.config import Config
 from desanet.gateway.control import ControlEndpoint
 from desanet.gateway.parts import Parts
-from desanet.meter.keys import ServerSecurity
+from desanet.gateway.roles import Roles
 from desanet.meter.poll import CounterReader, CounterSource
 from desanet.meter.service import MeterService, StreamConfig
 from desanet.shaper.apply import Shaper, upload_ifb_name
@@ -26,18 +26,16 @@ def open_counters(config: Config) -> CounterSource:
     return CounterReader.for_datapath(config.gateway_id, config.lan)
 
 
-def production_parts(
-    config: Config, security: ServerSecurity, slot_owners: Mapping[int, str]
-) -> Parts:
+def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str]) -> Parts:
     """Bind the usage and control endpoints, then build the kernel parts (not yet touched)."""
     meter = MeterService(
         config.gateway_id,
         config.state_dir,
-        StreamConfig(config.publish.usage, config.publish.replay, security),
+        StreamConfig(config.publish.usage, config.publish.replay, roles.read),
         slot_owners,
     )
     try:
-        endpoint = ControlEndpoint(config.control.endpoint, security)
+        endpoint = ControlEndpoint(config.control.endpoint, roles.control)
     except BaseException:
         meter.close()
         raise

@@ -7,6 +7,7 @@ polls never race on the control state; what a request means is decided in
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,8 @@ from desanet.meter.keys import (
     secure_server,
     start_authenticator,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 4096
 
@@ -54,7 +57,12 @@ class ControlEndpoint:
         return bool(self.sock.poll(timeout_ms))
 
     def serve_pending(self, handler: Callable[[object], dict[str, Any]]) -> int:
-        """Answer every request waiting on the socket; returns how many were answered."""
+        """Answer every request waiting on the socket; returns how many were answered.
+
+        The boundary of every request: whatever goes wrong while handling one
+        (the handler, or packing its reply) becomes an error reply and one log
+        line; the next request is served as usual.
+        """
         served = 0
         while True:
             try:
@@ -63,11 +71,23 @@ class ControlEndpoint:
                 return served
             # REQ peers send [identity, "", body], DEALER peers [identity, body].
             envelope, body = frames[:-1], frames[-1]
-            if len(frames) not in (2, 3) or (len(frames) == 3 and frames[1] != b""):
-                reply: dict[str, Any] = {"ok": False, "error": "malformed: one body frame expected"}
-            else:
-                reply = handler(_unpack(body))
-            self.sock.send_multipart([*envelope, msgpack.packb(reply)])
+            try:
+                if len(frames) not in (2, 3) or (len(frames) == 3 and frames[1] != b""):
+                    reply: dict[str, Any] = {
+                        "ok": False,
+                        "error": "malformed: one body frame expected",
+                    }
+                else:
+                    reply = handler(_unpack(body))
+                data = msgpack.packb(reply)
+            except Exception as err:
+                log.error(
+                    "control request failed inside the gateway: %s: %s", type(err).__name__, err
+                )
+                data = msgpack.packb(
+                    {"ok": False, "error": f"internal error ({type(err).__name__}); see the log"}
+                )
+            self.sock.send_multipart([*envelope, data])
             served += 1
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
 """Control requests: check one request billing sent, and compute the control record it asks for.
 
-A request is a msgpack map with `op` and `sub` (rates are tc-style strings or
-bit/s ints):
+A request is a msgpack map with `op` and `sub` and only the keys its op takes
+(rates are tc-style strings or bit/s ints):
 
   plan {down_min, down_max, up_min, up_max} | plan_reset | suspend {mode?} |
   resume | quota {bytes: int|str|None} | quota_reset | show
@@ -25,9 +25,26 @@ from desanet.gateway.enforcement import enforce, quota_in_force
 from desanet.gateway.quota import used_in_period
 from desanet.gateway.registry import RatePlan, Subscriber
 from desanet.shaper.plan import RATE_FIELDS, rate_fault
-from desanet.units import parse_bytes, parse_rate_bps
+from desanet.units import (
+    MAX_BYTES,
+    MAX_RATE_BPS,
+    format_bytes,
+    format_rate,
+    parse_bytes,
+    parse_rate_bps,
+)
 
-OPS = ("plan", "plan_reset", "suspend", "resume", "quota", "quota_reset", "show")
+# Each op and the keys it takes beside `op` and `sub`; any other key is refused (a
+# misspelt `mod: "block"` must not suspend with the default mode).
+OPS: dict[str, tuple[str, ...]] = {
+    "plan": RATE_FIELDS,
+    "plan_reset": (),
+    "suspend": ("mode",),
+    "resume": (),
+    "quota": ("bytes",),
+    "quota_reset": (),
+    "show": (),
+}
 
 
 class Malformed:
@@ -61,10 +78,13 @@ def handle(request: object, state: ControlState, ctx: Context) -> tuple[dict[str
         new = changed_record(op, sub_id, args, record, ctx)
     except (ControlError, ValidationError) as err:
         return {"ok": False, "error": str(err)}, None
+    # The reply is built before the record is stored: whatever fails after this point
+    # (storing it) leaves nothing recorded, so a failure reply is the truth.
+    reply = reply_for(ctx.subscribers[sub_id], new, ctx)
     changed = new != record
     if changed:
         state.update({sub_id: new})
-    return reply_for(ctx.subscribers[sub_id], new, ctx), (sub_id if changed else None)
+    return reply, (sub_id if changed else None)
 
 
 def reply_for(sub: Subscriber, record: SubscriberControl, ctx: Context) -> dict[str, Any]:
@@ -90,8 +110,12 @@ def parse(
     if not isinstance(request, dict):
         raise ControlError("a request is a map with 'op' and 'sub'")
     op, sub_id = request.get("op"), request.get("sub")
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise ControlError(f"unknown op {op!r} (known: {', '.join(OPS)})")
+    unknown = sorted(str(k) for k in request if k not in ("op", "sub", *OPS[op]))
+    if unknown:
+        allowed = ", ".join(OPS[op]) or "nothing beside op and sub"
+        raise ControlError(f"{op}: unknown key {', '.join(unknown)} (allowed: {allowed})")
     if not isinstance(sub_id, str):
         raise ControlError("'sub' must be a subscriber id string")
     if sub_id not in subscribers:
@@ -112,7 +136,7 @@ def changed_record(
         return replace(record, plan=None)
     if op == "suspend":
         mode = args.get("mode", ctx.policy.suspend)
-        if mode not in SUSPEND_MODES:
+        if not isinstance(mode, str) or mode not in SUSPEND_MODES:
             raise ControlError(f"suspend mode {mode!r} is not one of {', '.join(SUSPEND_MODES)}")
         return replace(record, suspended=mode)
     if op == "resume":
@@ -145,6 +169,8 @@ def parse_quota(args: Mapping[str, Any]) -> int | None:
         raise ControlError(f"quota: bytes must be an int, a size or nil, not {quota!r}")
     if quota is not None and quota <= 0:
         raise ControlError("quota: bytes must be above zero (nil removes the quota)")
+    if quota is not None and quota > MAX_BYTES:
+        raise ControlError(f"quota: {quota} bytes is above {format_bytes(MAX_BYTES)}")
     return quota
 
 
@@ -155,10 +181,13 @@ def parse_plan(args: Mapping[str, Any], link: LinkConfig) -> RatePlan:
         value = args.get(key)
         if isinstance(value, str):
             rates[key] = parse_rate_bps(value)
-        elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        elif isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_RATE_BPS:
             rates[key] = value
         else:
-            raise ControlError(f"plan: {key} must be a rate ('2mbit') or bit/s above zero")
+            raise ControlError(
+                f"plan: {key} must be a rate ('2mbit') or bit/s above zero, at most "
+                f"{format_rate(MAX_RATE_BPS)}"
+            )
     fault = rate_fault(rates, link.down_bps, link.up_bps)
     if fault is not None:
         raise ControlError(f"plan: {fault[0]}: {fault[1]}")

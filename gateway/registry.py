@@ -24,7 +24,7 @@ from desanet.durable import replace_atomically
 from desanet.ebpf.abi import PREFIXES_PER_SUBSCRIBER
 from desanet.ebpf.prefixes import key_of, parse_prefix
 from desanet.errors import ConfigError, StateError, ValidationError
-from desanet.gateway.config import LinkConfig
+from desanet.gateway.config import LinkConfig, decode_utf8
 from desanet.shaper.plan import RATE_FIELDS, rate_fault
 from desanet.units import format_rate, parse_bytes, parse_rate_bps
 from desanet.validate import check_subscriber_id
@@ -88,9 +88,10 @@ def load_subscribers(path: str | Path, link: LinkConfig, capacity: int) -> list[
     """Read and check a subscribers CSV; raises ConfigError naming file, line and field."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the subscribers file: {err.strerror}") from err
+    text = decode_utf8(raw, path)
     return parse_subscribers(text, path, link, capacity)
 
 

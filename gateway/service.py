@@ -37,8 +37,8 @@ from desanet.gateway.pidlock import StateLock
 from desanet.gateway.plans import provision_entry, shaping_plan
 from desanet.gateway.quota import quota_pass, usage_bytes
 from desanet.gateway.registry import RatePlan, SlotTable, Subscriber, diff, load_subscribers
+from desanet.gateway.roles import Roles, load_roles
 from desanet.meter.delivered import DeliveredReader, split_state
-from desanet.meter.keys import ServerSecurity, load_server_security
 from desanet.meter.poll import Poller
 from desanet.meter.wire import UsageEvent
 from desanet.shaper.plan import ShapingPlan
@@ -50,7 +50,7 @@ _MAX_EVENTS = 50
 # The loop wakes at least this often to notice signals and a changed subscribers file.
 _MAX_WAIT_MS = 200
 
-Compose = Callable[[Config, ServerSecurity, Mapping[int, str]], Parts]
+Compose = Callable[[Config, Roles, Mapping[int, str]], Parts]
 
 
 class GatewayService:
@@ -66,8 +66,7 @@ class GatewayService:
         require_lan(cfg)
         self.subscribers = load_subscribers(cfg.subscribers_file, cfg.link, cfg.capacity)
         self.by_id = {s.id: s for s in self.subscribers}
-        pub = cfg.publish
-        self.security = load_server_security(pub.secret_key, pub.allowed_keys, pub.plaintext)
+        self.roles = load_roles(cfg)
         self.slots_path = cfg.state_dir / SLOTS_FILE
         self.slots = SlotTable.load(self.slots_path, cfg.capacity).assign(self.by_id).table
         self.control = ControlState(cfg.state_dir)
@@ -79,6 +78,8 @@ class GatewayService:
         self._lock = StateLock(cfg.state_dir)
         self._parts: Parts | None = None
         self._poller: Poller | None = None
+        # Subscribers whose recorded control change the kernel refused (applied at start).
+        self._not_applied: set[str] = set()
         self.collector = GatewayCollector()
         self.events: list[dict[str, Any]] = []
         self._unpublished: list[UsageEvent] = []
@@ -143,7 +144,7 @@ class GatewayService:
         self.control.open()
         # Removed from the file while the service was down.
         self.control.forget([i for i in self.control.records if i not in self.by_id])
-        self._parts = parts = self._compose(cfg, self.security, self.slots.owners())
+        self._parts = parts = self._compose(cfg, self.roles, self.slots.owners())
         self.started_ms = parts.clock.now_ms()
         parts.shaper.ensure_ifb()
         parts.datapath.attach()
@@ -272,27 +273,38 @@ class GatewayService:
         shaping_plan(self.config, trial)
 
     def handle_request(self, request: object) -> dict[str, Any]:
-        """Answer one control request, re-enforcing the subscriber it changed."""
+        """Answer one control request, re-enforcing the subscriber it changed.
+
+        The reply tells what happened: refused (`ok` false, nothing changed), or
+        recorded (`ok` true) and `applied` when the kernel enforces it now; a
+        change recorded but refused by the kernel is enforced at the next start.
+        """
         cfg = self.config
         ctx = control_requests.Context(
             self.by_id, cfg.control, cfg.link, self._total_of, self._check_plan
         )
-        reply, changed = control_requests.handle(request, self.control, ctx)
+        try:
+            reply, changed = control_requests.handle(request, self.control, ctx)
+        except Exception as err:
+            # Nothing is recorded unless `handle` returns (storing is its last step).
+            log.error("control request refused by an error: %s: %s", type(err).__name__, err)
+            reply, changed = {"ok": False, "error": f"nothing changed: {err}"}, None
         self.collector.count_request(bool(reply.get("ok")))
+        if not reply.get("ok"):
+            return reply
         if changed is not None:
             try:
                 self._reenforce(changed)
-            except DesanetError as err:
-                # Recorded but not in the kernel: the next start applies it.
+            except Exception as err:
+                # Recorded but not in the kernel: say so, and apply it at the next start.
                 log.error("subscriber %s: control change recorded, not applied: %s", changed, err)
-                return {
-                    "ok": False,
-                    "error": f"recorded, not applied ({err}); applied at the next start",
-                }
+                self._not_applied.add(changed)
+                return {**reply, "applied": False, "error": f"recorded, not applied: {err}"}
+            self._not_applied.discard(changed)
             op = request.get("op") if isinstance(request, dict) else "control"
             t_ms = self.parts.clock.now_ms()
             self._event(UsageEvent(t_ms, changed, str(op), f"now {reply['state']}"))
-        return reply
+        return {**reply, "applied": reply["sub"] not in self._not_applied}
 
     def _event(self, event: UsageEvent) -> None:
         log.info("subscriber %s: %s %s", event.sub, event.kind, event.detail)

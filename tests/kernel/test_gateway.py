@@ -35,17 +35,18 @@ class Service:
         self.config = folder / "gateway.toml"
         self.state = folder / "state"
         self.log = folder / "service.log"
-        keys = ""
+        keys = control_keys = ""
         if curve:
             generate_keypair(folder / "keys", "gateway")
             generate_keypair(folder / "allowed", "billing")
             keys = 'secret_key = "keys/gateway.key_secret"\nallowed_keys = "allowed"\n'
+            control_keys = 'allowed_keys = "allowed"\n'  # billing here both reads and controls
         self.config.write_text(
             f'[gateway]\nid = "t-{lab.tag.lower()}"\nlan = "br-lan"\nstate_dir = "state"\n'
             'capacity = 16\n[link]\ndown = "20mbit"\nup = "5mbit"\n[shaping]\nrtt = "20ms"\n'
             '[meter]\ninterval = "200ms"\n[publish]\nusage = "tcp://127.0.0.1:7570"\n'
             f'replay = "tcp://127.0.0.1:7571"\n{keys}{"" if curve else "plaintext = true"}\n'
-            '[control]\nendpoint = "tcp://127.0.0.1:7572"\nsuspend = "block"\n'
+            f'[control]\nendpoint = "tcp://127.0.0.1:7572"\nsuspend = "block"\n{control_keys}'
             '[metrics]\nlisten = "127.0.0.1:9570"\n'
             '[subscribers]\nfile = "subscribers.csv"\n'
         )

@@ -136,6 +136,29 @@ def test_plan_change_suspend_and_resume(tmp_path: Path) -> None:
         ({"op": "quota", "sub": "s1"}, "quota: give 'bytes'"),
         ({"op": "quota", "sub": "s1", "bytes": -5}, "above zero"),
         ({"op": "quota", "sub": "s1", "bytes": "many"}, "size 'many'"),
+        # Values are bounded where they are parsed: nothing that cannot be stored and packed.
+        (
+            {"op": "plan", "sub": "s1", "down_min": "1" * 309 + "mbit", "down_max": "2mbit"}
+            | {"up_min": "1mbit", "up_max": "1mbit"},
+            "more than 20 digits",
+        ),
+        (
+            {"op": "plan", "sub": "s1", "down_min": 10**13, "down_max": "2mbit"}
+            | {"up_min": "1mbit", "up_max": "1mbit"},
+            "plan: down_min must be a rate ('2mbit') or bit/s above zero, at most 1000.0 Gbit/s",
+        ),
+        ({"op": "quota", "sub": "s1", "bytes": "9" * 100}, "more than 20 digits"),
+        ({"op": "quota", "sub": "s1", "bytes": "5000000TB"}, "is above 1000000.00 TB"),
+        ({"op": "quota", "sub": "s1", "bytes": 2**64 - 1}, "bytes is above 1000000.00 TB"),
+        ({"op": "quota", "sub": "s1", "bytes": 1.5}, "bytes must be an int, a size or nil"),
+        # Unknown keys are refused: a misspelt mode must not suspend with the default one.
+        (
+            {"op": "suspend", "sub": "s1", "mod": "block"},
+            "suspend: unknown key mod (allowed: mode)",
+        ),
+        ({"op": "show", "sub": "s1", "x": 1}, "show: unknown key x (allowed: nothing beside"),
+        ({"op": "suspend", "sub": "s1", "mode": ["block"]}, "suspend mode ['block']"),
+        ({"op": ["plan"], "sub": "s1"}, "unknown op ['plan']"),
     ],
 )
 def test_malformed_requests_get_an_error_and_change_nothing(

@@ -8,7 +8,7 @@ import pytest
 
 from desanet.errors import ConfigError, StateError
 from desanet.gateway.config import LinkConfig
-from desanet.gateway.registry import SlotTable, diff, parse_subscribers
+from desanet.gateway.registry import SlotTable, diff, load_subscribers, parse_subscribers
 
 pytestmark = pytest.mark.unit
 
@@ -132,3 +132,12 @@ def test_an_unreadable_slot_table_stops_with_the_file_named(tmp_path: Path) -> N
     path.write_text('{"high_water": 3, "slots": {"a": 1')
     with pytest.raises(StateError, match=rf"{path}: slot table unreadable"):
         SlotTable.load(path, capacity=4)
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "subs.csv"
+    path.write_bytes(
+        (HEADER + "s1,Pak Andr\xe9,10.77.0.10,1mbit,2mbit,1mbit,1mbit,\n").encode("latin-1")
+    )
+    with pytest.raises(ConfigError, match=rf"{path}:2: byte 66 is not UTF-8"):
+        load_subscribers(path, LINK, 10)

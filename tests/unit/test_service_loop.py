@@ -21,15 +21,16 @@ import pytest
 
 from desanet.ebpf.abi import SLOT_BLOCKED
 from desanet.ebpf.datapath import Provision
-from desanet.errors import DesanetError, StateError
+from desanet.errors import ControlError, DesanetError, ShaperError, StateError
 from desanet.gateway.config import Config
 from desanet.gateway.control import ControlEndpoint, request
 from desanet.gateway.parts import Parts
 from desanet.gateway.pidlock import running_pid
+from desanet.gateway.roles import Roles
 from desanet.gateway.service import GatewayService
 from desanet.gateway.status import read_snapshot
 from desanet.meter.client import UsageClient
-from desanet.meter.keys import ClientSecurity, ServerSecurity
+from desanet.meter.keys import ClientSecurity, generate_keypair, load_keypair
 from desanet.meter.service import MeterService, StreamConfig
 from desanet.meter.wire import UsageMessage
 from desanet.shaper.apply import ApplyResult
@@ -164,11 +165,14 @@ class FakeShaper:
     """The two HTB trees as the last applied plan."""
 
     applied: list[ShapingPlan] = field(default_factory=list)
+    refuse: str | None = None  # the kernel's answer to the next apply, when set
 
     def ensure_ifb(self) -> int:
         return 42
 
     def apply(self, plan: ShapingPlan) -> ApplyResult:
+        if self.refuse is not None:
+            raise ShaperError(self.refuse)
         self.applied.append(plan)
         return ApplyResult(operations=1, leaf_in_use=plan.leaf, warnings=[], plan=plan)
 
@@ -198,20 +202,18 @@ class Lab:
         tmp.write_text(HEADER + "\n".join(rows) + "\n")
         tmp.replace(self.folder / "subscribers.csv")
 
-    def compose(
-        self, config: Config, security: ServerSecurity, slot_owners: Mapping[int, str]
-    ) -> Parts:
+    def compose(self, config: Config, roles: Roles, slot_owners: Mapping[int, str]) -> Parts:
         self.meter = MeterService(
             config.gateway_id,
             config.state_dir,
-            StreamConfig(config.publish.usage, config.publish.replay, security),
+            StreamConfig(config.publish.usage, config.publish.replay, roles.read),
             slot_owners,
         )
         return Parts(
             datapath=self.datapath,
             shaper=self.shaper,
             meter=self.meter,
-            endpoint=ControlEndpoint(config.control.endpoint, security),
+            endpoint=ControlEndpoint(config.control.endpoint, roles.control),
             open_counters=lambda: FakeCounters(self.datapath),
             clock=self.clock,
         )
@@ -344,18 +346,31 @@ def test_a_slot_nobody_holds_is_unprovisioned_at_start(lab: Lab) -> None:
         service.close()
 
 
-def control(service: GatewayService, lab: Lab, body: dict[str, Any]) -> dict[str, Any]:
+def control(
+    service: GatewayService,
+    lab: Lab,
+    body: dict[str, Any],
+    security: ClientSecurity | None = None,
+    timeout_ms: int = 5000,
+) -> dict[str, Any]:
     """Send `body` through the real control endpoint while the loop serves it."""
-    replies: list[dict[str, Any]] = []
+    outcome: list[Any] = []
     endpoint = service.parts.endpoint.endpoint
-    sender = threading.Thread(
-        target=lambda: replies.append(request(endpoint, body, ClientSecurity()))
-    )
+
+    def send() -> None:
+        try:
+            outcome.append(request(endpoint, body, security or ClientSecurity(), timeout_ms))
+        except ControlError as err:
+            outcome.append(err)
+
+    sender = threading.Thread(target=send)
     sender.start()
     while sender.is_alive():
         service.step()
     sender.join()
-    return replies[0]
+    if isinstance(outcome[0], ControlError):
+        raise outcome[0]
+    return dict(outcome[0])
 
 
 def test_control_requests_reach_the_shaper_and_the_datapath(
@@ -435,3 +450,133 @@ def test_damaged_control_state_stops_the_service_naming_the_file(lab: Lab) -> No
     (state / "control.sqlite").write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 8)
     with pytest.raises(StateError, match=rf"{state / 'control.sqlite'}: the control state is"):
         lab.service()
+
+
+def test_hostile_requests_are_refused_and_the_service_keeps_answering(
+    lab: Lab, running: GatewayService
+) -> None:
+    stored = (lab.folder / "state" / "control.sqlite").read_bytes()
+    hostile: list[Any] = [
+        {"op": "plan", "sub": "s1", "down_min": "1" * 309 + "mbit", "down_max": "2mbit"},
+        {"op": "quota", "sub": "s1", "bytes": "9" * 100},
+        {"op": "quota", "sub": "s1", "bytes": 2**64 - 1},
+        {"op": "suspend", "sub": "s1", "mod": "block"},
+        {"op": {"nested": ["map"]}, "sub": None},
+        [1, 2, 3],
+        "plan",
+        None,
+    ]
+    for body in hostile:
+        reply = control(running, lab, body)
+        assert reply["ok"] is False and reply["error"], body
+    assert (lab.folder / "state" / "control.sqlite").read_bytes() == stored
+    reply = control(running, lab, {"op": "show", "sub": "s1"})
+    assert reply["ok"] is True and reply["state"] == "active" and reply["applied"] is True
+
+
+def test_an_error_inside_the_gateway_is_one_error_reply(
+    lab: Lab, running: GatewayService, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("desanet.gateway.control_requests.changed_record", broken)
+    reply = control(running, lab, {"op": "resume", "sub": "s1"})
+    assert reply == {"ok": False, "error": "nothing changed: a bug"}
+    assert [r.message for r in caplog.records if "a bug" in r.message] == [
+        "control request refused by an error: RuntimeError: a bug"
+    ]
+    monkeypatch.undo()
+    assert control(running, lab, {"op": "show", "sub": "s1"})["ok"] is True
+
+
+def test_a_change_the_kernel_refuses_is_recorded_and_said_so(lab: Lab) -> None:
+    lab.write(S1, S2, S3)
+    first = lab.service()
+    first.start()
+    try:
+        lab.shaper.refuse = "RTM_NEWTCLASS: No buffer space available"
+        reply = control(first, lab, {"op": "suspend", "sub": "s2", "mode": "wall"})
+        assert reply["ok"] is True and reply["state"] == "suspended (wall)"
+        assert reply["applied"] is False and "No buffer space" in reply["error"]
+        assert control(first, lab, {"op": "show", "sub": "s2"})["applied"] is False
+        lab.shaper.refuse = None
+    finally:
+        first.close()
+    again = lab.service()
+    again.start()  # the recorded change is enforced at the next start
+    try:
+        s2 = lab.datapath.slot_of("10.0.0.2")
+        assert lab.shaper.ceilings_bps(s2) == (64_000, 32_000)
+        assert control(again, lab, {"op": "show", "sub": "s2"})["applied"] is True
+    finally:
+        again.close()
+
+
+def test_a_subscribers_file_that_is_not_utf8_is_refused_on_reload(
+    lab: Lab, running: GatewayService
+) -> None:
+    (lab.folder / "subscribers.csv").write_bytes(
+        (HEADER + S1.replace(",A,", ",Andr\xe9,") + "\n").encode("latin-1")
+    )
+    running.request_reload()
+    lab.tick(running)
+    assert [s.id for s in read_snapshot(lab.folder / "state").subscribers] == ["s1", "s2", "s3"]
+    assert control(running, lab, {"op": "show", "sub": "s3"})["ok"] is True
+
+
+def curve(lab: Lab, control_keys: bool = True) -> tuple[ClientSecurity, ClientSecurity]:
+    """Switch the lab to CURVE: a reader key and a controller key, each in its own list."""
+    generate_keypair(lab.folder / "keys", "gateway")
+    generate_keypair(lab.folder / "readers", "billing")
+    generate_keypair(lab.folder / "controllers", "operator")
+    control = 'allowed_keys = "controllers"\n' if control_keys else ""
+    (lab.folder / "gateway.toml").write_text(
+        CONFIG.replace(
+            "plaintext = true",
+            'secret_key = "keys/gateway.key_secret"\nallowed_keys = "readers"',
+        ).replace('suspend = "block"\n', f'suspend = "block"\n{control}')
+    )
+    server = load_keypair(lab.folder / "keys" / "gateway.key").public
+    return (
+        ClientSecurity(server, load_keypair(lab.folder / "readers" / "billing.key_secret")),
+        ClientSecurity(server, load_keypair(lab.folder / "controllers" / "operator.key_secret")),
+    )
+
+
+def test_a_readers_key_reads_usage_and_cannot_change_anything(lab: Lab) -> None:
+    reader, controller = curve(lab)
+    lab.write(S1, S2)
+    service = lab.service()
+    service.start()
+    try:
+        with pytest.raises(ControlError, match="no reply"):
+            control(service, lab, {"op": "suspend", "sub": "s1"}, reader, timeout_ms=500)
+        assert lab.datapath.slots[1].flags == 0
+        reply = control(service, lab, {"op": "suspend", "sub": "s2"}, controller)
+        assert reply["ok"] is True and lab.datapath.slots[2].flags == SLOT_BLOCKED
+        lab.datapath.send("10.0.0.1", up=77)
+        lab.tick(service)
+        assert lab.meter is not None
+        usage, replay = lab.meter.usage_endpoint, lab.meter.replay_endpoint
+        with UsageClient(usage, replay, security=reader) as client:
+            assert client.snapshot().totals["s1"] == (77, 0)
+            events = [(e.sub, e.kind) for m in client.messages(1, follow=False) for e in m.events]
+        assert events == [("s2", "suspend")]
+    finally:
+        service.close()
+
+
+def test_without_control_keys_nobody_may_control(lab: Lab, caplog: Any) -> None:
+    reader, controller = curve(lab, control_keys=False)
+    lab.write(S1)
+    service = lab.service()
+    assert "no [control] allowed_keys: no client may change plans" in caplog.text
+    service.start()
+    try:
+        for who in (reader, controller):
+            with pytest.raises(ControlError, match="no reply"):
+                control(service, lab, {"op": "suspend", "sub": "s1"}, who, timeout_ms=500)
+        assert lab.datapath.slots[1].flags == 0
+    finally:
+        service.close()

@@ -21,7 +21,7 @@ from desanet.benchmarks.common import Report, median, parse_args
 from desanet.gateway.lab import in_netns
 from desanet.shaper.apply import Shaper
 from desanet.shaper.diff import diff
-from desanet.shaper.plan import Link, Plan, SubscriberPlan, build_plan
+from desanet.shaper.plan import Link, ShapingPlan, SubscriberPlan, build_plan
 from desanet.shaper.tree import HtbClass, LeafQdisc
 
 LAN = "br-lan"
@@ -84,7 +84,7 @@ def _leaf_line(dev: str, leaf: LeafQdisc) -> str:
     )
 
 
-def tc_batch(plan: Plan, ifb: str) -> str:
+def tc_batch(plan: ShapingPlan, ifb: str) -> str:
     """The `tc -batch` script that builds the same two trees."""
     lines = []
     for dev, tree in ((LAN, plan.down), (ifb, plan.up)):
@@ -98,7 +98,7 @@ def tc_batch(plan: Plan, ifb: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_tc(ns: str, plan: Plan, ifb: str) -> float:
+def run_tc(ns: str, plan: ShapingPlan, ifb: str) -> float:
     with tempfile.NamedTemporaryFile("w", suffix=".tc") as script:
         script.write(tc_batch(plan, ifb))
         script.flush()
@@ -114,7 +114,7 @@ def run_tc(ns: str, plan: Plan, ifb: str) -> float:
     return elapsed
 
 
-def run_desanet(ns: str, plan: Plan) -> tuple[float, Plan]:
+def run_desanet(ns: str, plan: ShapingPlan) -> tuple[float, ShapingPlan]:
     with in_netns(ns):
         start = time.perf_counter()
         shaper = Shaper(LAN)
@@ -196,7 +196,7 @@ def _time(fn: object) -> float:
     return time.perf_counter() - start
 
 
-def _tc_change_ms(ns: str, ifb: str, plan: Plan, slot: int) -> float:
+def _tc_change_ms(ns: str, ifb: str, plan: ShapingPlan, slot: int) -> float:
     """The same class change done by one `tc -batch` process (the peer's latency)."""
     script = []
     for dev, tree in ((LAN, plan.down), (ifb, plan.up)):

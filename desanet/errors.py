@@ -31,3 +31,7 @@ class StreamError(DesanetError):
 
 class ControlError(DesanetError):
     """A control request was refused."""
+
+
+class StateError(DesanetError):
+    """A durable state file (control state, slot table) is damaged or cannot be written."""

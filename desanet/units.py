@@ -27,13 +27,23 @@ _SIZE_UNITS = {
 }
 _TIME_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 _NUMBER = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+# Bounds on what an operator or a billing system can mean, so that a value that
+# parses is one every part can store, pack and compute with (no float overflow,
+# nothing past SQLite's and msgpack's 64-bit integers).
+MAX_DIGITS = 20
+MAX_RATE_BPS = 10**12  # 1 Tbit/s
+MAX_BYTES = 10**18  # 1 EB
+MAX_DURATION_MS = 365 * 86_400_000.0
 
 
 def _split(text: str, what: str) -> tuple[float, str]:
-    match = _NUMBER.match(text)
+    match = _NUMBER.match(text) if isinstance(text, str) else None
     if not match:
         raise ValidationError(f"{what} {text!r} is not a number with a unit")
-    return float(match.group(1)), match.group(2).lower()
+    number = match.group(1)
+    if len(number) > MAX_DIGITS:
+        raise ValidationError(f"{what} {text[:30]!r}...: more than {MAX_DIGITS} digits")
+    return float(number), match.group(2).lower()
 
 
 def parse_rate_bps(text: str) -> int:
@@ -47,6 +57,8 @@ def parse_rate_bps(text: str) -> int:
     rate = round(value * _RATE_UNITS[unit])
     if rate <= 0:
         raise ValidationError(f"rate {text!r} must be above zero")
+    if rate > MAX_RATE_BPS:
+        raise ValidationError(f"rate {text!r} is above {format_rate(MAX_RATE_BPS)}")
     return rate
 
 
@@ -56,7 +68,10 @@ def parse_bytes(text: str) -> int:
     unit = unit or "b"
     if unit not in _SIZE_UNITS:
         raise ValidationError(f"size {text!r}: unknown unit {unit!r} (use MB, GB, TB, GiB)")
-    return round(value * _SIZE_UNITS[unit])
+    size = round(value * _SIZE_UNITS[unit])
+    if size > MAX_BYTES:
+        raise ValidationError(f"size {text!r} is above {format_bytes(MAX_BYTES)}")
+    return size
 
 
 def parse_duration_ms(text: str) -> float:
@@ -67,6 +82,8 @@ def parse_duration_ms(text: str) -> float:
     duration = value * _TIME_UNITS[unit]
     if duration <= 0:
         raise ValidationError(f"duration {text!r} must be above zero")
+    if duration > MAX_DURATION_MS:
+        raise ValidationError(f"duration {text!r} is above a year")
     return duration
 
 

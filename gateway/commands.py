@@ -59,9 +59,9 @@ def register(subparsers: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Check everything, then run until SIGTERM."""
-    from desanet.gateway.service import Gateway
+    from desanet.gateway.service import GatewayService
 
-    gateway = Gateway(args.config)
+    gateway = GatewayService(args.config)
     if args.check:
         print(f"{args.config}: ok, {len(gateway.subscribers)} subscribers")
         return 0
@@ -75,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     """SIGTERM the service and wait; with --detach remove what desanet put in the kernel."""
-    from desanet.gateway.service import running_pid
+    from desanet.gateway.pidlock import running_pid
 
     config = load_config(args.config)
     pid = running_pid(config.state_dir)

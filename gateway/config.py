@@ -26,6 +26,7 @@ from desanet.validate import (
     parse_host_port,
 )
 
+# What a suspended subscriber gets: a walled rate, or nothing (dropped in the datapath).
 SUSPEND_MODES = ("wall", "block")
 
 T = TypeVar("T")
@@ -61,7 +62,12 @@ class PublishConfig:
 
 @dataclass(frozen=True)
 class ControlConfig:
-    """The control endpoint and what suspension and the fair-use throttle mean."""
+    """The control endpoint, who may use it, and what suspension and fair use mean.
+
+    `allowed_keys` are the client keys that may change things; the usage
+    stream's `[publish] allowed_keys` may only read. None: nobody may (CURVE)
+    or anyone on this machine may (plaintext, loopback only).
+    """
 
     endpoint: str
     suspend: str
@@ -69,6 +75,7 @@ class ControlConfig:
     wall_up_bps: int
     fair_use_down_bps: int
     fair_use_up_bps: int
+    allowed_keys: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,15 @@ _SCHEMA: dict[str, tuple[set[str], set[str]]] = {
     ),
     "control": (
         set(),
-        {"endpoint", "suspend", "wall_down", "wall_up", "fair_use_down", "fair_use_up"},
+        {
+            "endpoint",
+            "suspend",
+            "wall_down",
+            "wall_up",
+            "fair_use_down",
+            "fair_use_up",
+            "allowed_keys",
+        },
     ),
     "metrics": (set(), {"listen"}),
     "subscribers": ({"file"}, set()),
@@ -145,10 +160,21 @@ def load_config(path: str | Path) -> Config:
     """Read and check a gateway TOML file; raises ConfigError naming file, line and field."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the configuration: {err.strerror}") from err
-    return parse_config(text, path)
+    return parse_config(decode_utf8(raw, path), path)
+
+
+def decode_utf8(raw: bytes, path: Path) -> str:
+    """The text of a file operators edit; ConfigError naming the line if it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: byte {err.start} is not UTF-8: save the file as UTF-8"
+        ) from None
 
 
 def require_lan(config: Config) -> None:
@@ -230,13 +256,22 @@ def _build(doc: Mapping[str, Any], loc: _Located, path: Path) -> Config:
         raise loc.error("meter", "interval", f"{interval_ms:g} ms must be between 100ms and 1h")
     suspend = get("control", "suspend", str, "wall")
     if suspend not in SUSPEND_MODES:
-        raise loc.error("control", "suspend", f"{suspend!r} is not one of wall, block")
+        raise loc.error(
+            "control", "suspend", f"{suspend!r} is not one of {', '.join(SUSPEND_MODES)}"
+        )
     control_endpoint = parsed("control", "endpoint", check_endpoint, "tcp://127.0.0.1:7572")
     publish = _publish(doc, loc, base, get, parsed)
     if publish.plaintext and not is_loopback(control_endpoint):
         raise loc.error(
             "control", "endpoint", f"{control_endpoint!r}: plaintext is only allowed on loopback"
         )
+    control_keys = None
+    if "allowed_keys" in doc.get("control", {}):
+        control_keys = base / get("control", "allowed_keys", str)
+        if publish.plaintext:
+            raise loc.error(
+                "control", "allowed_keys", "needs CURVE: remove it, or plaintext from [publish]"
+            )
     metrics = doc.get("metrics", {}).get("listen")
     metrics_listen = None
     if metrics is not None:
@@ -266,6 +301,7 @@ def _build(doc: Mapping[str, Any], loc: _Located, path: Path) -> Config:
             wall_up_bps=parsed("control", "wall_up", parse_rate_bps, "32kbit"),
             fair_use_down_bps=parsed("control", "fair_use_down", parse_rate_bps, "1mbit"),
             fair_use_up_bps=parsed("control", "fair_use_up", parse_rate_bps, "256kbit"),
+            allowed_keys=control_keys,
         ),
         metrics_listen=metrics_listen,
         subscribers_file=base / get("subscribers", "file", str),

@@ -31,7 +31,7 @@ from typing import Any
 from desanet.errors import DesanetError
 from desanet.gateway import report
 from desanet.gateway.control import request
-from desanet.gateway.lab import INET_V4, INET_V6, Village, in_netns, run, village
+from desanet.gateway.lab import INET_V4, INET_V6, Village, in_netns, netns_cmd, run, village
 from desanet.gateway.report import DemoRecord, DemoSubscriber, Sample
 from desanet.gateway.status import read_snapshot
 from desanet.meter.client import UsageClient
@@ -64,15 +64,6 @@ FIFO_UPLOAD = {
 USAGE_PORT, REPLAY_PORT, CONTROL_PORT = 7570, 7571, 7572
 IPERF_DOWN_PORT, IPERF_UP_PORT = 5200, 5300
 _PING_LINE = re.compile(r"^\[(\d+\.\d+)\].*time=([0-9.]+) ms")
-
-
-def nsenter(netns: str, cmd: list[str]) -> list[str]:
-    """`cmd` run in network namespace `netns` only.
-
-    Not `ip netns exec`: it also gives the command a private /sys, so the
-    datapath's pins would land in a private bpffs and vanish with the process.
-    """
-    return ["nsenter", f"--net=/var/run/netns/{netns}", *cmd]
 
 
 def _install_delivered_counters(lab: Village) -> None:
@@ -294,7 +285,7 @@ def _run(lab: Village, workdir: Path, seconds: int, print_: Printer) -> DemoReco
     print_(f"starting `desanet run` in namespace {lab.gw_ns} (compiling the datapath)")
     with open(log, "wb") as log_file:
         service = subprocess.Popen(
-            nsenter(lab.gw_ns, [*cli, "run", "--config", str(config)]),
+            netns_cmd(lab.gw_ns, [*cli, "run", "--config", str(config)]),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -304,7 +295,7 @@ def _run(lab: Village, workdir: Path, seconds: int, print_: Printer) -> DemoReco
     finally:
         # SIGTERM, then remove the datapath (and its pins in the host's bpffs) and the shaping.
         subprocess.run(
-            nsenter(lab.gw_ns, [*cli, "stop", "--detach", "--config", str(config)]),
+            netns_cmd(lab.gw_ns, [*cli, "stop", "--detach", "--config", str(config)]),
             capture_output=True,
             timeout=60,
         )

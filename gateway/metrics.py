@@ -27,21 +27,19 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from desanet.gateway.status import Snapshot
+from desanet.gateway.status import StatusSnapshot
 
 
 class GatewayCollector(Collector):
     """Yields the metrics of the latest snapshot and the control request counts."""
 
     def __init__(self) -> None:
-        self.snapshot: Snapshot | None = None
-        self.packets: dict[str, tuple[int, int]] = {}
+        self.snapshot: StatusSnapshot | None = None
         self.control_requests = {"ok": 0, "refused": 0}
 
-    def update(self, snapshot: Snapshot, packets: dict[str, tuple[int, int]]) -> None:
-        """Take a new snapshot; `packets` maps subscriber id to (up, down) packet totals."""
+    def update(self, snapshot: StatusSnapshot) -> None:
+        """Take a new snapshot."""
         self.snapshot = snapshot
-        self.packets = packets
 
     def count_request(self, ok: bool) -> None:
         """Count one control request by its outcome."""
@@ -80,10 +78,9 @@ class GatewayCollector(Collector):
             "desanet_subscriber_state", "1 for the current state", labels=["subscriber", "state"]
         )
         for s in snap.subscribers:
-            up_pkts, down_pkts = self.packets.get(s.id, (0, 0))
             for direction, total, pkts, bps, cap in (
-                ("up", s.up_total, up_pkts, s.up_bps, s.up_max_bps),
-                ("down", s.down_total, down_pkts, s.down_bps, s.down_max_bps),
+                ("up", s.up_total, s.up_pkts, s.up_bps, s.up_max_bps),
+                ("down", s.down_total, s.down_pkts, s.down_bps, s.down_max_bps),
             ):
                 byte_total.add_metric([s.id, direction], total)
                 pkt_total.add_metric([s.id, direction], pkts)

@@ -4,31 +4,36 @@ A subscriber keeps its datapath slot for as long as it exists, across reloads
 and restarts (the assignment is persisted in the state directory), so its
 counters, HTB classes and billing totals never move under it. Errors name the
 file, the line and the field.
+
+Each rule is the one its owner defines: subscriber ids (desanet.validate),
+prefixes and the datapath's single address space (desanet.ebpf.prefixes),
+min <= max <= link (desanet.shaper.plan.rate_fault). Whether the guaranteed
+rates of everyone fit the link is the shaping plan's to say, when the service
+builds it from this file.
 """
 
 from __future__ import annotations
 
 import csv
-import ipaddress
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from desanet.durable import replace_atomically
 from desanet.ebpf.abi import PREFIXES_PER_SUBSCRIBER
-from desanet.errors import ConfigError, StreamError, ValidationError
-from desanet.gateway.config import LinkConfig
+from desanet.ebpf.prefixes import key_of, parse_prefix
+from desanet.errors import ConfigError, StateError, ValidationError
+from desanet.gateway.config import LinkConfig, decode_utf8
+from desanet.shaper.plan import RATE_FIELDS, rate_fault
 from desanet.units import format_rate, parse_bytes, parse_rate_bps
+from desanet.validate import check_subscriber_id
 
 COLUMNS = ("id", "name", "prefixes", "down_min", "down_max", "up_min", "up_max", "quota")
-_SUBSCRIBER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
-class Plan:
+class RatePlan:
     """Guaranteed (min) and ceiling (max) rates of one subscriber, bits per second."""
 
     down_min_bps: int
@@ -51,7 +56,7 @@ class Subscriber:
     id: str
     name: str
     prefixes: tuple[str, ...]
-    plan: Plan
+    plan: RatePlan
     quota_bytes: int | None
     line: int = field(default=0, compare=False)
 
@@ -79,22 +84,14 @@ class RegistryDiff:
         return f"+{len(self.added)} -{len(self.removed)} ~{len(changed)}"
 
 
-def _network(text: str) -> Network:
-    try:
-        return ipaddress.ip_network(text, strict=True)
-    except ValueError as err:
-        raise ValidationError(
-            f"prefix {text!r} is not an IPv4/IPv6 address or prefix ({err})"
-        ) from err
-
-
 def load_subscribers(path: str | Path, link: LinkConfig, capacity: int) -> list[Subscriber]:
     """Read and check a subscribers CSV; raises ConfigError naming file, line and field."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the subscribers file: {err.strerror}") from err
+    text = decode_utf8(raw, path)
     return parse_subscribers(text, path, link, capacity)
 
 
@@ -125,13 +122,6 @@ def parse_subscribers(text: str, path: Path, link: LinkConfig, capacity: int) ->
             "([gateway] capacity)"
         )
     _check_overlaps(subscribers, path)
-    for direction, limit in (("down", link.down_bps), ("up", link.up_bps)):
-        total = sum(getattr(s.plan, f"{direction}_min_bps") for s in subscribers)
-        if total > limit:
-            raise ConfigError(
-                f"{path}: {direction}_min: the guaranteed rates add up to {format_rate(total)}, "
-                f"above the link's {format_rate(limit)}"
-            )
     return subscribers
 
 
@@ -141,10 +131,10 @@ def _row(cells: Mapping[str, str], path: Path, number: int, link: LinkConfig) ->
         return ConfigError(f"{path}:{number}: {column}: {who}{message}")
 
     sub_id = cells["id"]
-    if not _SUBSCRIBER_ID.match(sub_id):
-        raise ConfigError(
-            f"{path}:{number}: id: {sub_id!r} is not an id (letters, digits, '_', '.', '-'; max 64)"
-        )
+    try:
+        check_subscriber_id(sub_id)
+    except ValidationError as err:
+        raise ConfigError(f"{path}:{number}: id: {err}") from err
     prefixes = tuple(cells["prefixes"].split())
     if not prefixes:
         raise fail("prefixes", "no address or prefix given")
@@ -152,26 +142,18 @@ def _row(cells: Mapping[str, str], path: Path, number: int, link: LinkConfig) ->
         raise fail("prefixes", f"{len(prefixes)} prefixes, at most {PREFIXES_PER_SUBSCRIBER}")
     for prefix in prefixes:
         try:
-            _network(prefix)
+            parse_prefix(prefix)
         except ValidationError as err:
             raise fail("prefixes", str(err)) from err
     rates: dict[str, int] = {}
-    for column in ("down_min", "down_max", "up_min", "up_max"):
+    for column in RATE_FIELDS:
         try:
             rates[column] = parse_rate_bps(cells[column])
         except ValidationError as err:
             raise fail(column, str(err)) from err
-    for direction, limit in (("down", link.down_bps), ("up", link.up_bps)):
-        low, high = rates[f"{direction}_min"], rates[f"{direction}_max"]
-        if low > high:
-            raise fail(
-                f"{direction}_min",
-                f"{format_rate(low)} is above {direction}_max {format_rate(high)}",
-            )
-        if high > limit:
-            raise fail(
-                f"{direction}_max", f"{format_rate(high)} is above the link's {format_rate(limit)}"
-            )
+    fault = rate_fault(rates, link.down_bps, link.up_bps)
+    if fault is not None:
+        raise fail(*fault)
     quota = None
     if cells["quota"]:
         try:
@@ -184,34 +166,33 @@ def _row(cells: Mapping[str, str], path: Path, number: int, link: LinkConfig) ->
         id=sub_id,
         name=cells["name"],
         prefixes=prefixes,
-        plan=Plan(rates["down_min"], rates["down_max"], rates["up_min"], rates["up_max"]),
+        plan=RatePlan(rates["down_min"], rates["down_max"], rates["up_min"], rates["up_max"]),
         quota_bytes=quota,
         line=number,
     )
 
 
 def _check_overlaps(subscribers: Iterable[Subscriber], path: Path) -> None:
-    # Sorted by start address, a prefix overlaps an earlier one exactly when it
+    # Ranges in the datapath's one 128-bit space, where 10.0.0.1 and ::ffff:10.0.0.1 are
+    # the same key. Sorted by start, a prefix overlaps an earlier one exactly when it
     # starts inside the widest range seen so far: one pass, no pairwise checks.
-    entries = sorted(
-        (
-            (net.version, int(net.network_address), int(net.broadcast_address), sub, prefix)
-            for sub in subscribers
-            for prefix in sub.prefixes
-            for net in (_network(prefix),)
-        ),
-        key=lambda e: (e[0], e[1], -e[2]),
-    )
-    widest: tuple[int, int, Subscriber, str] | None = None
-    for version, start, end, sub, prefix in entries:
-        if widest is not None and widest[0] == version and start <= widest[1]:
-            other, other_prefix = widest[2], widest[3]
+    entries = []
+    for sub in subscribers:
+        for prefix in sub.prefixes:
+            length, addr = key_of(parse_prefix(prefix))
+            start = int.from_bytes(addr, "big")
+            entries.append((start, start | ((1 << (128 - length)) - 1), sub, prefix))
+    entries.sort(key=lambda e: (e[0], -e[1]))
+    widest: tuple[int, Subscriber, str] | None = None
+    for start, end, sub, prefix in entries:
+        if widest is not None and start <= widest[0]:
+            other, other_prefix = widest[1], widest[2]
             first, second = sorted(((sub, prefix), (other, other_prefix)), key=lambda e: e[0].line)
             where = f"subscriber {second[0].id}: prefix {second[1]} overlaps"
             target = "itself" if first[0].id == second[0].id else first[0].id
             raise ConfigError(f"{path}:{second[0].line}: prefixes: {where} {first[1]} of {target}")
-        if widest is None or widest[0] != version or end > widest[1]:
-            widest = (version, end, sub, prefix)
+        if widest is None or end > widest[0]:
+            widest = (end, sub, prefix)
 
 
 def diff(old: Iterable[Subscriber], new: Iterable[Subscriber]) -> RegistryDiff:
@@ -228,58 +209,78 @@ def diff(old: Iterable[Subscriber], new: Iterable[Subscriber]) -> RegistryDiff:
     )
 
 
+@dataclass(frozen=True)
+class SlotChange:
+    """A proposed slot table and what it changes: new assignments and freed ones."""
+
+    table: SlotTable
+    added: dict[str, int]
+    freed: dict[str, int]
+
+
+@dataclass(frozen=True)
 class SlotTable:
     """Subscriber id -> datapath slot, stable for a subscriber's life, persisted as JSON.
 
-    A freed slot is reused only after every never-used slot is taken, so a
-    slot's counters rarely change hands (the aggregator resets them when they do).
+    A table never changes in place: `assign` computes the next one, which the
+    caller adopts only once everything else about the change checked out (a
+    refused reload then leaves nothing to undo). A freed slot is reused only
+    after every never-used slot is taken, so a slot's counters rarely change
+    hands (the aggregator resets them when they do).
     """
 
-    def __init__(self, path: Path, capacity: int) -> None:
-        self.path = path
-        self.capacity = capacity
-        self.slots: dict[str, int] = {}
-        self.high_water = 0
-        if path.exists():
-            try:
-                doc = json.loads(path.read_text())
-                self.slots = {str(k): int(v) for k, v in doc["slots"].items()}
-                self.high_water = int(doc["high_water"])
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-                raise StreamError(
-                    f"{path}: slot table unreadable ({err}); restore it from backup, "
-                    "deleting it re-numbers every subscriber"
-                ) from err
+    capacity: int
+    slots: Mapping[str, int] = field(default_factory=dict)
+    high_water: int = 0
 
-    def assign(self, ids: Iterable[str]) -> tuple[dict[str, int], dict[str, int]]:
-        """Give every id a slot, freeing the slots of ids no longer present.
+    @classmethod
+    def load(cls, path: Path, capacity: int) -> SlotTable:
+        """The table saved at `path`, or an empty one if there is none."""
+        if not path.exists():
+            return cls(capacity)
+        try:
+            doc = json.loads(path.read_text())
+            slots = {str(k): int(v) for k, v in doc["slots"].items()}
+            return cls(capacity, slots, int(doc["high_water"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise StateError(
+                f"{path}: slot table unreadable ({err}); restore it from backup, "
+                "deleting it re-numbers every subscriber"
+            ) from err
 
-        Returns (new assignments, freed assignments); the table is not saved.
+    def assign(self, ids: Iterable[str]) -> SlotChange:
+        """The table giving every id a slot and freeing the slots of ids no longer present.
+
+        Raises ConfigError when the ids do not fit; this table is unchanged either way.
         """
         wanted = list(ids)
         keep = set(wanted)
+        slots = {i: s for i, s in self.slots.items() if i in keep}
         freed = {i: s for i, s in self.slots.items() if i not in keep}
-        for sub_id in freed:
-            del self.slots[sub_id]
-        used = set(self.slots.values())
+        used = set(slots.values())
         reusable = sorted(set(range(1, self.high_water + 1)) - used, reverse=True)
+        high_water = self.high_water
         added: dict[str, int] = {}
         for sub_id in wanted:
-            if sub_id in self.slots:
+            if sub_id in slots:
                 continue
-            if self.high_water < self.capacity:
-                self.high_water += 1
-                slot = self.high_water
+            if high_water < self.capacity:
+                high_water += 1
+                slot = high_water
             elif reusable:
                 slot = reusable.pop()
             else:
                 raise ConfigError(f"no free slot for subscriber {sub_id}: capacity {self.capacity}")
-            self.slots[sub_id] = slot
+            slots[sub_id] = slot
             added[sub_id] = slot
-        return added, freed
+        return SlotChange(SlotTable(self.capacity, slots, high_water), added, freed)
 
-    def save(self) -> None:
+    def owners(self) -> dict[int, str]:
+        """Slot -> subscriber id."""
+        return {slot: sub_id for sub_id, slot in self.slots.items()}
+
+    def save(self, path: Path) -> None:
         """Write the table atomically (a crash leaves the old or the new file, never half)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        table = {"high_water": self.high_water, "slots": self.slots}
-        replace_atomically(self.path, json.dumps(table).encode())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = {"high_water": self.high_water, "slots": dict(self.slots)}
+        replace_atomically(path, json.dumps(table).encode())

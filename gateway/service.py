@@ -1,119 +1,122 @@
-"""`desanet run`: the service loop that composes datapath, shaper, aggregator, stream and control.
+"""`desanet run`: the service loop that sequences datapath, shaper, aggregator, stream and control.
 
-It only sequences steps. Start: check the configuration, the subscribers file,
-the keys and the shaping plan before touching the kernel; then shaper, datapath,
-stream, control endpoint. Every interval: read the counters, roll up, journal
-and publish, check quotas, write the status. SIGHUP or a changed subscribers
-file: re-read and apply only the difference. SIGTERM: flush the last usage,
-close the journals, leave the datapath and the shaping in place.
+It only sequences steps; every decision lives in a module of its own
+(enforcement, quota, control_requests, plans, status) and every kernel or
+network part comes in through `desanet.gateway.parts`. Start: check the
+configuration, the subscribers file, the keys and the shaping plan before
+touching anything; then lock the state directory, bind the endpoints, shape,
+attach, provision. Every interval: read the counters, roll up, journal and
+publish, check quotas, write the status. SIGHUP or a changed subscribers file:
+re-read and apply only the difference. SIGTERM: flush the last usage, close
+the journals, leave the datapath and the shaping in place.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Any, cast
+from typing import Any
 
-from desanet.clock import now_ms
+import numpy as np
+import numpy.typing as npt
+
 from desanet.cython_ext import load_backend
-from desanet.ebpf.datapath import Datapath, Provision
+from desanet.ebpf.datapath import Provision
 from desanet.errors import ConfigError, DesanetError, ValidationError
-from desanet.gateway import status
+from desanet.gateway import control_requests, status
+from desanet.gateway.compose import production_parts
 from desanet.gateway.config import Config, load_config, require_lan
-from desanet.gateway.control import ControlEndpoint, ControlState, Event
+from desanet.gateway.control_state import ControlState
+from desanet.gateway.enforcement import Enforced, enforce
 from desanet.gateway.metrics import GatewayCollector, serve
-from desanet.gateway.registry import Plan, SlotTable, Subscriber, diff, load_subscribers
+from desanet.gateway.parts import Parts
+from desanet.gateway.pidlock import StateLock
+from desanet.gateway.plans import provision_entry, shaping_plan
+from desanet.gateway.quota import quota_pass, usage_bytes
+from desanet.gateway.registry import RatePlan, SlotTable, Subscriber, diff, load_subscribers
+from desanet.gateway.roles import Roles, load_roles
 from desanet.meter.delivered import DeliveredReader, split_state
-from desanet.meter.keys import ServerSecurity, load_allowed_keys, load_keypair
-from desanet.meter.poll import CounterReader, Poller
-from desanet.meter.service import MeterService, StreamConfig
+from desanet.meter.poll import Poller
 from desanet.meter.wire import UsageEvent
-from desanet.shaper.apply import Shaper, upload_ifb_name
-from desanet.shaper.plan import Link, SubscriberPlan, build_plan, classids_for_slot
+from desanet.shaper.plan import ShapingPlan
 
 log = logging.getLogger(__name__)
 
-PID_FILE = "desanet.pid"
+SLOTS_FILE = "slots.json"
 _MAX_EVENTS = 50
+# The loop wakes at least this often to notice signals and a changed subscribers file.
+_MAX_WAIT_MS = 200
+
+Compose = Callable[[Config, Roles, Mapping[int, str]], Parts]
 
 
-def running_pid(state_dir: Path) -> int | None:
-    """The pid of the service running on `state_dir`, if one is alive."""
-    try:
-        pid = int((state_dir / PID_FILE).read_text())
-        # A stale file after a crash may name a pid reused by an unrelated process.
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return None
-    return pid if b"desanet" in cmdline or b"desanet.gateway.cli" in cmdline else None
-
-
-def server_security(config: Config) -> ServerSecurity:
-    """The CURVE keys of the usage, replay and control endpoints (or plaintext on loopback)."""
-    pub = config.publish
-    if pub.plaintext:
-        return ServerSecurity(plaintext=True)
-    if pub.secret_key is None or pub.allowed_keys is None:
-        raise ConfigError(f"{config.path}: [publish] needs secret_key and allowed_keys")
-    return ServerSecurity(
-        server=load_keypair(pub.secret_key), allowed_clients=load_allowed_keys(pub.allowed_keys)
-    )
-
-
-def shaping_plan(config: Config, subs: Sequence[tuple[Subscriber, int, Plan]]) -> Any:
-    """The HTB plan for (subscriber, slot, enforced plan) triples; raises ShaperError if invalid."""
-    link = Link(
-        down_bps=config.link.down_bps, up_bps=config.link.up_bps, headroom=config.shaping.headroom
-    )
-    plans = [
-        SubscriberPlan(
-            sub.id, slot, plan.down_min_bps, plan.down_max_bps, plan.up_min_bps, plan.up_max_bps
-        )
-        for sub, slot, plan in subs
-    ]
-    return build_plan(link, plans, config.shaping.leaf, config.shaping.rtt_ms)
-
-
-class Gateway:
+class GatewayService:
     """One gateway: checked at construction, `start()` touches the kernel, `run()` loops."""
 
-    def __init__(self, config_path: str | Path) -> None:
+    # Built by `start()`: the metering pipeline over the datapath's counters.
+    aggregator: Any
+    delivered: DeliveredReader
+
+    def __init__(self, config_path: str | Path, compose: Compose = production_parts) -> None:
         self.config_path = Path(config_path)
-        self.config = load_config(self.config_path)
-        cfg = self.config
+        self.config = cfg = load_config(self.config_path)
         require_lan(cfg)
         self.subscribers = load_subscribers(cfg.subscribers_file, cfg.link, cfg.capacity)
-        self.security = server_security(cfg)
-        self.slots = SlotTable(cfg.state_dir / "slots.json", cfg.capacity)
-        self.control = ControlState(cfg.state_dir / "control.journal", cfg.control, cfg.link)
         self.by_id = {s.id: s for s in self.subscribers}
-        self.slots.assign(self.by_id)
+        self.roles = load_roles(cfg)
+        self.slots_path = cfg.state_dir / SLOTS_FILE
+        self.slots = SlotTable.load(self.slots_path, cfg.capacity).assign(self.by_id).table
+        self.control = ControlState(cfg.state_dir)
         try:
-            shaping_plan(cfg, self._enforced())
+            shaping_plan(cfg, self._enforced(self.subscribers, self.slots))
         except ValidationError as err:
             raise ConfigError(f"{cfg.subscribers_file}: {err}") from err
+        self._compose = compose
+        self._lock = StateLock(cfg.state_dir)
+        self._parts: Parts | None = None
+        self._poller: Poller | None = None
+        # Subscribers whose recorded control change the kernel refused (applied at start).
+        self._not_applied: set[str] = set()
         self.collector = GatewayCollector()
         self.events: list[dict[str, Any]] = []
         self._unpublished: list[UsageEvent] = []
         self.leaf_in_use = cfg.shaping.leaf
         self.warnings: list[str] = []
         self.seq = 0
-        self.started_ms = now_ms()
+        self.started_ms = 0
         self._status_ms = 0
+        self._next_tick_s = 0.0
         self._stop = False
         self._reload = False
         self._file_stamp = self._stamp()
 
-    def _enforced(self) -> list[tuple[Subscriber, int, Plan]]:
-        return [
-            (s, self.slots.slots[s.id], self.control.enforced(s).plan) for s in self.subscribers
-        ]
+    @property
+    def parts(self) -> Parts:
+        """The parts driven since `start()`."""
+        if self._parts is None:
+            raise DesanetError("the gateway service is not started")
+        return self._parts
+
+    @property
+    def poller(self) -> Poller:
+        """The counter poller built by `start()`."""
+        if self._poller is None:
+            raise DesanetError("the gateway service is not started")
+        return self._poller
+
+    def _enforce(self, sub: Subscriber) -> Enforced:
+        return enforce(sub, self.control.get(sub.id), self.config.control)
+
+    def _enforced(
+        self, subscribers: Iterable[Subscriber], slots: SlotTable
+    ) -> list[tuple[Subscriber, int, RatePlan]]:
+        return [(s, slots.slots[s.id], self._enforce(s).plan) for s in subscribers]
+
+    def _plan(self) -> ShapingPlan:
+        return shaping_plan(self.config, self._enforced(self.subscribers, self.slots))
 
     def _stamp(self) -> tuple[float, int]:
         try:
@@ -125,102 +128,96 @@ class Gateway:
     # -- start and stop ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Shape, attach, provision, then open the stream, the control endpoint and metrics."""
+        """Lock the state directory, bind the endpoints, shape, attach, provision, serve."""
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        other = running_pid(cfg.state_dir)
-        if other is not None:
-            raise DesanetError(
-                f"another `desanet run` (pid {other}) uses {cfg.state_dir}; stop it first"
-            )
-        (cfg.state_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+        self._lock.acquire()
+        try:
+            self._start()
+        except BaseException:
+            self._close_parts()
+            self._lock.release()
+            raise
+
+    def _start(self) -> None:
+        cfg = self.config
         self.control.open()
-        for sub_id in [i for i in self.control.subs if i not in self.by_id]:
-            self.control.forget(sub_id)  # removed from the file while the service was down
-        # Endpoints first: a port already taken is refused before the kernel is touched.
-        self.meter = MeterService(
-            cfg.gateway_id,
-            cfg.state_dir,
-            StreamConfig(cfg.publish.usage, cfg.publish.replay, self.security),
-            self._slot_ids(),
-        )
-        self.endpoint = ControlEndpoint(cfg.control.endpoint, self.security)
-        ifb = upload_ifb_name(cfg.lan)
-        self.shaper = Shaper(cfg.lan, ifb)
-        self.shaper.ensure_ifb()
-        self.datapath = Datapath(cfg.lan, cfg.gateway_id, capacity=cfg.capacity, upload_ifb=ifb)
-        self.datapath.attach()
-        self.aggregator = load_backend().Aggregator(cfg.capacity + 1)
+        # Removed from the file while the service was down.
+        self.control.forget([i for i in self.control.records if i not in self.by_id])
+        self._parts = parts = self._compose(cfg, self.roles, self.slots.owners())
+        self.started_ms = parts.clock.now_ms()
+        parts.shaper.ensure_ifb()
+        parts.datapath.attach()
         # Billed bytes are what left each subscriber's class, not what entered the queue.
-        # cast: ClassStats is frozen, the SentStats protocol declares plain attributes.
-        self.delivered = DeliveredReader(
-            CounterReader.for_datapath(cfg.gateway_id, cfg.lan), cast(Any, self.shaper.class_stats)
-        )
-        if self.meter.restored_state is not None:
-            aggregator_state, delivered_state = split_state(self.meter.restored_state)
+        self.delivered = DeliveredReader(parts.open_counters(), parts.shaper.class_stats)
+        self.aggregator = load_backend().Aggregator(cfg.capacity + 1)
+        if parts.meter.restored_state is not None:
+            aggregator_state, delivered_state = split_state(parts.meter.restored_state)
             self.aggregator.restore(aggregator_state)
             if delivered_state:
                 self.delivered.restore(delivered_state)
-        # cast: Poller is annotated with CounterReader; DeliveredReader has the same interface.
-        self.poller = Poller(self.delivered, self.aggregator)
-        self.seq = self.meter.last_seq
+        self._poller = Poller(self.delivered, self.aggregator)
+        self.seq = parts.meter.last_seq
         # Slots the kernel still steers but no subscriber holds (removed while we were down).
-        stale = set(self.datapath.prefixes()) - set(self.slots.slots.values())
+        stale = set(parts.datapath.prefixes()) - set(self.slots.slots.values())
         self._shape_and_provision(set(self.by_id), sorted(stale))
         if cfg.metrics_listen is not None:
             serve(self.collector, *cfg.metrics_listen)
+        self._next_tick_s = parts.clock.monotonic_s() + cfg.interval_ms / 1000
         log.info(
             "gateway %s running: %d subscribers on %s, usage on %s, control on %s",
             cfg.gateway_id,
             len(self.subscribers),
             cfg.lan,
-            self.meter.usage_endpoint,
-            self.endpoint.endpoint,
+            parts.meter.usage_endpoint,
+            parts.endpoint.endpoint,
         )
 
     def close(self) -> None:
         """Flush the last usage and close everything; the kernel state stays as it is."""
         self._status_ms = 0  # the last status is always written
         self.tick()
-        self.endpoint.close()
-        self.meter.close()
-        self.poller.reader.close()
-        self.control.close()
-        (self.config.state_dir / PID_FILE).unlink(missing_ok=True)
+        self._close_parts()
+        self._lock.release()
         log.info(
             "gateway %s stopped at seq %d; shaping left in place", self.config.gateway_id, self.seq
         )
 
-    def _slot_ids(self) -> dict[int, str]:
-        return {slot: sub_id for sub_id, slot in self.slots.slots.items()}
+    def _close_parts(self) -> None:
+        if self._parts is not None:
+            self._parts.endpoint.close()
+            self._parts.meter.close()
+        if self._poller is not None:
+            self._poller.reader.close()
+            self._poller = None
+        self.control.close()
 
     # -- applying subscribers ------------------------------------------------------------------
 
     def _shape_and_provision(self, touched: set[str], freed_slots: Iterable[int] = ()) -> None:
         # Order keeps every packet in a class: stop steering removed subscribers, shape
         # (classes exist before anyone is steered to them), then provision.
+        parts = self.parts
         for slot in freed_slots:
-            self.datapath.unprovision(slot)
-        result = self.shaper.apply(shaping_plan(self.config, self._enforced()))
+            parts.datapath.unprovision(slot)
+        result = parts.shaper.apply(self._plan())
         self.leaf_in_use = result.leaf_in_use
         self.warnings = list(result.warnings)
         # One call for every touched subscriber: the datapath withdraws the prefixes
         # they lose before it stores the ones they gain, so prefixes may change hands.
-        self.datapath.provision_many(
+        parts.datapath.provision_many(
             [self._provision_entry(self.by_id[s]) for s in sorted(touched)]
         )
-        self.slots.save()
-        self.meter.set_subscribers(self._slot_ids())
+        self.slots.save(self.slots_path)
+        parts.meter.set_subscribers(self.slots.owners())
         log.info("applied: %d shaper operations, %d provisioned", result.operations, len(touched))
 
     def _provision_entry(self, sub: Subscriber) -> Provision:
-        slot = self.slots.slots[sub.id]
-        down_classid, up_classid = classids_for_slot(slot)
-        flags = self.control.enforced(sub).flags
-        return Provision(slot, tuple(sub.prefixes), down_classid, up_classid, flags)
+        return provision_entry(sub, self.slots.slots[sub.id], self._enforce(sub).flags)
 
-    def _provision(self, sub: Subscriber) -> None:
-        self.datapath.provision_many([self._provision_entry(sub)])
+    def request_reload(self) -> None:
+        """Re-read the subscribers file at the next pass of the loop (what SIGHUP does)."""
+        self._reload = True
 
     def reload(self) -> None:
         """Re-read the subscribers file and apply only what changed; a bad file changes nothing."""
@@ -236,25 +233,20 @@ class Gateway:
             return
         # Bill everyone up to now under the old slot map before any slot changes hands.
         self.tick()
-        old_slots = dict(self.slots.slots)
-        old_high = self.slots.high_water
-        added, freed = self.slots.assign(s.id for s in new)
-        old_subscribers, old_by_id = self.subscribers, self.by_id
-        self.subscribers, self.by_id = new, {s.id: s for s in new}
         try:
-            shaping_plan(cfg, self._enforced())
-        except ValidationError as err:
+            slots = self.slots.assign(s.id for s in new)
+            shaping_plan(cfg, self._enforced(new, slots.table))
+        except (ConfigError, ValidationError) as err:
             log.error("reload refused, still running the previous subscribers: %s", err)
-            self.subscribers, self.by_id = old_subscribers, old_by_id
-            self.slots.slots, self.slots.high_water = old_slots, old_high
             return
-        for slot in added.values():
+        old_high = self.slots.high_water
+        self.subscribers, self.by_id, self.slots = new, {s.id: s for s in new}, slots.table
+        for slot in slots.added.values():
             if slot <= old_high:
                 self.aggregator.reset_slot(slot)
-        for sub_id in change.removed:
-            self.control.forget(sub_id)
+        self.control.forget(change.removed)
         touched = set(change.added) | set(change.readdressed)
-        self._shape_and_provision(touched, freed.values())
+        self._shape_and_provision(touched, slots.freed.values())
         log.info(
             "reload: %s (added %s, removed %s)", change.summary(), change.added, change.removed
         )
@@ -262,64 +254,84 @@ class Gateway:
     def _reenforce(self, sub_id: str) -> None:
         # A new ceiling can replace the subscriber's leaf qdisc, whose counters then start
         # from zero: account what it delivered so far first, so no delivered byte is lost.
-        self.poller.poll(now_ms())
-        self.shaper.apply(shaping_plan(self.config, self._enforced()))
-        self._provision(self.by_id[sub_id])
+        parts = self.parts
+        self.poller.poll(parts.clock.now_ms())
+        parts.shaper.apply(self._plan())
+        parts.datapath.provision_many([self._provision_entry(self.by_id[sub_id])])
 
     # -- control ---------------------------------------------------------------------------------
 
     def _total_of(self, sub_id: str) -> int:
-        slot = self.slots.slots[sub_id]
-        row = self.aggregator.totals()[slot]
-        return int(row[0]) + int(row[2])
+        return usage_bytes(self.aggregator.totals(), self.slots.slots[sub_id])
 
-    def _check_plan(self, sub_id: str, plan: Plan) -> None:
+    def _check_plan(self, sub_id: str, plan: RatePlan) -> None:
         # The shaper's validation names the subscriber when the plan does not fit the link.
-        trial = [(s, slot, plan if s.id == sub_id else p) for s, slot, p in self._enforced()]
+        trial = [
+            (s, slot, plan if s.id == sub_id else p)
+            for s, slot, p in self._enforced(self.subscribers, self.slots)
+        ]
         shaping_plan(self.config, trial)
 
     def handle_request(self, request: object) -> dict[str, Any]:
-        """Answer one control request, re-enforcing the subscriber it changed."""
-        reply, changed = self.control.handle(request, self.by_id, self._total_of, self._check_plan)
+        """Answer one control request, re-enforcing the subscriber it changed.
+
+        The reply tells what happened: refused (`ok` false, nothing changed), or
+        recorded (`ok` true) and `applied` when the kernel enforces it now; a
+        change recorded but refused by the kernel is enforced at the next start.
+        """
+        cfg = self.config
+        ctx = control_requests.Context(
+            self.by_id, cfg.control, cfg.link, self._total_of, self._check_plan
+        )
+        try:
+            reply, changed = control_requests.handle(request, self.control, ctx)
+        except Exception as err:
+            # Nothing is recorded unless `handle` returns (storing is its last step).
+            log.error("control request refused by an error: %s: %s", type(err).__name__, err)
+            reply, changed = {"ok": False, "error": f"nothing changed: {err}"}, None
         self.collector.count_request(bool(reply.get("ok")))
+        if not reply.get("ok"):
+            return reply
         if changed is not None:
             try:
                 self._reenforce(changed)
-            except DesanetError as err:
-                # Journaled but not in the kernel: the next start applies it.
+            except Exception as err:
+                # Recorded but not in the kernel: say so, and apply it at the next start.
                 log.error("subscriber %s: control change recorded, not applied: %s", changed, err)
-                return {
-                    "ok": False,
-                    "error": f"recorded, not applied ({err}); applied at the next start",
-                }
+                self._not_applied.add(changed)
+                return {**reply, "applied": False, "error": f"recorded, not applied: {err}"}
+            self._not_applied.discard(changed)
             op = request.get("op") if isinstance(request, dict) else "control"
-            self._event(Event(now_ms(), changed, str(op), f"now {reply['state']}"))
-        return reply
+            t_ms = self.parts.clock.now_ms()
+            self._event(UsageEvent(t_ms, changed, str(op), f"now {reply['state']}"))
+        return {**reply, "applied": reply["sub"] not in self._not_applied}
 
-    def _event(self, event: Event) -> None:
+    def _event(self, event: UsageEvent) -> None:
         log.info("subscriber %s: %s %s", event.sub, event.kind, event.detail)
-        self.events = [*self.events[-_MAX_EVENTS + 1 :], asdict(event)]
+        self.events = [*self.events[-_MAX_EVENTS + 1 :], event._asdict()]
         # Billing hears of it in the next usage message (key `ev`), journaled like the usage.
-        self._unpublished.append(UsageEvent(event.t_ms, event.sub, event.kind, event.detail))
+        self._unpublished.append(event)
 
     # -- the loop --------------------------------------------------------------------------------
 
     def tick(self) -> None:
         """One interval: read counters, publish the usage, check quotas, write the status."""
-        t = now_ms()
+        parts = self.parts
+        t = parts.clock.now_ms()
         self.poller.poll(t)
         interval = self.aggregator.rollup(t)
         totals = self.aggregator.totals()
-        per_sub = {
-            sub_id: int(totals[slot][0]) + int(totals[slot][2])
-            for sub_id, slot in self.slots.slots.items()
-        }
-        for event in self.control.check_quotas(self.by_id, per_sub, t):
+        per_sub = {sub_id: usage_bytes(totals, slot) for sub_id, slot in self.slots.slots.items()}
+        changed, events = quota_pass(
+            self.by_id, self.control.records, per_sub, t, self.config.control
+        )
+        self.control.update(changed)
+        for event in events:
             self._event(event)
             self._reenforce(event.sub)
         if len(interval) or self._unpublished:
             state = {**self.aggregator.state(), **self.delivered.state()}
-            self.seq = self.meter.publish(interval, state, self._unpublished)
+            self.seq = parts.meter.publish(interval, state, self._unpublished)
             self._unpublished = []
         # The snapshot costs about 10 us per subscriber: a large village refreshes it less
         # often than every interval, so the status never eats the poll budget.
@@ -328,32 +340,12 @@ class Gateway:
             self._status_ms = t
             self._write_status(t, totals)
 
-    def _write_status(self, t: int, totals: Any) -> None:
-        rates = self.aggregator.rates_bps()
-        rows = []
-        packets = {}
-        for sub in self.subscribers:
-            slot = self.slots.slots[sub.id]
-            enforced = self.control.enforced(sub)
-            state = self.control.get(sub.id)
-            rows.append(
-                status.SubscriberStatus(
-                    id=sub.id,
-                    name=sub.name,
-                    slot=slot,
-                    state=enforced.state,
-                    down_max_bps=enforced.plan.down_max_bps,
-                    up_max_bps=enforced.plan.up_max_bps,
-                    down_bps=float(rates[slot][1]),
-                    up_bps=float(rates[slot][0]),
-                    down_total=int(totals[slot][2]),
-                    up_total=int(totals[slot][0]),
-                    period_bytes=int(totals[slot][0]) + int(totals[slot][2]) - state.period_base,
-                    quota_bytes=self.control.quota_of(sub),
-                )
-            )
-            packets[sub.id] = (int(totals[slot][1]), int(totals[slot][3]))
-        snapshot = status.Snapshot(
+    def _write_status(self, t: int, totals: npt.NDArray[np.uint64]) -> None:
+        entries = [
+            (sub, self.slots.slots[sub.id], self._enforce(sub), self.control.get(sub.id))
+            for sub in self.subscribers
+        ]
+        snapshot = status.StatusSnapshot(
             gateway=self.config.gateway_id,
             t_ms=t,
             started_ms=self.started_ms,
@@ -362,34 +354,43 @@ class Gateway:
             leaf_wanted=self.config.shaping.leaf,
             leaf_in_use=self.leaf_in_use,
             seq=self.seq,
-            subscribers=rows,
+            subscribers=status.rows(entries, totals, self.aggregator.rates_bps()),
             warnings=self.warnings,
             events=self.events,
         )
         status.write_snapshot(self.config.state_dir, snapshot)
-        self.collector.update(snapshot, packets)
+        self.collector.update(snapshot)
 
     def _signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
-            self._reload = True
+            self.request_reload()
         else:
-            self._stop = True
+            self.stop()
+
+    def stop(self) -> None:
+        """Leave `run()` after the current pass (what SIGTERM does)."""
+        self._stop = True
 
     def run(self) -> None:
         """Loop until SIGTERM or SIGINT: serve control requests between ticks."""
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._signal)
-        interval_s = self.config.interval_ms / 1000
-        next_tick = time.monotonic() + interval_s
         while not self._stop:
-            wait_ms = max(0, int((next_tick - time.monotonic()) * 1000))
-            if self.endpoint.sock.poll(min(wait_ms, 200)):
-                self.endpoint.serve_pending(self.handle_request)
-            stamp = self._stamp()
-            if self._reload or stamp != self._file_stamp:
-                self._reload, self._file_stamp = False, stamp
-                self.reload()
-            if time.monotonic() >= next_tick:
-                self.tick()
-                # A slow tick skips the missed ones instead of bursting to catch up.
-                next_tick = max(next_tick + interval_s, time.monotonic())
+            self.step()
+
+    def step(self) -> None:
+        """One pass of the loop: wait for requests until the next tick, reload if due, tick."""
+        parts = self.parts
+        clock = parts.clock
+        wait_ms = max(0, int((self._next_tick_s - clock.monotonic_s()) * 1000))
+        if parts.endpoint.wait(min(wait_ms, _MAX_WAIT_MS)):
+            parts.endpoint.serve_pending(self.handle_request)
+        stamp = self._stamp()
+        if self._reload or stamp != self._file_stamp:
+            self._reload, self._file_stamp = False, stamp
+            self.reload()
+        if clock.monotonic_s() >= self._next_tick_s:
+            self.tick()
+            # A slow tick skips the missed ones instead of bursting to catch up.
+            interval_s = self.config.interval_ms / 1000
+            self._next_tick_s = max(self._next_tick_s + interval_s, clock.monotonic_s())

@@ -2,19 +2,28 @@
 
 The service writes `status.json` in its state directory atomically after each
 poll; `desanet status` renders it (once, or live with --watch). The snapshot
-is plain JSON so other tools (and the demo) can read it too.
+is plain JSON so other tools (and the demo) can read it too. `rows` builds the
+per-subscriber rows from the aggregator's arrays and each subscriber's
+enforcement, so the service loop never assembles one by hand.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from desanet.durable import replace_atomically
 from desanet.errors import DesanetError
+from desanet.gateway.control_record import SubscriberControl
+from desanet.gateway.enforcement import Enforced, quota_in_force
+from desanet.gateway.quota import usage_bytes, used_in_period
+from desanet.gateway.registry import Subscriber
 from desanet.units import format_bytes, format_rate
 
 STATUS_FILE = "status.json"
@@ -36,10 +45,46 @@ class SubscriberStatus:
     up_total: int
     period_bytes: int
     quota_bytes: int | None
+    up_pkts: int = 0
+    down_pkts: int = 0
+
+
+def rows(
+    entries: Iterable[tuple[Subscriber, int, Enforced, SubscriberControl]],
+    totals: npt.NDArray[np.uint64],
+    rates: npt.NDArray[np.float64],
+) -> list[SubscriberStatus]:
+    """One row per (subscriber, slot, enforcement, control record).
+
+    `totals` and `rates` are the aggregator's arrays: totals columns up, up_pkts,
+    down, down_pkts; rates columns up, down (bit/s).
+    """
+    result = []
+    for sub, slot, enforced, record in entries:
+        total = totals[slot]
+        result.append(
+            SubscriberStatus(
+                id=sub.id,
+                name=sub.name,
+                slot=slot,
+                state=enforced.state,
+                down_max_bps=enforced.plan.down_max_bps,
+                up_max_bps=enforced.plan.up_max_bps,
+                down_bps=float(rates[slot][1]),
+                up_bps=float(rates[slot][0]),
+                down_total=int(total[2]),
+                up_total=int(total[0]),
+                period_bytes=used_in_period(usage_bytes(totals, slot), record),
+                quota_bytes=quota_in_force(sub, record),
+                up_pkts=int(total[1]),
+                down_pkts=int(total[3]),
+            )
+        )
+    return result
 
 
 @dataclass
-class Snapshot:
+class StatusSnapshot:
     """What the gateway is doing, as of `t_ms`."""
 
     gateway: str
@@ -65,14 +110,14 @@ class Snapshot:
         return sum(s.up_bps for s in self.subscribers)
 
 
-def write_snapshot(state_dir: Path, snapshot: Snapshot) -> None:
+def write_snapshot(state_dir: Path, snapshot: StatusSnapshot) -> None:
     """Replace status.json atomically (readers never see half a file)."""
     # Rewritten every interval and worthless after a crash: no fsync.
     data = json.dumps(asdict(snapshot)).encode()
     replace_atomically(state_dir / STATUS_FILE, data, mode=0o640, sync=False)
 
 
-def read_snapshot(state_dir: Path) -> Snapshot:
+def read_snapshot(state_dir: Path) -> StatusSnapshot:
     """Read the latest status.json of a running (or stopped) service."""
     path = state_dir / STATUS_FILE
     try:
@@ -82,7 +127,7 @@ def read_snapshot(state_dir: Path) -> Snapshot:
     except (OSError, ValueError) as err:
         raise DesanetError(f"{path}: unreadable status ({err})") from err
     doc["subscribers"] = [SubscriberStatus(**s) for s in doc["subscribers"]]
-    return Snapshot(**doc)
+    return StatusSnapshot(**doc)
 
 
 def quota_state(row: SubscriberStatus) -> str:
@@ -93,7 +138,7 @@ def quota_state(row: SubscriberStatus) -> str:
     return f"{share:.0f}% passed" if row.period_bytes >= row.quota_bytes else f"{share:.0f}%"
 
 
-def render(snap: Snapshot, now_ms: int | None = None) -> str:
+def render(snap: StatusSnapshot, now_ms: int | None = None) -> str:
     """The status table: the link, then one row per subscriber, then warnings and recent events."""
     age = "" if now_ms is None else f", {max(0, now_ms - snap.t_ms) / 1000:.0f}s ago"
     down_share = snap.down_bps / snap.link_down_bps if snap.link_down_bps else 0.0

@@ -167,3 +167,16 @@ def secure_client(sock: zmq.Socket[bytes], security: ClientSecurity) -> None:
     sock.curve_serverkey = security.server_public
     sock.curve_publickey = client.public
     sock.curve_secretkey = client.secret
+
+
+def load_server_security(
+    secret_key: Path | None, allowed_keys: Path | None, plaintext: bool
+) -> ServerSecurity:
+    """The security of a gateway endpoint from its key files (or plaintext, loopback only)."""
+    if plaintext:
+        return ServerSecurity(plaintext=True)
+    if secret_key is None or allowed_keys is None:
+        raise ConfigError("CURVE needs the gateway's secret key and a list of allowed client keys")
+    return ServerSecurity(
+        server=load_keypair(secret_key), allowed_clients=load_allowed_keys(allowed_keys)
+    )

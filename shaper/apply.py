@@ -31,7 +31,7 @@ from desanet.errors import ShaperError
 from desanet.shaper.diff import Operation, diff
 from desanet.shaper.leaf import choose_leaf
 from desanet.shaper.netlink import TcSocket, encode_root_delete, encode_root_probe
-from desanet.shaper.plan import DIRECTIONS, Plan
+from desanet.shaper.plan import DIRECTIONS, ShapingPlan
 from desanet.shaper.readback import ClassStats, leaf_stats, parse_qdiscs_of, tree_from_parts
 from desanet.shaper.tree import DOWN_MAJOR, UP_MAJOR, Tree, make_handle, slot_of_minor
 
@@ -64,7 +64,7 @@ class ApplyResult:
     operations: int
     leaf_in_use: str
     warnings: list[str]
-    plan: Plan
+    plan: ShapingPlan
     per_direction: dict[str, int] = field(default_factory=dict)
 
 
@@ -120,7 +120,7 @@ class Shaper:
         self.lan = lan
         self.upload_ifb = upload_ifb or upload_ifb_name(lan)
         self._known: dict[str, Tree] | None = None
-        self._known_plan: Plan | None = None
+        self._known_plan: ShapingPlan | None = None
         self.leaf_in_use: str | None = None
         self.warnings: list[str] = []
 
@@ -166,7 +166,7 @@ class Shaper:
             for d, index in indexes.items()
         }
 
-    def apply(self, plan: Plan, *, full_read_back: bool = False) -> ApplyResult:
+    def apply(self, plan: ShapingPlan, *, full_read_back: bool = False) -> ApplyResult:
         """Make the kernel's trees equal to `plan` with only the requests that differ.
 
         The leaf kind falls back when the kernel lacks the planned one (one
@@ -207,7 +207,7 @@ class Shaper:
             per_direction=counts,
         )
 
-    def _apply_trees(self, plan: Plan, fresh: bool) -> dict[str, int]:
+    def _apply_trees(self, plan: ShapingPlan, fresh: bool) -> dict[str, int]:
         if fresh:
             _ifindex(self.lan, "LAN")  # before creating an IFB for a LAN that is not there
             self.ensure_ifb()
@@ -227,10 +227,10 @@ class Shaper:
             sock.close()
         return counts
 
-    def _touched_since_known(self, plan: Plan) -> set[int] | None:
+    def _touched_since_known(self, plan: ShapingPlan) -> set[int] | None:
         """Class ids changed between the plan last applied and `plan`, None if unrelated."""
         touched: set[int] = set()
-        node: Plan | None = plan
+        node: ShapingPlan | None = plan
         for _ in range(MAX_PLAN_HISTORY):
             if node is None:
                 return None

@@ -17,7 +17,7 @@ names the subscriber.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -127,6 +127,37 @@ class SubscriberPlan:
         return self.up_min_bps, self.up_max_bps
 
 
+RATE_FIELDS = ("down_min", "down_max", "up_min", "up_max")
+MIN_RATE_BPS = 8  # one byte a second: HTB's rates are in bytes
+
+
+def rate_fault(
+    rates: Mapping[str, int], link_down_bps: int, link_up_bps: int
+) -> tuple[str, str] | None:
+    """The rule every subscriber's rates obey, per direction: 8 bit/s <= min <= max <= link.
+
+    `rates` maps each of RATE_FIELDS to bit/s. Returns None when the rule
+    holds, else (the field at fault, why), which each caller words in its own
+    context (a subscribers file line, a control request, a plan).
+    """
+    for direction, link_bps in (("down", link_down_bps), ("up", link_up_bps)):
+        low, high = rates[f"{direction}_min"], rates[f"{direction}_max"]
+        for name, rate in ((f"{direction}_min", low), (f"{direction}_max", high)):
+            if rate < MIN_RATE_BPS:
+                return name, f"{format_rate(rate)} is below {MIN_RATE_BPS} bit/s"
+        if low > high:
+            return (
+                f"{direction}_min",
+                f"{format_rate(low)} is above {direction}_max {format_rate(high)}",
+            )
+        if high > link_bps:
+            return (
+                f"{direction}_max",
+                f"{format_rate(high)} is above the link's {format_rate(link_bps)}",
+            )
+    return None
+
+
 def _ticks(burst_bytes: int, rate_bytes_ps: int) -> int:
     return burst_bytes * 1_000_000_000 // (rate_bytes_ps * PSCHED_TICK_NS)
 
@@ -166,7 +197,7 @@ def _leaf(kind: str, cls: HtbClass, rtt_ms: float) -> LeafQdisc:
 
 
 @dataclass
-class Plan:
+class ShapingPlan:
     """The desired trees of both directions, with the inputs they came from.
 
     `with_subscriber`/`without_subscriber` derive a new plan in time flat in
@@ -184,13 +215,13 @@ class Plan:
     slot_owner: CowMap[int, str] = field(default_factory=CowMap)
     # The plan this one was derived from and the class ids that differ from it:
     # the shaper diffs only those when `base` is what it last applied.
-    base: Plan | None = None
+    base: ShapingPlan | None = None
     touched: set[int] = field(default_factory=set)
 
     def tree(self, direction: str) -> Tree:
         return self.down if direction == "down" else self.up
 
-    def with_subscriber(self, sub: SubscriberPlan) -> Plan:
+    def with_subscriber(self, sub: SubscriberPlan) -> ShapingPlan:
         """A copy of this plan where `sub` is added or replaces the subscriber of the same id."""
         new = self._copy()
         old = new.subscribers.get(sub.id)
@@ -202,7 +233,7 @@ class Plan:
         new._add(sub)
         return new
 
-    def without_subscriber(self, sub_id: str) -> Plan:
+    def without_subscriber(self, sub_id: str) -> ShapingPlan:
         """A copy of this plan without subscriber `sub_id`."""
         if sub_id not in self.subscribers:
             raise ValidationError(f"subscriber {sub_id}: not in the plan")
@@ -210,7 +241,7 @@ class Plan:
         new._drop(new.subscribers[sub_id])
         return new
 
-    def with_leaf(self, kind: str) -> Plan:
+    def with_leaf(self, kind: str) -> ShapingPlan:
         """The same classes with `kind` leaves (used when the kernel lacks the requested kind)."""
         leafmod.check_leaf_kind(kind)
         new = self._copy()
@@ -222,8 +253,8 @@ class Plan:
         new.base = None
         return new
 
-    def _copy(self) -> Plan:
-        return Plan(
+    def _copy(self) -> ShapingPlan:
+        return ShapingPlan(
             self.link,
             self.leaf,
             self.rtt_ms,
@@ -295,21 +326,15 @@ def _check_subscriber(sub: SubscriberPlan, link: Link) -> None:
             f"subscriber {sub.id}: slot {sub.slot} is outside 1..{MAX_SLOT}: "
             f"the HTB class id space is exhausted"
         )
-    for direction in DIRECTIONS:
-        lo, hi = sub.rates_bps(direction)
-        name = _NAMES[direction]
-        if lo < 8 or hi < 8:
-            raise ValidationError(f"subscriber {sub.id}: {name} rates must be at least 8 bit/s")
-        if lo > hi:
-            raise ValidationError(
-                f"subscriber {sub.id}: {name} min {format_rate(lo)} is above its max "
-                f"{format_rate(hi)}"
-            )
-        if hi > link.rate_bps(direction):
-            raise ValidationError(
-                f"subscriber {sub.id}: {name} max {format_rate(hi)} is above the link's "
-                f"{format_rate(link.rate_bps(direction))}"
-            )
+    rates = {
+        "down_min": sub.down_min_bps,
+        "down_max": sub.down_max_bps,
+        "up_min": sub.up_min_bps,
+        "up_max": sub.up_max_bps,
+    }
+    fault = rate_fault(rates, link.down_bps, link.up_bps)
+    if fault is not None:
+        raise ValidationError(f"subscriber {sub.id}: {fault[0]}: {fault[1]}")
 
 
 def _check_link(link: Link) -> None:
@@ -344,13 +369,13 @@ def build_plan(
     subscribers: Sequence[SubscriberPlan] | Iterable[SubscriberPlan],
     leaf: str = "fq_codel",
     rtt_ms: float = 100.0,
-) -> Plan:
+) -> ShapingPlan:
     """Validate the inputs and compute the desired trees of both directions."""
     leafmod.check_leaf_kind(leaf)
     if not 1.0 <= rtt_ms <= 10_000.0:
         raise ValidationError(f"path RTT {rtt_ms} ms must be within 1 ms .. 10 s")
     _check_link(link)
-    plan = Plan(
+    plan = ShapingPlan(
         link=link,
         leaf=leaf,
         rtt_ms=rtt_ms,

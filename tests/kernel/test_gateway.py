@@ -15,9 +15,8 @@ import pytest
 
 from desanet.errors import ControlError
 from desanet.gateway.control import request
-from desanet.gateway.demo import nsenter
-from desanet.gateway.lab import INET_V4, Village, in_netns, village
-from desanet.gateway.status import Snapshot, read_snapshot
+from desanet.gateway.lab import INET_V4, Village, in_netns, netns_cmd, village
+from desanet.gateway.status import StatusSnapshot, read_snapshot
 from desanet.meter.client import UsageClient
 from desanet.meter.keys import ClientSecurity, generate_keypair, load_keypair
 
@@ -36,17 +35,18 @@ class Service:
         self.config = folder / "gateway.toml"
         self.state = folder / "state"
         self.log = folder / "service.log"
-        keys = ""
+        keys = control_keys = ""
         if curve:
             generate_keypair(folder / "keys", "gateway")
             generate_keypair(folder / "allowed", "billing")
             keys = 'secret_key = "keys/gateway.key_secret"\nallowed_keys = "allowed"\n'
+            control_keys = 'allowed_keys = "allowed"\n'  # billing here both reads and controls
         self.config.write_text(
             f'[gateway]\nid = "t-{lab.tag.lower()}"\nlan = "br-lan"\nstate_dir = "state"\n'
             'capacity = 16\n[link]\ndown = "20mbit"\nup = "5mbit"\n[shaping]\nrtt = "20ms"\n'
             '[meter]\ninterval = "200ms"\n[publish]\nusage = "tcp://127.0.0.1:7570"\n'
             f'replay = "tcp://127.0.0.1:7571"\n{keys}{"" if curve else "plaintext = true"}\n'
-            '[control]\nendpoint = "tcp://127.0.0.1:7572"\nsuspend = "block"\n'
+            f'[control]\nendpoint = "tcp://127.0.0.1:7572"\nsuspend = "block"\n{control_keys}'
             '[metrics]\nlisten = "127.0.0.1:9570"\n'
             '[subscribers]\nfile = "subscribers.csv"\n'
         )
@@ -57,11 +57,11 @@ class Service:
         tmp.write_text(HEADER + "\n".join(rows) + "\n")
         tmp.replace(self.folder / "subscribers.csv")
 
-    def start(self) -> Snapshot:
+    def start(self) -> StatusSnapshot:
         (self.state / "status.json").unlink(missing_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                nsenter(self.lab.gw_ns, [*CLI, "run", "--config", str(self.config)]),
+                netns_cmd(self.lab.gw_ns, [*CLI, "run", "--config", str(self.config)]),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -74,7 +74,7 @@ class Service:
             time.sleep(0.1)
         raise AssertionError(f"service did not start:\n{self.log.read_text()}")
 
-    def status(self, after_ms: int = 0) -> Snapshot:
+    def status(self, after_ms: int = 0) -> StatusSnapshot:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             snap = read_snapshot(self.state)
@@ -93,7 +93,7 @@ class Service:
             self.proc.kill()
             self.proc.wait()
         cmd = [*CLI, "stop", "--detach", "--config", str(self.config)]
-        return subprocess.run(nsenter(self.lab.gw_ns, cmd), capture_output=True, text=True)
+        return subprocess.run(netns_cmd(self.lab.gw_ns, cmd), capture_output=True, text=True)
 
 
 @pytest.fixture
@@ -107,21 +107,19 @@ def row(lab: Village, i: int, down_max: str = "10mbit", quota: str = "") -> str:
     return f"s{i},Sub {i},{host.ipv4} {host.ipv6},1mbit,{down_max},256kbit,2mbit,{quota}"
 
 
-def netns_exec(
-    lab: Village, ns: str, cmd: list[str], **kw: object
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+def netns_exec(ns: str, cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(netns_cmd(ns, cmd), capture_output=True, text=True)
 
 
 def test_bad_subscribers_file_is_refused_before_the_kernel(lab3: Village, tmp_path: Path) -> None:
     svc = Service(lab3, tmp_path)
     svc.write_subscribers([row(lab3, 1), row(lab3, 2).replace("1mbit,10mbit", "12mbit,10mbit")])
-    proc = netns_exec(lab3, lab3.gw_ns, [*CLI, "run", "--config", str(svc.config)])
+    proc = netns_exec(lab3.gw_ns, [*CLI, "run", "--config", str(svc.config)])
     assert proc.returncode == 2
     assert (
         "subscribers.csv:3: down_min: subscriber s2: 12.0 Mbit/s is above down_max" in proc.stderr
     )
-    qdiscs = netns_exec(lab3, lab3.gw_ns, ["tc", "qdisc", "show", "dev", "br-lan"]).stdout
+    qdiscs = netns_exec(lab3.gw_ns, ["tc", "qdisc", "show", "dev", "br-lan"]).stdout
     assert "clsact" not in qdiscs and "htb" not in qdiscs
     assert not (tmp_path / "state").exists()
 
@@ -169,7 +167,7 @@ def test_hot_reload_loses_no_packets_for_untouched_subscribers(
         snap = svc.status()
         plans = {s.id: s.down_max_bps for s in snap.subscribers}
         assert plans == {"s1": 10_000_000, "s2": 4_000_000, "s3": 10_000_000}
-        classes = netns_exec(lab3, lab3.gw_ns, ["tc", "class", "show", "dev", "br-lan"]).stdout
+        classes = netns_exec(lab3.gw_ns, ["tc", "class", "show", "dev", "br-lan"]).stdout
         assert classes.count("class htb") == 2 + 3  # root, default, three subscribers
         assert classes.count("ceil 4Mbit") == 1 and classes.count("ceil 10Mbit") == 2
         # A broken file on SIGHUP is refused; the service keeps the previous subscribers.
@@ -199,20 +197,20 @@ def test_kill9_then_restart_keeps_counters_shaping_and_control(
                 "tcp://127.0.0.1:7572", {"op": "suspend", "sub": "s3"}, ClientSecurity()
             )
         assert reply["ok"] and reply["state"] == "suspended (block)"
-        assert netns_exec(lab3, s3.netns, ["ping", "-c1", "-W1", INET_V4]).returncode == 1
-        netns_exec(lab3, s1.netns, ["ping", "-c", "20", "-i", "0.01", "-s", "1000", INET_V4])
+        assert netns_exec(s3.netns, ["ping", "-c1", "-W1", INET_V4]).returncode == 1
+        netns_exec(s1.netns, ["ping", "-c", "20", "-i", "0.01", "-s", "1000", INET_V4])
         before = svc.status().subscribers[0]
         svc.kill(signal.SIGKILL)
         # Dead service: shaping and counting go on in the kernel.
-        classes = netns_exec(lab3, lab3.gw_ns, ["tc", "class", "show", "dev", "br-lan"]).stdout
+        classes = netns_exec(lab3.gw_ns, ["tc", "class", "show", "dev", "br-lan"]).stdout
         assert classes.count("class htb") == 5
-        netns_exec(lab3, s1.netns, ["ping", "-c", "20", "-i", "0.01", "-s", "1000", INET_V4])
+        netns_exec(s1.netns, ["ping", "-c", "20", "-i", "0.01", "-s", "1000", INET_V4])
         svc.start()
-        netns_exec(lab3, s1.netns, ["ping", "-c", "10", "-i", "0.01", "-s", "500", INET_V4])
+        netns_exec(s1.netns, ["ping", "-c", "10", "-i", "0.01", "-s", "500", INET_V4])
         time.sleep(0.6)
         after = svc.status().subscribers[0]
         assert after.down_total >= before.down_total and after.up_total >= before.up_total
-        assert netns_exec(lab3, s3.netns, ["ping", "-c1", "-W1", INET_V4]).returncode == 1
+        assert netns_exec(s3.netns, ["ping", "-c1", "-W1", INET_V4]).returncode == 1
         with (
             in_netns(lab3.gw_ns),
             UsageClient("tcp://127.0.0.1:7570", "tcp://127.0.0.1:7571") as client,
@@ -229,7 +227,7 @@ def test_kill9_then_restart_keeps_counters_shaping_and_control(
         svc.kill(signal.SIGTERM)
         result = svc.stop_detach()
     assert "removed the datapath and the shaping" in result.stdout
-    qdiscs = netns_exec(lab3, lab3.gw_ns, ["tc", "qdisc", "show", "dev", "br-lan"]).stdout
+    qdiscs = netns_exec(lab3.gw_ns, ["tc", "qdisc", "show", "dev", "br-lan"]).stdout
     assert "clsact" not in qdiscs and "htb" not in qdiscs
 
 
@@ -259,7 +257,7 @@ def test_control_endpoint_rejects_strangers_and_malformed_requests(
             reply = request(endpoint, {"op": "quota", "sub": "s2", "bytes": "1kB"}, billing)
             assert reply["ok"] is True
         netns_exec(
-            lab3, lab3.subscribers[1].netns, ["ping", "-c", "5", "-i", "0.05", "-s", "400", INET_V4]
+            lab3.subscribers[1].netns, ["ping", "-c", "5", "-i", "0.05", "-s", "400", INET_V4]
         )
         deadline = time.monotonic() + 5
         while svc.status().subscribers[1].state != "fair-use":
@@ -301,7 +299,7 @@ def test_addresses_swap_between_subscribers_on_reload(lab3: Village, tmp_path: P
             time.sleep(0.1)
         before = {s.id: s for s in svc.status().subscribers}
         lab3.reset_truth(host2)
-        netns_exec(lab3, host2.netns, ["ping", "-c", "5", "-i", "0.05", "-s", "700", INET_V4])
+        netns_exec(host2.netns, ["ping", "-c", "5", "-i", "0.05", "-s", "700", INET_V4])
         time.sleep(0.6)
         after = {s.id: s for s in svc.status().subscribers}
         truth = lab3.truth(host2)

@@ -23,7 +23,7 @@ import pytest
 from desanet.ebpf.datapath import Datapath
 from desanet.gateway.lab import INET_V4, SubscriberHost, Village, in_netns, run, village
 from desanet.shaper.apply import Shaper
-from desanet.shaper.plan import Link, Plan, SubscriberPlan, build_plan, classids_for_slot
+from desanet.shaper.plan import Link, ShapingPlan, SubscriberPlan, build_plan, classids_for_slot
 
 pytestmark = pytest.mark.kernel
 
@@ -80,7 +80,7 @@ def lab() -> Iterator[Lab]:
                 shaper.remove()
 
 
-def plan_for(lab: Lab, **special: tuple[int, int, int, int]) -> Plan:
+def plan_for(lab: Lab, **special: tuple[int, int, int, int]) -> ShapingPlan:
     """Every subscriber 1/20 Mbit/s both ways, except those named (s1=(dmin, dmax, umin, umax))."""
     subs = []
     for sub in lab.village.subscribers:
@@ -178,7 +178,7 @@ def jain(rates: list[float]) -> float:
     return sum(rates) ** 2 / (len(rates) * sum(r * r for r in rates))
 
 
-def apply(lab: Lab, plan: Plan) -> Plan:
+def apply(lab: Lab, plan: ShapingPlan) -> ShapingPlan:
     with in_netns(lab.village.gw_ns):
         return lab.shaper.apply(plan).plan
 

@@ -113,3 +113,18 @@ def test_shipped_examples_are_valid() -> None:
     assert cfg.metrics_listen == ("127.0.0.1", 9570) and not cfg.publish.plaintext
     subs = load_subscribers(example.with_name("example-subscribers.csv"), cfg.link, cfg.capacity)
     assert [s.id for s in subs] == ["s001", "s002", "s003", "s004"]
+
+
+def test_control_keys_are_their_own_list_and_need_curve() -> None:
+    where = Path("/etc/desanet/gateway.toml")
+    curve = GOOD.replace(
+        "plaintext = true", 'secret_key = "keys/gw.key_secret"\nallowed_keys = "keys/readers"'
+    )
+    cfg = parse_config(curve + '[control]\nallowed_keys = "keys/controllers"\n', where)
+    assert cfg.publish.allowed_keys == Path("/etc/desanet/keys/readers")
+    assert cfg.control.allowed_keys == Path("/etc/desanet/keys/controllers")
+    assert parse_config(curve, where).control.allowed_keys is None
+    with pytest.raises(
+        ConfigError, match=r"gateway.toml:\d+: \[control\] allowed_keys: needs CURVE"
+    ):
+        parse(GOOD + '[control]\nallowed_keys = "keys/controllers"\n')

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from desanet.gateway.cli import main
-from desanet.gateway.service import Gateway
+from desanet.gateway.service import GatewayService
 from desanet.meter.keys import generate_keypair
 
 pytestmark = pytest.mark.unit
@@ -84,7 +84,8 @@ CASES = [
         "csv",
         "s1,A,10.0.0.1,1mbit,10mbit",
         "s1,A,10.0.0.1,19500kbit,20mbit",
-        r"subscribers.csv: down_min: the guaranteed rates add up to 20.5 Mbit/s",
+        r"subscribers.csv: subscriber s1: its download min 19.5 Mbit/s brings the sum of "
+        r"guaranteed rates to 19.5 Mbit/s, above the 18.8 Mbit/s the link can guarantee",
     ),
     (
         "csv",
@@ -106,7 +107,9 @@ def test_run_refuses_with_file_line_and_field(
     message: str,
 ) -> None:
     # Should a case ever pass the checks, it must not reach the kernel of the test machine.
-    monkeypatch.setattr(Gateway, "start", lambda self: pytest.fail("the checks let it through"))
+    monkeypatch.setattr(
+        GatewayService, "start", lambda self: pytest.fail("the checks let it through")
+    )
     generate_keypair(tmp_path / "keys", "gateway")
     generate_keypair(tmp_path / "allowed", "billing")
     config, subscribers = CONFIG, SUBSCRIBERS

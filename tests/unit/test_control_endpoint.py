@@ -32,6 +32,10 @@ def endpoint() -> Iterator[ControlEndpoint]:
     stop = threading.Event()
 
     def echo(req: object) -> dict[str, Any]:
+        if isinstance(req, dict) and req.get("op") == "crash":
+            raise RuntimeError("a bug in the handler")
+        if isinstance(req, dict) and req.get("op") == "unpackable":
+            return {"ok": True, "value": object()}
         if isinstance(req, dict):
             return {"ok": True, "echo": req}
         return {"ok": False, "error": f"refused {type(req).__name__}"}
@@ -78,3 +82,11 @@ def test_malformed_frames_get_error_replies(endpoint: ControlEndpoint) -> None:
         sock.send_multipart([msgpack.packb({"op": "show"})])
         assert sock.poll(2000)
         assert msgpack.unpackb(sock.recv_multipart()[-1])["ok"] is True
+
+
+def test_any_failure_inside_is_an_error_reply(endpoint: ControlEndpoint) -> None:
+    billing = ClientSecurity(SERVER.public, BILLING)
+    for op, kind in (("crash", "RuntimeError"), ("unpackable", "TypeError")):
+        reply = request(endpoint.endpoint, {"op": op}, billing)
+        assert reply == {"ok": False, "error": f"internal error ({kind}); see the log"}
+    assert request(endpoint.endpoint, {"op": "show"}, billing)["ok"] is True

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from desanet.errors import ConfigError
+from desanet.errors import ConfigError, StateError
 from desanet.gateway.config import LinkConfig
-from desanet.gateway.registry import SlotTable, diff, parse_subscribers
+from desanet.gateway.registry import SlotTable, diff, load_subscribers, parse_subscribers
 
 pytestmark = pytest.mark.unit
 
@@ -37,15 +37,23 @@ def test_good_file_parses() -> None:
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ("s4,X,10.77.0.300,1mbit,2mbit,1mbit,1mbit,", r"subs.csv:5: prefixes: subscriber s4: pre"),
-        ("s4,X,10.77.0.0/8,1mbit,2mbit,1mbit,1mbit,", r":5: prefixes: .*not an IPv4/IPv6"),
+        (
+            "s4,X,10.77.0.300,1mbit,2mbit,1mbit,1mbit,",
+            r"subs.csv:5: prefixes: subscriber s4: '10.77.0.300' is not an IPv4/IPv6 address",
+        ),
+        (
+            "s4,X,10.77.0.0/8,1mbit,2mbit,1mbit,1mbit,",
+            r":5: prefixes: subscriber s4: prefix 10.77.0.0/8 has host bits set: did you mean "
+            r"10.0.0.0/8\?",
+        ),
         ("s4,X,,1mbit,2mbit,1mbit,1mbit,", r":5: prefixes: subscriber s4: no address"),
         ("s4,X,10.9.0.1,1mbit,2mbitz,1mbit,1mbit,", r":5: down_max: subscriber s4: rate '2mbitz'"),
         ("s4,X,10.9.0.1,3mbit,2mbit,1mbit,1mbit,", r":5: down_min: subscriber s4: 3.0 Mbit/s is"),
         ("s4,X,10.9.0.1,1mbit,2mbit,1mbit,6mbit,", r":5: up_max: .* above the link's 5.0 Mbit/s"),
         ("s4,X,10.9.0.1,1mbit,2mbit,1mbit,1mbit,lots", r":5: quota: subscriber s4: size 'lots'"),
         ("s4,X,10.9.0.1,1mbit,2mbit,1mbit,1mbit,0", r":5: quota: .*above zero"),
-        ("s 4,X,10.9.0.1,1mbit,2mbit,1mbit,1mbit,", r":5: id: 's 4' is not an id"),
+        ("s 4,X,10.9.0.1,1mbit,2mbit,1mbit,1mbit,", r":5: id: 's 4': a subscriber id is letters"),
+        ("s4,X,10.9.0.1,1mbit,2mbit,4bit,1mbit,", r":5: up_min: subscriber s4: 4 bit/s is below 8"),
         (
             "s2,X,10.9.0.1,1mbit,2mbit,1mbit,1mbit,",
             r":5: id: subscriber s2 already defined on line 3",
@@ -59,7 +67,11 @@ def test_good_file_parses() -> None:
             "s4,X,10.1.0.1 10.1.0.1,1mbit,2mbit,1mbit,1mbit,",
             r":5: prefixes: subscriber s4: prefix 10.1.0.1 overlaps 10.1.0.1 of itself",
         ),
-        ("s4,X,10.9.0.1,17mbit,20mbit,1mbit,1mbit,", r"down_min: the guaranteed rates add up to"),
+        (
+            # One address space, as in the datapath: an IPv4-mapped address is the IPv4 one.
+            "s4,X,::ffff:10.77.0.10,1mbit,2mbit,1mbit,1mbit,",
+            r":5: prefixes: subscriber s4: prefix ::ffff:10.77.0.10 overlaps 10.77.0.10 of s1",
+        ),
     ],
 )
 def test_each_error_names_line_field_and_subscriber(row: str, message: str) -> None:
@@ -97,15 +109,35 @@ def test_diff_names_each_kind_of_change() -> None:
 
 def test_slots_are_stable_persisted_and_reused_last(tmp_path: Path) -> None:
     path = tmp_path / "slots.json"
-    table = SlotTable(path, capacity=4)
-    added, freed = table.assign(["a", "b", "c"])
-    assert added == {"a": 1, "b": 2, "c": 3} and freed == {}
-    table.save()
-    again = SlotTable(path, capacity=4)
-    added, freed = again.assign(["c", "a", "d"])
-    assert added == {"d": 4} and freed == {"b": 2}
-    assert again.slots == {"a": 1, "c": 3, "d": 4}
-    added, _ = again.assign(["c", "a", "d", "e"])
-    assert added == {"e": 2}
+    table = SlotTable.load(path, capacity=4)
+    change = table.assign(["a", "b", "c"])
+    assert change.added == {"a": 1, "b": 2, "c": 3} and change.freed == {}
+    change.table.save(path)
+    again = SlotTable.load(path, capacity=4)
+    change = again.assign(["c", "a", "d"])
+    assert change.added == {"d": 4} and change.freed == {"b": 2}
+    assert change.table.slots == {"a": 1, "c": 3, "d": 4}
+    change = change.table.assign(["c", "a", "d", "e"])
+    assert change.added == {"e": 2}
     with pytest.raises(ConfigError, match="no free slot for subscriber f"):
-        again.assign(["a", "c", "d", "e", "f"])
+        change.table.assign(["a", "c", "d", "e", "f"])
+    # A table never changes in place: a refused or abandoned change leaves nothing to undo.
+    assert change.table.slots == {"a": 1, "c": 3, "d": 4, "e": 2}
+    assert again.slots == {"a": 1, "b": 2, "c": 3} and again.high_water == 3
+    assert SlotTable.load(path, capacity=4) == again
+
+
+def test_an_unreadable_slot_table_stops_with_the_file_named(tmp_path: Path) -> None:
+    path = tmp_path / "slots.json"
+    path.write_text('{"high_water": 3, "slots": {"a": 1')
+    with pytest.raises(StateError, match=rf"{path}: slot table unreadable"):
+        SlotTable.load(path, capacity=4)
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "subs.csv"
+    path.write_bytes(
+        (HEADER + "s1,Pak Andr\xe9,10.77.0.10,1mbit,2mbit,1mbit,1mbit,\n").encode("latin-1")
+    )
+    with pytest.raises(ConfigError, match=rf"{path}:2: byte 66 is not UTF-8"):
+        load_subscribers(path, LINK, 10)

@@ -17,7 +17,7 @@ from pyroute2.netlink.rtnl import RTM_NEWQDISC
 from pyroute2.netlink.rtnl.tcmsg import tcmsg
 
 from desanet.shaper.diff import diff
-from desanet.shaper.plan import Link, Plan, SubscriberPlan, build_plan, classids_for_slot
+from desanet.shaper.plan import Link, ShapingPlan, SubscriberPlan, build_plan, classids_for_slot
 from desanet.shaper.readback import leaf_stats, parse_qdiscs, tree_from_dumps
 from desanet.shaper.tree import Tree
 
@@ -28,7 +28,7 @@ META = json.loads((DATA / "pfifo3.json").read_text())
 SUBS = [SubscriberPlan(*row) for row in META["subscribers"]]
 
 
-def saved_plan(subs: list[SubscriberPlan] = SUBS, leaf: str = "pfifo") -> Plan:
+def saved_plan(subs: list[SubscriberPlan] = SUBS, leaf: str = "pfifo") -> ShapingPlan:
     return build_plan(Link(*META["link_bps"]), subs, leaf=leaf, rtt_ms=META["rtt_ms"])
 
 

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from desanet.gateway.lab import Village
-from desanet.shaper.plan import Plan, classids_for_slot
+from desanet.shaper.plan import ShapingPlan, classids_for_slot
 from tests.vm import satlink
 from tests.vm.satlink import Gateway, SatLink
 
@@ -124,7 +124,7 @@ def latency_under_load(
     return runs
 
 
-def _codel_times(plan: Plan, slot: int) -> tuple[int, int]:
+def _codel_times(plan: ShapingPlan, slot: int) -> tuple[int, int]:
     down_classid, _ = classids_for_slot(slot)
     options = dict(plan.tree("down").leaves[down_classid].options)
     return options["target"], options["interval"]

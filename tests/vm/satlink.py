@@ -25,7 +25,7 @@ from desanet.ebpf import abi
 from desanet.ebpf.datapath import Datapath
 from desanet.gateway.lab import INET_V4, SubscriberHost, Village, in_netns, run
 from desanet.shaper.apply import ApplyResult, Shaper, upload_ifb_name
-from desanet.shaper.plan import Link, Plan, SubscriberPlan, build_plan, classids_for_slot
+from desanet.shaper.plan import Link, ShapingPlan, SubscriberPlan, build_plan, classids_for_slot
 
 GATEWAY_ID = "vm-tier"
 IPERF_BASE_PORT = 5201
@@ -94,7 +94,7 @@ class Gateway:
                 self.datapath = None
             self.shaper.remove()
 
-    def plan(self, link: SatLink, leaf: str, rtt_ms: float) -> Plan:
+    def plan(self, link: SatLink, leaf: str, rtt_ms: float) -> ShapingPlan:
         """Equal shares: each subscriber is guaranteed 1/n of the shaped link, ceiling the link."""
         shaped = Link(link.down_bps, link.up_bps)
         n = len(self.v.subscribers)
@@ -111,7 +111,7 @@ class Gateway:
         ]
         return build_plan(shaped, subs, leaf=leaf, rtt_ms=rtt_ms)
 
-    def apply(self, plan: Plan) -> ApplyResult:
+    def apply(self, plan: ShapingPlan) -> ApplyResult:
         """Apply a plan through the shaper (only the operations that differ)."""
         with in_netns(self.v.gw_ns):
             return self.shaper.apply(plan)

@@ -1,0 +1,50 @@
+"""The production parts of `desanet run`, built from the configuration.
+
+The one place that names the concrete classes: the eBPF datapath, the HTB
+shaper, the counter reader, the usage stream and the control endpoint. The
+endpoints bind here, before the service touches the kernel, so a port already
+taken is refused first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from desanet.clock import SystemClock
+from desanet.ebpf.datapath import Datapath
+from desanet.gateway.config import Config
+from desanet.gateway.control import ControlEndpoint
+from desanet.gateway.parts import Parts
+from desanet.gateway.roles import Roles
+from desanet.meter.poll import CounterReader, CounterSource
+from desanet.meter.service import MeterService, StreamConfig
+from desanet.shaper.apply import Shaper, upload_ifb_name
+
+
+def open_counters(config: Config) -> CounterSource:
+    """The reader of the attached datapath's pinned counters map."""
+    return CounterReader.for_datapath(config.gateway_id, config.lan)
+
+
+def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str]) -> Parts:
+    """Bind the usage and control endpoints, then build the kernel parts (not yet touched)."""
+    meter = MeterService(
+        config.gateway_id,
+        config.state_dir,
+        StreamConfig(config.publish.usage, config.publish.replay, roles.read),
+        slot_owners,
+    )
+    try:
+        endpoint = ControlEndpoint(config.control.endpoint, roles.control)
+    except BaseException:
+        meter.close()
+        raise
+    ifb = upload_ifb_name(config.lan)
+    return Parts(
+        datapath=Datapath(config.lan, config.gateway_id, capacity=config.capacity, upload_ifb=ifb),
+        shaper=Shaper(config.lan, ifb),
+        meter=meter,
+        endpoint=endpoint,
+        open_counters=lambda: open_counters(config),
+        clock=SystemClock(),
+    )

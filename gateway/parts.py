@@ -1,0 +1,89 @@
+"""The parts the service loop drives, as small protocols, so the loop runs on fakes in tests.
+
+Production builds them from the configuration (`desanet.gateway.compose`);
+unit tests pass fakes of the kernel parts (datapath, shaper, counters) and
+the real usage stream and control endpoint, which need no root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from desanet.clock import Clock
+from desanet.ebpf.datapath import Provision
+from desanet.meter.delivered import SentStats
+from desanet.meter.poll import CounterSource
+from desanet.meter.state import StateArrays
+from desanet.meter.usage import UsageInterval
+from desanet.meter.wire import UsageEvent
+from desanet.shaper.apply import ApplyResult
+from desanet.shaper.plan import ShapingPlan
+
+
+class DatapathPort(Protocol):
+    """The eBPF datapath: steering of prefixes to slots, and the slots' classes and flags."""
+
+    def attach(self) -> None: ...
+
+    def provision_many(self, entries: Sequence[Provision]) -> None: ...
+
+    def unprovision(self, slot: int) -> None: ...
+
+    def prefixes(self) -> dict[int, list[str]]: ...
+
+
+class ShaperPort(Protocol):
+    """The two HTB trees: kept equal to a plan, and what each class delivered."""
+
+    def ensure_ifb(self) -> int: ...
+
+    def apply(self, plan: ShapingPlan) -> ApplyResult: ...
+
+    def class_stats(self) -> Mapping[str, Mapping[int, SentStats]]: ...
+
+
+class UsageStream(Protocol):
+    """The usage stream (meter.service.MeterService): journal, publish, replay."""
+
+    usage_endpoint: str
+    restored_state: StateArrays | None
+
+    @property
+    def last_seq(self) -> int: ...
+
+    def set_subscribers(self, subscribers: Mapping[int, str]) -> None: ...
+
+    def publish(
+        self,
+        interval: UsageInterval,
+        aggregator_state: Mapping[str, Any],
+        events: Sequence[UsageEvent] = (),
+    ) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class ControlPort(Protocol):
+    """Where control requests arrive (gateway.control.ControlEndpoint)."""
+
+    endpoint: str
+
+    def wait(self, timeout_ms: int) -> bool: ...
+
+    def serve_pending(self, handler: Callable[[object], dict[str, Any]]) -> int: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Parts:
+    """Everything the service drives; `open_counters` is called once the datapath is attached."""
+
+    datapath: DatapathPort
+    shaper: ShaperPort
+    meter: UsageStream
+    endpoint: ControlPort
+    open_counters: Callable[[], CounterSource]
+    clock: Clock

@@ -1,0 +1,38 @@
+"""The gateway's view of a subscriber turned into what the shaper and the datapath take.
+
+A subscriber here is (registry entry, slot, enforcement); the shaper wants a
+`SubscriberPlan` per slot inside one HTB plan, the datapath a `Provision`
+with the slot's prefixes, class ids and flags. Both conversions live here so
+that the service loop never builds either by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from desanet.ebpf.datapath import Provision
+from desanet.gateway.config import Config
+from desanet.gateway.registry import RatePlan, Subscriber
+from desanet.shaper.plan import Link, ShapingPlan, SubscriberPlan, build_plan, classids_for_slot
+
+
+def shaping_plan(
+    config: Config, entries: Iterable[tuple[Subscriber, int, RatePlan]]
+) -> ShapingPlan:
+    """The HTB plan for (subscriber, slot, enforced plan) triples; raises ValidationError."""
+    link = Link(
+        down_bps=config.link.down_bps, up_bps=config.link.up_bps, headroom=config.shaping.headroom
+    )
+    plans = [
+        SubscriberPlan(
+            sub.id, slot, plan.down_min_bps, plan.down_max_bps, plan.up_min_bps, plan.up_max_bps
+        )
+        for sub, slot, plan in entries
+    ]
+    return build_plan(link, plans, config.shaping.leaf, config.shaping.rtt_ms)
+
+
+def provision_entry(sub: Subscriber, slot: int, flags: int) -> Provision:
+    """The datapath entry of `sub` in `slot`: its prefixes, its HTB classes and `flags`."""
+    down_classid, up_classid = classids_for_slot(slot)
+    return Provision(slot, tuple(sub.prefixes), down_classid, up_classid, flags)

@@ -1,0 +1,582 @@
+"""The service loop without root: reload, quota periods, stale slots and control requests.
+
+Only the kernel parts are fakes (the datapath's steering table and counters,
+the shaper's trees, the clock). The usage stream and the control endpoint are
+the real ones on loopback, so the tests read what billing would receive.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from desanet.ebpf.abi import SLOT_BLOCKED
+from desanet.ebpf.datapath import Provision
+from desanet.errors import ControlError, DesanetError, ShaperError, StateError
+from desanet.gateway.config import Config
+from desanet.gateway.control import ControlEndpoint, request
+from desanet.gateway.parts import Parts
+from desanet.gateway.pidlock import running_pid
+from desanet.gateway.roles import Roles
+from desanet.gateway.service import GatewayService
+from desanet.gateway.status import read_snapshot
+from desanet.meter.client import UsageClient
+from desanet.meter.keys import ClientSecurity, generate_keypair, load_keypair
+from desanet.meter.service import MeterService, StreamConfig
+from desanet.meter.wire import UsageMessage
+from desanet.shaper.apply import ApplyResult
+from desanet.shaper.plan import ShapingPlan, classids_for_slot
+
+pytestmark = pytest.mark.unit
+
+MAY_2026 = 1_779_000_000_000  # 2026-05-17, UTC
+JUNE_2026 = 1_781_000_000_000  # 2026-06-09
+CAPACITY = 16
+CONFIG = """\
+[gateway]
+id = "desa-loop"
+lan = "lo"
+state_dir = "state"
+capacity = 16
+
+[link]
+down = "20mbit"
+up = "5mbit"
+
+[meter]
+interval = "1s"
+
+[publish]
+usage = "tcp://127.0.0.1:*"
+replay = "tcp://127.0.0.1:*"
+plaintext = true
+
+[control]
+endpoint = "tcp://127.0.0.1:*"
+suspend = "block"
+
+[subscribers]
+file = "subscribers.csv"
+"""
+HEADER = "id,name,prefixes,down_min,down_max,up_min,up_max,quota\n"
+S1 = "s1,A,10.0.0.1,1mbit,10mbit,256kbit,2mbit,1MB"
+S2 = "s2,B,10.0.0.2,1mbit,10mbit,256kbit,2mbit,"
+S3 = "s3,C,10.0.0.3 fd00::3,1mbit,8mbit,256kbit,2mbit,"
+
+
+class FakeClock:
+    """Wall and monotonic time that move only when a test says so."""
+
+    def __init__(self, now_ms: int) -> None:
+        self.wall_ms = now_ms
+        self.mono_s = 1000.0
+
+    def now_ms(self) -> int:
+        return self.wall_ms
+
+    def monotonic_s(self) -> float:
+        return self.mono_s
+
+    def advance(self, seconds: float) -> None:
+        self.wall_ms += int(seconds * 1000)
+        self.mono_s += seconds
+
+
+class FakeDatapath:
+    """The datapath's steering table (prefix -> slot), slot settings and counters, in memory.
+
+    `send` counts traffic the way the kernel does: into the slot whose prefix
+    holds the address, slot 0 (billed to nobody) when none does.
+    """
+
+    def __init__(self, steered: Mapping[int, Sequence[str]] = ()) -> None:
+        self.counters = np.zeros((CAPACITY + 1, 4), dtype=np.uint64)
+        self.steering: dict[str, int] = {p: s for s, ps in dict(steered).items() for p in ps}
+        self.slots: dict[int, Provision] = {}
+        self.attached = False
+
+    def attach(self) -> None:
+        self.attached = True
+
+    def provision_many(self, entries: Sequence[Provision]) -> None:
+        mine = {e.slot for e in entries}
+        self.steering = {p: s for p, s in self.steering.items() if s not in mine}
+        for entry in entries:
+            self.slots[entry.slot] = entry
+            for prefix in entry.prefixes:
+                self.steering[str(ipaddress.ip_network(prefix))] = entry.slot
+
+    def unprovision(self, slot: int) -> None:
+        self.steering = {p: s for p, s in self.steering.items() if s != slot}
+        self.slots.pop(slot, None)
+
+    def prefixes(self) -> dict[int, list[str]]:
+        result: dict[int, list[str]] = {}
+        for prefix, slot in self.steering.items():
+            result.setdefault(slot, []).append(prefix)
+        return result
+
+    def slot_of(self, address: str) -> int:
+        addr = ipaddress.ip_address(address)
+        matches = [
+            (ipaddress.ip_network(p).prefixlen, s)
+            for p, s in self.steering.items()
+            if addr in ipaddress.ip_network(p)
+        ]
+        return max(matches)[1] if matches else 0
+
+    def send(self, address: str, up: int = 0, down: int = 0) -> None:
+        slot = self.slot_of(address)
+        self.counters[slot] += np.array([up, 1 if up else 0, down, 1 if down else 0], np.uint64)
+
+
+class FakeCounters:
+    """A counter source reading the fake datapath's counters."""
+
+    def __init__(self, datapath: FakeDatapath) -> None:
+        self.datapath = datapath
+        self.n_slots = CAPACITY + 1
+        self.identity = b"boot-1/map-7"
+
+    def read(self) -> npt.NDArray[np.uint64]:
+        return self.datapath.counters.copy()
+
+    def repinned(self) -> bool:
+        return False
+
+    def reopen(self) -> FakeCounters:
+        return self
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class FakeShaper:
+    """The two HTB trees as the last applied plan."""
+
+    applied: list[ShapingPlan] = field(default_factory=list)
+    refuse: str | None = None  # the kernel's answer to the next apply, when set
+
+    def ensure_ifb(self) -> int:
+        return 42
+
+    def apply(self, plan: ShapingPlan) -> ApplyResult:
+        if self.refuse is not None:
+            raise ShaperError(self.refuse)
+        self.applied.append(plan)
+        return ApplyResult(operations=1, leaf_in_use=plan.leaf, warnings=[], plan=plan)
+
+    def class_stats(self) -> dict[str, dict[int, Any]]:
+        return {}
+
+    def ceilings_bps(self, slot: int) -> tuple[int, int]:
+        """(down, up) ceiling of the class of `slot` in the last applied plan."""
+        down, up = classids_for_slot(slot)
+        plan = self.applied[-1]
+        return plan.down.classes[down].ceil_bytes_ps * 8, plan.up.classes[up].ceil_bytes_ps * 8
+
+
+class Lab:
+    """A configuration folder, the fakes, and the service built on them."""
+
+    def __init__(self, folder: Path, steered: Mapping[int, Sequence[str]] = ()) -> None:
+        self.folder = folder
+        (folder / "gateway.toml").write_text(CONFIG)
+        self.datapath = FakeDatapath(steered)
+        self.shaper = FakeShaper()
+        self.clock = FakeClock(MAY_2026)
+        self.meter: MeterService | None = None
+
+    def write(self, *rows: str) -> None:
+        tmp = self.folder / "subscribers.tmp"
+        tmp.write_text(HEADER + "\n".join(rows) + "\n")
+        tmp.replace(self.folder / "subscribers.csv")
+
+    def compose(self, config: Config, roles: Roles, slot_owners: Mapping[int, str]) -> Parts:
+        self.meter = MeterService(
+            config.gateway_id,
+            config.state_dir,
+            StreamConfig(config.publish.usage, config.publish.replay, roles.read),
+            slot_owners,
+        )
+        return Parts(
+            datapath=self.datapath,
+            shaper=self.shaper,
+            meter=self.meter,
+            endpoint=ControlEndpoint(config.control.endpoint, roles.control),
+            open_counters=lambda: FakeCounters(self.datapath),
+            clock=self.clock,
+        )
+
+    def service(self) -> GatewayService:
+        return GatewayService(self.folder / "gateway.toml", compose=self.compose)
+
+    def tick(self, service: GatewayService, seconds: float = 1.0) -> None:
+        self.clock.advance(seconds)
+        service.step()
+
+    def received(self) -> list[UsageMessage]:
+        """Every usage message billing can fetch, in seq order."""
+        assert self.meter is not None
+        with UsageClient(self.meter.usage_endpoint, self.meter.replay_endpoint) as client:
+            return list(client.messages(1, follow=False))
+
+    def billed(self) -> dict[str, tuple[int, int]]:
+        """The latest (up_total, down_total) of each subscriber in the stream."""
+        totals: dict[str, tuple[int, int]] = {}
+        for msg in self.received():
+            for rec in msg.records():
+                totals[rec.sub] = (rec.up_total, rec.down_total)
+        return totals
+
+    def events(self) -> list[tuple[str, str]]:
+        return [(e.sub, e.kind) for m in self.received() for e in m.events]
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    yield Lab(tmp_path)
+
+
+@pytest.fixture
+def running(lab: Lab) -> Iterator[GatewayService]:
+    lab.write(S1, S2, S3)
+    service = lab.service()
+    service.start()
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+def test_reload_applies_added_removed_and_readdressed(lab: Lab, running: GatewayService) -> None:
+    slot_of_s3 = lab.datapath.slot_of("10.0.0.3")
+    assert {lab.datapath.slot_of(f"10.0.0.{i}") for i in (1, 2, 3)} == {1, 2, 3}
+    # s1 moves to 10.0.1.1, s3 leaves, s4 arrives.
+    lab.write(S1.replace("10.0.0.1", "10.0.1.1"), S2, "s4,D,10.0.0.4,1mbit,4mbit,256kbit,1mbit,")
+    running.request_reload()
+    lab.tick(running)
+    assert lab.datapath.slot_of("10.0.0.1") == 0 and lab.datapath.slot_of("10.0.1.1") == 1
+    assert lab.datapath.slot_of("10.0.0.3") == lab.datapath.slot_of("fd00::3") == 0
+    s4 = lab.datapath.slot_of("10.0.0.4")
+    assert s4 not in (0, 1, 2, slot_of_s3)  # a never-used slot before a freed one
+    assert lab.shaper.ceilings_bps(s4) == (4_000_000, 1_000_000)
+    assert set(lab.shaper.applied[-1].subscribers) == {"s1", "s2", "s4"}
+    lab.datapath.send("10.0.1.1", up=1_000, down=5_000)
+    lab.datapath.send("10.0.0.4", up=300, down=700)
+    lab.datapath.send("10.0.0.3", down=9_999)  # s3's old address: nobody's now
+    lab.tick(running)
+    assert lab.billed() == {"s1": (1_000, 5_000), "s4": (300, 700)}
+    snap = read_snapshot(lab.folder / "state")
+    assert [s.id for s in snap.subscribers] == ["s1", "s2", "s4"]
+
+
+def test_a_bad_file_changes_nothing_and_the_service_keeps_running(
+    lab: Lab, running: GatewayService
+) -> None:
+    steering, applied = dict(lab.datapath.steering), len(lab.shaper.applied)
+    slots_file = (lab.folder / "state" / "slots.json").read_bytes()
+    for rows in (
+        (S1, S1.replace("10.0.0.1", "10.0.0.9")),  # s1 twice
+        # s5's guarantee does not fit the link beside everyone else's: the slot table,
+        # computed for s5, must not be kept.
+        (S1, S2, S3, "s5,E,10.0.0.5,17mbit,20mbit,256kbit,1mbit,"),
+    ):
+        lab.write(*rows)
+        running.request_reload()
+        lab.tick(running)
+        assert lab.datapath.steering == steering and len(lab.shaper.applied) == applied
+        assert (lab.folder / "state" / "slots.json").read_bytes() == slots_file
+        assert [s.id for s in read_snapshot(lab.folder / "state").subscribers] == ["s1", "s2", "s3"]
+    lab.datapath.send("10.0.0.2", up=10, down=20)
+    lab.tick(running)
+    assert lab.billed()["s2"] == (10, 20)
+    # The refused files left no trace: the next subscriber gets the next slot.
+    lab.write(S1, S2, S3, "s6,F,10.0.0.6,1mbit,2mbit,256kbit,1mbit,")
+    lab.tick(running)
+    assert lab.datapath.slot_of("10.0.0.6") == 4 and lab.datapath.slot_of("10.0.0.3") == 3
+
+
+def test_quota_throttles_and_a_new_month_lifts_it(lab: Lab, running: GatewayService) -> None:
+    s1 = lab.datapath.slot_of("10.0.0.1")
+    lab.tick(running)  # the first pass opens May's period for everyone
+    lab.datapath.send("10.0.0.1", up=400_000, down=500_000)
+    lab.tick(running)
+    assert lab.shaper.ceilings_bps(s1) == (10_000_000, 2_000_000)
+    lab.datapath.send("10.0.0.1", down=200_000)  # 1.1 MB in May: past the 1 MB quota
+    lab.tick(running)
+    assert lab.shaper.ceilings_bps(s1) == (1_000_000, 256_000)  # [control] fair_use_*
+    assert lab.datapath.slots[s1].flags == 0  # throttled, not blocked
+    row = read_snapshot(lab.folder / "state").subscribers[0]
+    assert (row.id, row.state, row.period_bytes) == ("s1", "fair-use", 1_100_000)
+    lab.clock.wall_ms = JUNE_2026
+    lab.tick(running)
+    assert lab.shaper.ceilings_bps(s1) == (10_000_000, 2_000_000)
+    row = read_snapshot(lab.folder / "state").subscribers[0]
+    assert (row.state, row.period_bytes) == ("active", 0)
+    events = lab.events()
+    assert events.index(("s1", "throttled")) < events.index(("s1", "period"))
+    assert [e for e in events if e[0] != "s1"] == [("s2", "period"), ("s3", "period")]
+
+
+def test_a_slot_nobody_holds_is_unprovisioned_at_start(lab: Lab) -> None:
+    # The kernel still steers slot 9 (a subscriber removed while the service was down).
+    lab.datapath = FakeDatapath({9: ["10.0.0.99/32"]})
+    lab.write(S1, S2)
+    service = lab.service()
+    service.start()
+    try:
+        assert lab.datapath.slot_of("10.0.0.99") == 0
+        assert 9 not in lab.datapath.prefixes() and 9 not in lab.datapath.slots
+        lab.datapath.send("10.0.0.99", up=5_000)
+        lab.datapath.send("10.0.0.1", up=100)
+        lab.tick(service)
+        assert lab.billed() == {"s1": (100, 0)}
+    finally:
+        service.close()
+
+
+def control(
+    service: GatewayService,
+    lab: Lab,
+    body: dict[str, Any],
+    security: ClientSecurity | None = None,
+    timeout_ms: int = 5000,
+) -> dict[str, Any]:
+    """Send `body` through the real control endpoint while the loop serves it."""
+    outcome: list[Any] = []
+    endpoint = service.parts.endpoint.endpoint
+
+    def send() -> None:
+        try:
+            outcome.append(request(endpoint, body, security or ClientSecurity(), timeout_ms))
+        except ControlError as err:
+            outcome.append(err)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    while sender.is_alive():
+        service.step()
+    sender.join()
+    if isinstance(outcome[0], ControlError):
+        raise outcome[0]
+    return dict(outcome[0])
+
+
+def test_control_requests_reach_the_shaper_and_the_datapath(
+    lab: Lab, running: GatewayService
+) -> None:
+    s2 = lab.datapath.slot_of("10.0.0.2")
+    plan = {"op": "plan", "sub": "s2", "down_min": "1mbit", "down_max": "4mbit"}
+    reply = control(running, lab, {**plan, "up_min": "256kbit", "up_max": "1mbit"})
+    assert reply["ok"] is True and reply["plan"]["down_max_bps"] == 4_000_000
+    assert lab.shaper.ceilings_bps(s2) == (4_000_000, 1_000_000)
+    reply = control(running, lab, {"op": "suspend", "sub": "s2"})
+    assert reply["state"] == "suspended (block)"
+    assert lab.datapath.slots[s2].flags == SLOT_BLOCKED
+    assert lab.datapath.slots[s2].prefixes == ("10.0.0.2",)
+    lab.tick(running)
+    assert ("s2", "plan") in lab.events() and ("s2", "suspend") in lab.events()
+
+
+def test_a_refused_request_changes_nothing(lab: Lab, running: GatewayService) -> None:
+    applied, slots = len(lab.shaper.applied), dict(lab.datapath.slots)
+    stored = (lab.folder / "state" / "control.sqlite").read_bytes()
+    for body in (
+        {"op": "plan", "sub": "s2", "down_min": "fast"},
+        {"op": "plan", "sub": "s2", "down_min": "19mbit", "down_max": "20mbit"}
+        | {"up_min": "256kbit", "up_max": "1mbit"},
+        {"op": "suspend", "sub": "s9"},
+        {"op": "suspend", "sub": "s2", "mode": "drop"},
+    ):
+        reply = control(running, lab, body)
+        assert reply["ok"] is False and reply["error"]
+    assert len(lab.shaper.applied) == applied and lab.datapath.slots == slots
+    assert (lab.folder / "state" / "control.sqlite").read_bytes() == stored
+    lab.datapath.send("10.0.0.2", up=64)
+    lab.tick(running)
+    assert lab.billed() == {"s2": (64, 0)} and lab.events() == []
+
+
+def test_control_changes_survive_a_restart(lab: Lab) -> None:
+    lab.write(S1, S2, S3)
+    first = lab.service()
+    first.start()
+    try:
+        control(first, lab, {"op": "suspend", "sub": "s3", "mode": "wall"})
+    finally:
+        first.close()
+    lab.datapath = FakeDatapath()  # as after a reboot: nothing in the kernel
+    again = lab.service()
+    again.start()
+    try:
+        s3 = lab.datapath.slot_of("10.0.0.3")
+        assert s3 == 3 and lab.shaper.ceilings_bps(s3) == (64_000, 32_000)  # [control] wall_*
+        assert read_snapshot(lab.folder / "state").subscribers[2].state == "suspended (wall)"
+    finally:
+        again.close()
+
+
+def test_the_state_directory_is_locked_for_the_life_of_the_service(lab: Lab) -> None:
+    lab.write(S1)
+    first = lab.service()
+    first.start()
+    try:
+        assert running_pid(lab.folder / "state") == os.getpid()
+        with pytest.raises(DesanetError, match=r"another `desanet run` \(pid \d+\) uses .*state"):
+            lab.service().start()
+    finally:
+        first.close()
+    assert running_pid(lab.folder / "state") is None
+    again = lab.service()
+    again.start()  # the lock file left behind does not block a restart
+    again.close()
+
+
+def test_damaged_control_state_stops_the_service_naming_the_file(lab: Lab) -> None:
+    lab.write(S1)
+    state = lab.folder / "state"
+    state.mkdir()
+    (state / "control.sqlite").write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 8)
+    with pytest.raises(StateError, match=rf"{state / 'control.sqlite'}: the control state is"):
+        lab.service()
+
+
+def test_hostile_requests_are_refused_and_the_service_keeps_answering(
+    lab: Lab, running: GatewayService
+) -> None:
+    stored = (lab.folder / "state" / "control.sqlite").read_bytes()
+    hostile: list[Any] = [
+        {"op": "plan", "sub": "s1", "down_min": "1" * 309 + "mbit", "down_max": "2mbit"},
+        {"op": "quota", "sub": "s1", "bytes": "9" * 100},
+        {"op": "quota", "sub": "s1", "bytes": 2**64 - 1},
+        {"op": "suspend", "sub": "s1", "mod": "block"},
+        {"op": {"nested": ["map"]}, "sub": None},
+        [1, 2, 3],
+        "plan",
+        None,
+    ]
+    for body in hostile:
+        reply = control(running, lab, body)
+        assert reply["ok"] is False and reply["error"], body
+    assert (lab.folder / "state" / "control.sqlite").read_bytes() == stored
+    reply = control(running, lab, {"op": "show", "sub": "s1"})
+    assert reply["ok"] is True and reply["state"] == "active" and reply["applied"] is True
+
+
+def test_an_error_inside_the_gateway_is_one_error_reply(
+    lab: Lab, running: GatewayService, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("desanet.gateway.control_requests.changed_record", broken)
+    reply = control(running, lab, {"op": "resume", "sub": "s1"})
+    assert reply == {"ok": False, "error": "nothing changed: a bug"}
+    assert [r.message for r in caplog.records if "a bug" in r.message] == [
+        "control request refused by an error: RuntimeError: a bug"
+    ]
+    monkeypatch.undo()
+    assert control(running, lab, {"op": "show", "sub": "s1"})["ok"] is True
+
+
+def test_a_change_the_kernel_refuses_is_recorded_and_said_so(lab: Lab) -> None:
+    lab.write(S1, S2, S3)
+    first = lab.service()
+    first.start()
+    try:
+        lab.shaper.refuse = "RTM_NEWTCLASS: No buffer space available"
+        reply = control(first, lab, {"op": "suspend", "sub": "s2", "mode": "wall"})
+        assert reply["ok"] is True and reply["state"] == "suspended (wall)"
+        assert reply["applied"] is False and "No buffer space" in reply["error"]
+        assert control(first, lab, {"op": "show", "sub": "s2"})["applied"] is False
+        lab.shaper.refuse = None
+    finally:
+        first.close()
+    again = lab.service()
+    again.start()  # the recorded change is enforced at the next start
+    try:
+        s2 = lab.datapath.slot_of("10.0.0.2")
+        assert lab.shaper.ceilings_bps(s2) == (64_000, 32_000)
+        assert control(again, lab, {"op": "show", "sub": "s2"})["applied"] is True
+    finally:
+        again.close()
+
+
+def test_a_subscribers_file_that_is_not_utf8_is_refused_on_reload(
+    lab: Lab, running: GatewayService
+) -> None:
+    (lab.folder / "subscribers.csv").write_bytes(
+        (HEADER + S1.replace(",A,", ",Andr\xe9,") + "\n").encode("latin-1")
+    )
+    running.request_reload()
+    lab.tick(running)
+    assert [s.id for s in read_snapshot(lab.folder / "state").subscribers] == ["s1", "s2", "s3"]
+    assert control(running, lab, {"op": "show", "sub": "s3"})["ok"] is True
+
+
+def curve(lab: Lab, control_keys: bool = True) -> tuple[ClientSecurity, ClientSecurity]:
+    """Switch the lab to CURVE: a reader key and a controller key, each in its own list."""
+    generate_keypair(lab.folder / "keys", "gateway")
+    generate_keypair(lab.folder / "readers", "billing")
+    generate_keypair(lab.folder / "controllers", "operator")
+    control = 'allowed_keys = "controllers"\n' if control_keys else ""
+    (lab.folder / "gateway.toml").write_text(
+        CONFIG.replace(
+            "plaintext = true",
+            'secret_key = "keys/gateway.key_secret"\nallowed_keys = "readers"',
+        ).replace('suspend = "block"\n', f'suspend = "block"\n{control}')
+    )
+    server = load_keypair(lab.folder / "keys" / "gateway.key").public
+    return (
+        ClientSecurity(server, load_keypair(lab.folder / "readers" / "billing.key_secret")),
+        ClientSecurity(server, load_keypair(lab.folder / "controllers" / "operator.key_secret")),
+    )
+
+
+def test_a_readers_key_reads_usage_and_cannot_change_anything(lab: Lab) -> None:
+    reader, controller = curve(lab)
+    lab.write(S1, S2)
+    service = lab.service()
+    service.start()
+    try:
+        with pytest.raises(ControlError, match="no reply"):
+            control(service, lab, {"op": "suspend", "sub": "s1"}, reader, timeout_ms=500)
+        assert lab.datapath.slots[1].flags == 0
+        reply = control(service, lab, {"op": "suspend", "sub": "s2"}, controller)
+        assert reply["ok"] is True and lab.datapath.slots[2].flags == SLOT_BLOCKED
+        lab.datapath.send("10.0.0.1", up=77)
+        lab.tick(service)
+        assert lab.meter is not None
+        usage, replay = lab.meter.usage_endpoint, lab.meter.replay_endpoint
+        with UsageClient(usage, replay, security=reader) as client:
+            assert client.snapshot().totals["s1"] == (77, 0)
+            events = [(e.sub, e.kind) for m in client.messages(1, follow=False) for e in m.events]
+        assert events == [("s2", "suspend")]
+    finally:
+        service.close()
+
+
+def test_without_control_keys_nobody_may_control(lab: Lab, caplog: Any) -> None:
+    reader, controller = curve(lab, control_keys=False)
+    lab.write(S1)
+    service = lab.service()
+    assert "no [control] allowed_keys: no client may change plans" in caplog.text
+    service.start()
+    try:
+        for who in (reader, controller):
+            with pytest.raises(ControlError, match="no reply"):
+                control(service, lab, {"op": "suspend", "sub": "s1"}, who, timeout_ms=500)
+        assert lab.datapath.slots[1].flags == 0
+    finally:
+        service.close()

@@ -22,11 +22,11 @@ import numpy as np
 import zmq
 
 from desanet.benchmarks.common import Report, median, parse_args
+from desanet.cython_ext.usage import UsageInterval
 from desanet.meter import wire
 from desanet.meter.journal import Journal
 from desanet.meter.keys import ServerSecurity
 from desanet.meter.service import MeterService, StreamConfig
-from desanet.meter.usage import UsageInterval
 
 ANY_PORT = "tcp://127.0.0.1:*"
 

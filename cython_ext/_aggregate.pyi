@@ -3,7 +3,7 @@
 import numpy as np
 import numpy.typing as npt
 
-from desanet.meter.usage import UsageInterval
+from desanet.cython_ext.usage import UsageInterval
 
 def sum_cpus(
     percpu: npt.NDArray[np.uint64], out: npt.NDArray[np.uint64]

@@ -11,8 +11,8 @@ import numpy as np
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 from desanet.cython_ext import _state
+from desanet.cython_ext.usage import UsageInterval
 from desanet.errors import ValidationError
-from desanet.meter.usage import UsageInterval
 
 # Bits in a byte delta become bit/s over an interval in ms.
 cdef double BITS_PER_MS = 8000.0

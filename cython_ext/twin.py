@@ -10,8 +10,8 @@ import numpy as np
 import numpy.typing as npt
 
 from desanet.cython_ext import _state
+from desanet.cython_ext.usage import UsageInterval
 from desanet.errors import ValidationError
-from desanet.meter.usage import UsageInterval
 
 BITS_PER_MS = 8000.0
 # Bytes columns of a counter row, whose deltas drive the up and down rates.

@@ -4,6 +4,7 @@ import ctypes
 from pathlib import Path
 
 HEADER = Path(__file__).with_name("desanet_abi.h")
+BPFFS = Path("/sys/fs/bpf")
 
 SLOT_UNMATCHED = 0
 DEFAULT_CAPACITY = 65536
@@ -14,6 +15,18 @@ MAP_HOSTS = "hosts"
 MAP_COUNTERS = "counters"
 MAP_SLOTS = "slots"
 MAP_SETTINGS = "settings"
+MAP_COUNTER_SUMS = "counter_sums"
+PROG_SUM_COUNTERS = "sum_counters"
+# Everything pinned in a datapath's directory, maps and program alike.
+PINNED = (
+    MAP_SUBSCRIBERS,
+    MAP_HOSTS,
+    MAP_COUNTERS,
+    MAP_SLOTS,
+    MAP_SETTINGS,
+    MAP_COUNTER_SUMS,
+    PROG_SUM_COUNTERS,
+)
 
 SLOT_BLOCKED = 0x1
 
@@ -50,6 +63,12 @@ class Slot(ctypes.Structure):
     ]
 
 
+class SumRun(ctypes.Structure):
+    """struct desanet_sum_run: where one run of the summing program starts."""
+
+    _fields_ = [("first_slot", ctypes.c_uint64)]
+
+
 class Settings(ctypes.Structure):
     """struct desanet_settings: the upload IFB ifindex."""
 
@@ -61,5 +80,11 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "desanet_host_key": HostKey,
     "desanet_counters": Counters,
     "desanet_slot": Slot,
+    "desanet_sum_run": SumRun,
     "desanet_settings": Settings,
 }
+
+
+def pin_dir(gateway_id: str, lan: str, bpffs: Path = BPFFS) -> Path:
+    """Where the datapath of `lan` on gateway `gateway_id` pins its maps and programs."""
+    return bpffs / "desanet" / gateway_id / lan

@@ -1,29 +1,68 @@
-"""The few bpf(2) commands desanet issues itself, through ctypes.
+"""The bpf(2) commands desanet issues itself, through ctypes.
 
-BCC covers compiling and map access; this module adds what it lacks: opening
-a pinned map by path, asking a map its shape, and BPF_PROG_TEST_RUN. Every
-failing call becomes a `DatapathError` in `bpf()`, the one place errno is read.
+BCC compiles and loads the programs; everything after that goes through here:
+opening pinned objects by path and pinning them, asking a map or a program
+what it is, reading and writing map elements (one at a time or in batches),
+and BPF_PROG_TEST_RUN. A process that only reads or provisions an attached
+datapath needs nothing else: no BCC, no compiler. Every failing call becomes a
+`DatapathError` in `bpf()`, the one place errno is read.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+import platform
 from dataclasses import dataclass
 
 from desanet.errors import DatapathError
 
-SYS_BPF = 321  # x86_64
-BPF_MAP_CREATE = 0
-BPF_PROG_LOAD = 5
+# bpf(2)'s number in each architecture's system call table: x86_64 from
+# asm/unistd_64.h; arm64 and riscv64 use the generic table (asm-generic/unistd.h);
+# 32-bit ARM (EABI) from its own table, which arm64 mirrors in asm/unistd32.h.
+SYS_BPF_BY_MACHINE = {
+    "x86_64": 321,
+    "aarch64": 280,
+    "riscv64": 280,
+    "armv6l": 386,
+    "armv7l": 386,
+    "armv8l": 386,  # 32-bit ARM userland on a 64-bit CPU
+}
+
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
-BPF_BTF_LOAD = 18
 BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_UPDATE_BATCH = 26
+
+BPF_ANY = 0
+BPF_F_MMAPABLE = 1 << 10
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+
+
+def sys_bpf_number(machine: str) -> int:
+    """The bpf(2) system call number on `machine` (as platform.machine() names it)."""
+    try:
+        return SYS_BPF_BY_MACHINE[machine]
+    except KeyError:
+        known = ", ".join(sorted(SYS_BPF_BY_MACHINE))
+        raise DatapathError(
+            f"desanet does not know the bpf(2) system call number on {machine!r} "
+            f"(it knows {known}): this architecture is not supported"
+        ) from None
+
+
+@functools.cache
+def _sys_bpf() -> int:
+    return sys_bpf_number(platform.machine())
 
 
 class SkBuff(ctypes.Structure):
@@ -68,53 +107,6 @@ class SkBuff(ctypes.Structure):
     ]
 
 
-class MapCreateAttr(ctypes.Structure):
-    """bpf_attr for BPF_MAP_CREATE (the leading fields desanet sets)."""
-
-    _fields_ = [
-        ("map_type", ctypes.c_uint32),
-        ("key_size", ctypes.c_uint32),
-        ("value_size", ctypes.c_uint32),
-        ("max_entries", ctypes.c_uint32),
-        ("map_flags", ctypes.c_uint32),
-    ]
-
-
-class BtfLoadAttr(ctypes.Structure):
-    """bpf_attr for BPF_BTF_LOAD."""
-
-    _fields_ = [
-        ("btf", ctypes.c_uint64),
-        ("btf_log_buf", ctypes.c_uint64),
-        ("btf_size", ctypes.c_uint32),
-        ("btf_log_size", ctypes.c_uint32),
-        ("btf_log_level", ctypes.c_uint32),
-    ]
-
-
-class ProgLoadAttr(ctypes.Structure):
-    """bpf_attr for BPF_PROG_LOAD (up to the function info desanet passes)."""
-
-    _fields_ = [
-        ("prog_type", ctypes.c_uint32),
-        ("insn_cnt", ctypes.c_uint32),
-        ("insns", ctypes.c_uint64),
-        ("license", ctypes.c_uint64),
-        ("log_level", ctypes.c_uint32),
-        ("log_size", ctypes.c_uint32),
-        ("log_buf", ctypes.c_uint64),
-        ("kern_version", ctypes.c_uint32),
-        ("prog_flags", ctypes.c_uint32),
-        ("prog_name", ctypes.c_char * 16),
-        ("prog_ifindex", ctypes.c_uint32),
-        ("expected_attach_type", ctypes.c_uint32),
-        ("prog_btf_fd", ctypes.c_uint32),
-        ("func_info_rec_size", ctypes.c_uint32),
-        ("func_info", ctypes.c_uint64),
-        ("func_info_cnt", ctypes.c_uint32),
-    ]
-
-
 class TestRunAttr(ctypes.Structure):
     """bpf_attr for BPF_PROG_TEST_RUN."""
 
@@ -134,21 +126,6 @@ class TestRunAttr(ctypes.Structure):
         ("flags", ctypes.c_uint32),
         ("cpu", ctypes.c_uint32),
         ("batch_size", ctypes.c_uint32),
-    ]
-
-
-class BatchAttr(ctypes.Structure):
-    """The `batch` member of union bpf_attr (BPF_MAP_*_BATCH commands)."""
-
-    _fields_ = [
-        ("in_batch", ctypes.c_uint64),
-        ("out_batch", ctypes.c_uint64),
-        ("keys", ctypes.c_uint64),
-        ("values", ctypes.c_uint64),
-        ("count", ctypes.c_uint32),
-        ("map_fd", ctypes.c_uint32),
-        ("elem_flags", ctypes.c_uint64),
-        ("flags", ctypes.c_uint64),
     ]
 
 
@@ -190,18 +167,34 @@ class _MapInfo(ctypes.Structure):
     ]
 
 
-def bpf_raw(cmd: int, attr: ctypes.Structure) -> int:
-    """bpf(2) as is: the result, negative on failure (for retries that only collect a log)."""
-    return int(_libc.syscall(SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
+class _ProgInfo(ctypes.Structure):
+    """The leading fields of struct bpf_prog_info, up to the ids of the maps a program uses."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+    ]
 
 
-def bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
-    """bpf(2); a failure becomes a DatapathError saying `what` failed and why."""
-    result = bpf_raw(cmd, attr)
+def bpf(cmd: int, attr: ctypes.Structure, what: str, allow: tuple[int, ...] = ()) -> int:
+    """bpf(2): the result, or -errno for an errno listed in `allow` (ENOENT where "no such
+    element" is an answer); any other failure becomes a DatapathError saying `what` failed."""
+    result = int(_libc.syscall(_sys_bpf(), cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
     if result < 0:
         err = ctypes.get_errno()
+        if err in allow:
+            return -err
         raise DatapathError(f"{what}: {os.strerror(err)} (errno {err})")
-    return int(result)
+    return result
 
 
 @dataclass(frozen=True)
@@ -212,15 +205,23 @@ class MapShape:
     key_size: int
     value_size: int
     max_entries: int
+    flags: int
     name: str
     id: int  # the kernel's id of this map instance, new for every map created
 
 
 def obj_get(path: str) -> int:
     """Open a pinned BPF object; returns a new file descriptor the caller closes."""
-    raw = path.encode()
-    attr = _ObjGetAttr(pathname=ctypes.cast(ctypes.c_char_p(raw), ctypes.c_void_p).value or 0)
+    raw = ctypes.create_string_buffer(path.encode())
+    attr = _ObjGetAttr(pathname=ctypes.addressof(raw))
     return bpf(BPF_OBJ_GET, attr, f"cannot open pinned BPF object {path}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pin the map or program behind `fd` at `path` in bpffs (which must not exist yet)."""
+    raw = ctypes.create_string_buffer(path.encode())
+    attr = _ObjGetAttr(pathname=ctypes.addressof(raw), bpf_fd=fd)
+    bpf(BPF_OBJ_PIN, attr, f"cannot pin BPF object at {path}")
 
 
 def map_shape(fd: int) -> MapShape:
@@ -229,8 +230,23 @@ def map_shape(fd: int) -> MapShape:
     attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
     bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "cannot read BPF map info")
     return MapShape(
-        info.type, info.key_size, info.value_size, info.max_entries, info.name.decode(), info.id
+        info.type,
+        info.key_size,
+        info.value_size,
+        info.max_entries,
+        info.map_flags,
+        info.name.decode(),
+        info.id,
     )
+
+
+def prog_map_ids(fd: int) -> list[int]:
+    """The kernel ids of the maps the program behind `fd` uses."""
+    ids = (ctypes.c_uint32 * 64)()
+    info = _ProgInfo(nr_map_ids=len(ids), map_ids=ctypes.addressof(ids))
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "cannot read BPF program info")
+    return list(ids[: min(info.nr_map_ids, len(ids))])
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,19 @@
 """The loader: compile the datapath with BCC, pin its maps, attach it to the LAN interface.
 
 Maps live in bpffs under <bpffs>/desanet/<gateway id>/<lan>/, so a restarted
-loader finds the same counters and keeps counting; `detach()` removes the tc
-filters, the clsact qdisc and the pins, leaving nothing behind.
+loader finds the same counters and keeps counting; the counter summing program
+(ebpf/counter_sums.py) is loaded and pinned there with them. `open()` reaches
+an attached datapath through those pins alone (bpf(2), no BCC, no compiler);
+`detach()` removes the tc filters, the clsact qdisc and the pins, leaving
+nothing behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import logging
 import os
-import platform
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,22 +22,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
-from desanet.ebpf import abi, bpf_syscall
+from desanet.ebpf import abi, bpf_syscall, build, counter_sums, tc
+from desanet.ebpf.counter_sums import CounterSums
+from desanet.ebpf.maps import BpfMap
 from desanet.ebpf.prefixes import KeyTuple, key_of, parse_prefix, prefix_of
 from desanet.errors import DatapathError, ValidationError
 from desanet.validate import check_gateway_id
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("datapath.bpf.c")
-BPFFS = Path("/sys/fs/bpf")
-# clsact's two hooks, as tc parents.
-PARENT_INGRESS = 0xFFFFFFF2
-PARENT_EGRESS = 0xFFFFFFF3
-FILTER_PRIO = 0xDE5A >> 4  # a fixed priority so a re-attach replaces our own filter
-ETH_P_ALL = 0x0003
+SOURCE = build.EBPF_DIR / "datapath.bpf.c"
+BPFFS = abi.BPFFS
 _MS_NOCLOEXEC = 0
 _HOST = 128  # key length of a whole address: such keys live in the `hosts` hash
 
@@ -52,23 +49,20 @@ def _mount_bpffs(root: Path) -> None:
 
 def compile_program(capacity: int, pin_dir: Path) -> Any:
     """Compile the datapath with BCC for `capacity` subscribers, maps pinned under `pin_dir`."""
-    from bcc import BPF  # imported here: only the kernel side needs BCC
+    defines: dict[str, str | int] = {
+        "DESANET_CAPACITY": capacity,
+        "DESANET_PIN_DIR": f'"{pin_dir}"',
+    }
+    return build.compile_source(SOURCE, defines, "the datapath")
 
-    headers = Path("/lib/modules") / platform.release() / "build"
-    if not (headers / "include").exists():
-        raise DatapathError(
-            f"BCC needs kernel headers at {headers} and finds none: run `sudo make setup`"
-        )
-    cflags = [
-        f"-I{SOURCE.parent}",
-        f"-DDESANET_CAPACITY={capacity}",
-        f'-DDESANET_PIN_DIR="{pin_dir}"',
-        "-Wno-macro-redefined",
-    ]
-    try:
-        return BPF(src_file=str(SOURCE).encode(), cflags=cflags)
-    except Exception as err:  # BCC raises bare Exception on compile and load errors
-        raise DatapathError(f"the datapath did not compile or load: {err}") from err
+
+# Key and value types of each map the datapath provisions, as ctypes.
+MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
+    abi.MAP_SUBSCRIBERS: (abi.LpmKey, ctypes.c_uint32),
+    abi.MAP_HOSTS: (abi.HostKey, ctypes.c_uint32),
+    abi.MAP_SLOTS: (ctypes.c_uint32, abi.Slot),
+    abi.MAP_SETTINGS: (ctypes.c_uint32, abi.Settings),
+}
 
 
 @dataclass(frozen=True)
@@ -104,8 +98,10 @@ class Datapath:
         self.capacity = capacity
         self.upload_ifb = upload_ifb
         self.bpffs = bpffs
-        self.pin_dir = bpffs / "desanet" / gateway_id / lan
-        self._bpf: Any = None
+        self.pin_dir = abi.pin_dir(gateway_id, lan, bpffs)
+        self._bpf: Any = None  # the BCC module, in the process that attached
+        self._maps: dict[str, BpfMap] = {}
+        self._sums: CounterSums | None = None
         self._owner: dict[KeyTuple, int] = {}
 
     # -- attach / detach -------------------------------------------------------------------
@@ -126,12 +122,16 @@ class Datapath:
             ingress = bpf.load_func(b"desanet_ingress", bpf.SCHED_CLS)
             egress = bpf.load_func(b"desanet_egress", bpf.SCHED_CLS)
             steer = bpf.load_func(b"desanet_steer", bpf.SCHED_CLS)
-            self._attach_filters(lan_index, ingress, egress, steer, upload_index)
+            # Before the filters: a kernel that cannot sum the counters leaves tc untouched.
+            counter_sums.load(self.pin_dir)
+            tc.attach_filters(self.lan, lan_index, ingress, egress, steer, upload_index)
         except BaseException:
             if created_pins:
                 self._unpin()
             raise
+        self._close_maps()
         self._bpf = bpf
+        self._open_maps()
         self._set_settings(upload_index)
         self._load_owners()
         log.info(
@@ -149,18 +149,20 @@ class Datapath:
                 f"(nothing pinned at {self.pin_dir})"
             )
         self._check_pinned_capacity()
-        self._bpf = compile_program(self.capacity, self.pin_dir)
+        self._close_maps()
+        self._open_maps()
         self._load_owners()
+
+    def close(self) -> None:
+        """Release this process's handles on the maps; the datapath stays attached."""
+        self._close_maps()
+        self._bpf = None
+        self._owner.clear()
 
     def detach(self) -> None:
         """Remove the filters, the clsact qdisc and the pinned maps of this interface."""
-        with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=self.lan)
-            if found:
-                with contextlib.suppress(NetlinkError):
-                    ipr.tc("del", "clsact", found[0])
-        self._bpf = None
-        self._owner.clear()
+        tc.remove_clsact(self.lan)
+        self.close()
         self._unpin()
         log.info("datapath detached from %s", self.lan)
 
@@ -187,69 +189,13 @@ class Datapath:
                 "changing capacity"
             )
 
-    def _attach_filters(
-        self, index: int, ingress: Any, egress: Any, steer: Any, upload_index: int
-    ) -> None:
-        with IPRoute() as ipr:
-            created_qdisc = False
-            try:
-                ipr.tc("add", "clsact", index)
-                created_qdisc = True
-            except NetlinkError as err:
-                if err.code != errno.EEXIST:
-                    raise DatapathError(f"cannot add clsact to {self.lan}: {err}") from err
-            try:
-                for parent, fn in ((PARENT_INGRESS, ingress), (PARENT_EGRESS, egress)):
-                    ipr.tc(
-                        "replace-filter",
-                        "bpf",
-                        index,
-                        handle=1,
-                        prio=FILTER_PRIO,
-                        parent=parent,
-                        fd=fn.fd,
-                        name=fn.name.decode(),
-                        direct_action=True,
-                        protocol=ETH_P_ALL,
-                    )
-                steering = {"handle": 2, "prio": FILTER_PRIO + 1, "parent": PARENT_INGRESS}
-                if upload_index:
-                    ipr.tc(
-                        "replace-filter",
-                        "bpf",
-                        index,
-                        fd=steer.fd,
-                        name=steer.name.decode(),
-                        classid=1,
-                        protocol=ETH_P_ALL,
-                        action={
-                            "kind": "mirred",
-                            "direction": "egress",
-                            "action": "redirect",
-                            "ifindex": upload_index,
-                        },
-                        **steering,
-                    )
-                else:
-                    # A previous attach may have steered upload to an IFB; this one does not.
-                    with contextlib.suppress(NetlinkError):
-                        ipr.tc("del-filter", "bpf", index, protocol=ETH_P_ALL, **steering)
-            except NetlinkError as err:
-                if created_qdisc:
-                    with contextlib.suppress(NetlinkError):
-                        ipr.tc("del", "clsact", index)
-                raise DatapathError(f"cannot attach the datapath to {self.lan}: {err}") from err
-
     def _unpin(self) -> None:
-        for name in (
-            abi.MAP_SUBSCRIBERS,
-            abi.MAP_HOSTS,
-            abi.MAP_COUNTERS,
-            abi.MAP_SLOTS,
-            abi.MAP_SETTINGS,
-        ):
+        staged = (
+            self.pin_dir.glob(f"{counter_sums.STAGING_PREFIX}*") if self.pin_dir.exists() else []
+        )
+        for path in [*(self.pin_dir / name for name in abi.PINNED), *staged]:
             with contextlib.suppress(FileNotFoundError):
-                (self.pin_dir / name).unlink()
+                path.unlink()
         # Remove the per-interface, per-gateway and desanet directories once empty.
         for directory in (self.pin_dir, self.pin_dir.parent, self.pin_dir.parent.parent):
             with contextlib.suppress(FileNotFoundError, OSError):
@@ -257,19 +203,33 @@ class Datapath:
 
     # -- provisioning --------------------------------------------------------------------------
 
-    def _table(self, name: str) -> Any:
-        if self._bpf is None:
-            raise DatapathError("the datapath is not attached: call attach() first")
-        return self._bpf.get_table(name.encode())
+    def _open_maps(self) -> None:
+        for name, (key_type, value_type) in MAP_TYPES.items():
+            self._maps[name] = BpfMap.open(self.pin_dir / name, key_type, value_type)
+
+    def _close_maps(self) -> None:
+        for table in self._maps.values():
+            table.close()
+        self._maps.clear()
+        if self._sums is not None:
+            self._sums.close()
+            self._sums = None
+
+    def _check_reached(self) -> None:
+        if not self._maps:
+            raise DatapathError("the datapath is not attached: call attach() or open() first")
+
+    def _table(self, name: str) -> BpfMap:
+        self._check_reached()
+        return self._maps[name]
 
     def _load_owners(self) -> None:
         self._owner = {
             (int(k.prefixlen), bytes(k.addr)): int(v.value)
-            for k, v in self._table("subscribers").items()
+            for k, v in self._table(abi.MAP_SUBSCRIBERS).items()
         }
         self._owner.update(
-            ((_HOST, bytes(k.addr)), int(getattr(v, "value", v)))
-            for k, v in self._table("hosts").items_lookup_batch()
+            ((_HOST, bytes(k.addr)), int(v)) for k, v in self._table(abi.MAP_HOSTS).items_batch()
         )
 
     def _host_key(self, key: KeyTuple) -> abi.HostKey:
@@ -277,9 +237,9 @@ class Datapath:
 
     def _erase(self, key: KeyTuple) -> None:
         if key[0] == _HOST:
-            del self._table("hosts")[self._host_key(key)]
+            self._table(abi.MAP_HOSTS).delete(self._host_key(key))
         else:
-            del self._table("subscribers")[self._key(key)]
+            self._table(abi.MAP_SUBSCRIBERS).delete(self._key(key))
 
     def _check_slot(self, slot: int) -> None:
         if not 1 <= slot <= self.capacity:
@@ -340,11 +300,11 @@ class Datapath:
             if hosts:
                 keys = (abi.HostKey * len(hosts))(*(self._host_key(k) for k, _ in hosts))
                 values = (ctypes.c_uint32 * len(hosts))(*(s for _, s in hosts))
-                self._table("hosts").items_update_batch(keys, values)
+                self._table(abi.MAP_HOSTS).update_batch(keys, values)
                 written.extend(k for k, _ in hosts)
             for key, slot in fresh:
                 if key[0] != _HOST:
-                    self._table("subscribers")[self._key(key)] = ctypes.c_uint32(slot)
+                    self._table(abi.MAP_SUBSCRIBERS).update(self._key(key), ctypes.c_uint32(slot))
                     written.append(key)
         except Exception as err:
             for key in written:
@@ -358,14 +318,15 @@ class Datapath:
             return
         keys = (ctypes.c_uint32 * len(rows))(*(r[0] for r in rows))
         values = (abi.Slot * len(rows))(*(abi.Slot(r[1], r[2], r[3], 0) for r in rows))
-        self._table("slots").items_update_batch(keys, values)
+        self._table(abi.MAP_SLOTS).update_batch(keys, values)
 
     def set_slot(self, slot: int, down_classid: int, up_classid: int, flags: int = 0) -> None:
         """Set the HTB classids (0 = default class) and flags of a slot."""
         if slot != abi.SLOT_UNMATCHED:
             self._check_slot(slot)
-        table = self._table("slots")
-        table[ctypes.c_uint32(slot)] = abi.Slot(down_classid, up_classid, flags, 0)
+        self._table(abi.MAP_SLOTS).update(
+            ctypes.c_uint32(slot), abi.Slot(down_classid, up_classid, flags, 0)
+        )
 
     def unprovision(self, slot: int) -> None:
         """Withdraw a slot's prefixes and classids; its traffic counts as unmatched from now on."""
@@ -387,26 +348,26 @@ class Datapath:
         return abi.LpmKey(length, (ctypes.c_uint8 * 16)(*addr))
 
     def _set_settings(self, upload_ifindex: int) -> None:
-        self._table("settings")[ctypes.c_uint32(0)] = abi.Settings(upload_ifindex, 0)
+        self._table(abi.MAP_SETTINGS).update(ctypes.c_uint32(0), abi.Settings(upload_ifindex, 0))
 
     # -- reading -------------------------------------------------------------------------------
 
     def read_counters(self) -> npt.NDArray[np.uint64]:
-        """Cumulative counters summed over CPUs: (capacity + 1, 4), columns abi.COUNTER_FIELDS."""
-        table = self._table("counters")
-        out = np.zeros((self.capacity + 1, len(abi.COUNTER_FIELDS)), dtype=np.uint64)
-        for key, per_cpu in table.items_lookup_batch():
-            row = out[int(getattr(key, "value", key))]
-            for cpu_value in per_cpu:
-                row += np.array(
-                    [getattr(cpu_value, f) for f in abi.COUNTER_FIELDS], dtype=np.uint64
-                )
-        return out
+        """Cumulative counters summed over CPUs: (capacity + 1, 4), columns abi.COUNTER_FIELDS.
+
+        The same path as the meter's (ebpf/counter_sums.py): summed in the kernel."""
+        self._check_reached()
+        if self._sums is None:
+            self._sums = CounterSums.open(self.pin_dir)
+        return self._sums.read().copy()
 
     def program_fd(self, name: str) -> int:
         """File descriptor of one of the program's functions (for BPF_PROG_TEST_RUN)."""
         if self._bpf is None:
-            raise DatapathError("the datapath is not attached: call attach() first")
+            raise DatapathError(
+                "the datapath's programs are reached through attach() in this process, "
+                "not through open()"
+            )
         return int(self._bpf.load_func(name.encode(), self._bpf.SCHED_CLS).fd)
 
 

@@ -1,6 +1,6 @@
 /* desanet_abi.h: everything the datapath and its Python side share.
  *
- * Included by the BPF program and compiled by the ABI unit test; mirrored in
+ * Included by the BPF programs and compiled by the ABI unit test; mirrored in
  * ebpf/abi.py, whose sizes and offsets that test checks against this file.
  * Change a struct here and in abi.py together, never one alone.
  */
@@ -16,12 +16,14 @@
 /* Prefixes per subscriber the LPM trie is sized for (capacity * this). */
 #define DESANET_PREFIXES_PER_SUBSCRIBER 4
 
-/* Map names, as pinned under <bpffs>/desanet/<gateway id>/<interface>/. */
+/* Map and program names, as pinned under <bpffs>/desanet/<gateway id>/<interface>/. */
 #define DESANET_MAP_SUBSCRIBERS "subscribers" /* LPM trie: desanet_lpm_key -> __u32 slot */
 #define DESANET_MAP_HOSTS "hosts"             /* hash: desanet_host_key -> __u32 slot (/32, /128) */
 #define DESANET_MAP_COUNTERS "counters"       /* per-CPU array: slot -> desanet_counters */
 #define DESANET_MAP_SLOTS "slots"             /* array: slot -> desanet_slot */
 #define DESANET_MAP_SETTINGS "settings"       /* array[1]: desanet_settings */
+#define DESANET_MAP_COUNTER_SUMS "counter_sums" /* mmapable array: slot -> desanet_counters, all CPUs */
+#define DESANET_PROG_SUM_COUNTERS "sum_counters" /* counter_sums.bpf.c, run by BPF_PROG_TEST_RUN */
 
 /* desanet_slot.flags */
 #define DESANET_SLOT_BLOCKED 0x1 /* drop the subscriber's traffic (suspended, blocked) */
@@ -56,6 +58,12 @@ struct desanet_slot {
 	__u32 up_classid;
 	__u32 flags;
 	__u32 reserved;
+};
+
+/* The context of one run of the summing program (counter_sums.bpf.c): it sums
+ * slots from first_slot on and returns how many it summed. */
+struct desanet_sum_run {
+	__u64 first_slot;
 };
 
 /* Global settings, key 0. */

@@ -22,13 +22,13 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
+from desanet.cython_ext.usage import UsageInterval
 from desanet.errors import StreamError
 from desanet.meter import wire
 from desanet.meter.journal import Journal, Retention
 from desanet.meter.keys import ServerSecurity, secure_server, start_authenticator
 from desanet.meter.replay import ReplayServer
 from desanet.meter.state import Checkpoint, StateArrays, apply_state_change, encode_state_change
-from desanet.meter.usage import UsageInterval
 
 log = logging.getLogger(__name__)
 

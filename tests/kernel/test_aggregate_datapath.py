@@ -1,10 +1,11 @@
 """The aggregator on the real datapath under live traffic: billed deltas add up to the counters.
 
-Polls the pinned counters map (by path, no BCC, CPUs summed in the kernel)
-while iperf3 runs, rolls the polls up into intervals, restarts from the
-journaled state halfway as after a kill -9, and checks that the deltas of
-every interval sum to the final kernel counters exactly, and that those equal
-the IP bytes each subscriber's own namespace saw (nftables).
+Polls the pinned counters (by path, no BCC, CPUs summed in the kernel by the
+summing program pinned beside them) while iperf3 runs, rolls the polls up
+into intervals, restarts from the journaled state halfway as after a kill -9,
+and checks that the deltas of every interval sum to the final kernel counters
+exactly, and that those equal the IP bytes each subscriber's own namespace
+saw (nftables).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 
 from desanet import cython_ext
-from desanet.ebpf import abi
+from desanet.benchmarks.aggregate import BatchRead
+from desanet.ebpf import abi, bpf_syscall
 from desanet.ebpf.datapath import Datapath
 from desanet.gateway.lab import INET_V4, INET_V6, Village, in_netns
 from desanet.meter.poll import CounterReader
@@ -69,7 +71,7 @@ def test_interval_deltas_sum_to_the_final_counters_across_a_restart(village4: Vi
                     np.add.at(billed[name][:, col], usage.slots, values)
             intervals_with_traffic += int(usages["cython"].up.sum() > 0)
 
-        pinned = datapath.pin_dir / abi.MAP_COUNTERS
+        pinned = datapath.pin_dir
         reader = CounterReader.open(pinned)
         clients = start_traffic(v, seconds=2)
         polls = 0
@@ -100,12 +102,18 @@ def test_interval_deltas_sum_to_the_final_counters_across_a_restart(village4: Vi
         for agg in aggregators.values():
             agg.poll(reader.read(), 1_000 * polls)
         roll_up(1_000 * polls)
-        with CounterReader.open(pinned, method="batch") as batch:
+        # An independent read of the same map: one batch lookup, summed in userspace.
+        counters_fd = bpf_syscall.obj_get(str(pinned / abi.MAP_COUNTERS))
+        try:
+            batch = BatchRead(counters_fd, CAPACITY + 1, backends["cython"])
             assert batch.read().tolist() == reader.read().tolist()
+        finally:
+            os.close(counters_fd)
         reader.close()
 
         with in_netns(v.gw_ns):
-            final = datapath.read_counters()  # BCC's view: an independent read of the same map
+            final = datapath.read_counters()
+        assert final.tolist() == batch.sums.tolist()
         assert intervals_with_traffic >= 3, "the polls should have seen traffic in flight"
         for name in backends:
             assert billed[name].tolist() == final.tolist(), name

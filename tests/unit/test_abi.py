@@ -65,6 +65,7 @@ def test_abi_constants_match_the_header() -> None:
     assert int(defines["DESANET_SLOT_BLOCKED"], 0) == abi.SLOT_BLOCKED
     for name in (abi.MAP_SUBSCRIBERS, abi.MAP_COUNTERS, abi.MAP_SLOTS, abi.MAP_SETTINGS):
         assert f'"{name}"' in text
+    assert set(re.findall(r'#define DESANET_(?:MAP|PROG)_\w+ "(\w+)"', text)) == set(abi.PINNED)
     fields = re.search(r"struct desanet_counters \{(.*?)\};", text, re.S)
     assert fields is not None
     assert tuple(re.findall(r"__u64 (\w+);", fields.group(1))) == abi.COUNTER_FIELDS

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from desanet import cython_ext
+from desanet.ebpf import abi
+from desanet.ebpf.counter_sums import possible_cpus
 from desanet.errors import DatapathError
-from desanet.meter.poll import CounterReader, Poller, counters_path, possible_cpus
+from desanet.meter.poll import CounterReader, Poller
 
 pytestmark = pytest.mark.unit
 
@@ -47,7 +49,7 @@ def test_possible_cpus_reads_the_kernel_list_format(tmp_path: Path) -> None:
 
 
 def test_counters_are_found_where_the_datapath_pins_them() -> None:
-    path = counters_path("desa-sukamaju", "br-lan")
+    path = abi.pin_dir("desa-sukamaju", "br-lan") / abi.MAP_COUNTERS
     assert path == Path("/sys/fs/bpf/desanet/desa-sukamaju/br-lan/counters")
 
 

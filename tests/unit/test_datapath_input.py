@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def test_not_root_is_refused_before_anything(
 
 
 def test_missing_kernel_headers_are_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(datapath_module.platform, "release", lambda: "0.0-no-such-kernel")
+    monkeypatch.setattr(platform, "release", lambda: "0.0-no-such-kernel")
     with pytest.raises(
         DatapathError, match=r"kernel headers at /lib/modules/0\.0-no-such-kernel/build"
     ):

@@ -14,6 +14,7 @@ import pytest
 import zmq
 
 from desanet.cython_ext import twin
+from desanet.cython_ext.usage import UsageInterval
 from desanet.errors import ConfigError, StreamError
 from desanet.meter import wire
 from desanet.meter.client import UsageClient
@@ -26,7 +27,6 @@ from desanet.meter.keys import (
     load_keypair,
 )
 from desanet.meter.service import MeterService, StreamConfig
-from desanet.meter.usage import UsageInterval
 
 pytestmark = pytest.mark.unit
 

@@ -1,8 +1,10 @@
-"""The unit of usage that flows from the aggregator to the journal and the stream.
+"""The unit of usage the aggregator produces, and the journal and the stream carry on.
 
 One `UsageInterval` is what happened between two instants, as parallel column
 arrays over the slots whose counters moved; `meter` maps slots to subscriber
-ids when it encodes the v1 message (see docs/usage-stream.md).
+ids when it encodes the v1 message (see docs/usage-stream.md). It lives here,
+beside the aggregator that makes it, so that nothing in cython_ext imports
+from a layer above.
 """
 
 from __future__ import annotations

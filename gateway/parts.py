@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from desanet.clock import Clock
+from desanet.cython_ext.usage import UsageInterval
 from desanet.ebpf.datapath import Provision
 from desanet.meter.delivered import SentStats
 from desanet.meter.poll import CounterSource
 from desanet.meter.state import StateArrays
-from desanet.meter.usage import UsageInterval
 from desanet.meter.wire import UsageEvent
 from desanet.shaper.apply import ApplyResult
 from desanet.shaper.plan import ShapingPlan

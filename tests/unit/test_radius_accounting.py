@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from desanet.cython_ext.usage import UsageInterval
 from desanet.meter.radius import AccountingConfig, RadiusAccounting, subscriber_attributes
 from desanet.meter.radius_sessions import (
     Accountant,
@@ -24,7 +25,6 @@ from desanet.meter.radius_sessions import (
 )
 from desanet.meter.radius_transport import RadiusServer
 from desanet.meter.service import MeterService
-from desanet.meter.usage import UsageInterval
 from desanet.meter.wire import decode_usage
 from tests.pg_harness import postgres_cluster
 from tests.radius_harness import FreeRadius, free_udp_port, freeradius_server

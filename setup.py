@@ -7,7 +7,21 @@ from setuptools import Extension, setup
 # The card's folders stay at the top of the tree; installed, they are subpackages of
 # `desanet` (desanet/<name> links to ../<name>), so no import name can collide with
 # another distribution's `gateway` or `benchmarks`.
-LAYERS = ("ebpf", "cython_ext", "meter", "shaper", "gateway", "benchmarks")
+LAYERS = ("ebpf", "cython_ext", "meter", "shaper", "gateway", "gateway.console", "benchmarks")
+
+# The operator's web console (`desanet console`): framework, forms and CSRF, catalogs,
+# password hashing, a WSGI server with TLS, login rate limits, the self-signed certificate.
+CONSOLE = [
+    "flask>=3.0,<4",
+    "flask-wtf>=1.2,<2",
+    "wtforms>=3.3,<4",
+    "flask-babel>=4.0,<5",
+    "babel>=2.12,<3",
+    "argon2-cffi>=23.1,<26",
+    "gunicorn>=22,<24",
+    "flask-limiter>=3.5,<5",
+    "cryptography>=38",
+]
 
 extensions = [
     Extension(
@@ -30,6 +44,7 @@ setup(
         "desanet.ebpf": ["*.c", "*.h"],
         "desanet.cython_ext": ["*.pyi"],
         "desanet.gateway": ["*.service", "*.toml", "*.csv"],
+        "desanet.gateway.console": ["templates/*", "static/*", "translations/*/LC_MESSAGES/*"],
     },
     ext_modules=cythonize(extensions, language_level=3),
     install_requires=[
@@ -42,7 +57,10 @@ setup(
     ],
     extras_require={
         "postgres": ["psycopg[binary]>=3.1,<4"],
+        "console": CONSOLE,
         "dev": [
+            *CONSOLE,
+            "playwright>=1.40,<2",
             "cython>=3.0,<4",
             "pytest>=7,<10",
             "hypothesis>=6.80,<7",

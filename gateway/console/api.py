@@ -30,12 +30,13 @@ def live() -> BaseResponse:
         found = reading.by_id.get(sub_id)
         if found is None:
             continue
-        row = views.row(found)
+        row = views.row(found, reading)
+        down_bps, up_bps = reading.rate(found)
         rows[sub_id] = {
             "down": row.down,
             "up": row.up,
-            "down_bps": found.down_bps,
-            "up_bps": found.up_bps,
+            "down_bps": down_bps,
+            "up_bps": up_bps,
             "usage": row.usage,
             "usage_share": row.usage_share,
             "state": row.state,

@@ -62,7 +62,7 @@ def subscriber(sub_id: str) -> str:
     declared = in_file.get(sub_id)
     if status_row is None and declared is None:
         abort(404)
-    row = views.row(status_row) if status_row is not None else views.pending_row(declared)  # type: ignore[arg-type]
+    row = views.row(status_row, reading) if status_row is not None else views.pending_row(declared)  # type: ignore[arg-type]
     tz = ZoneInfo(str(get_timezone()))
     days = c.history.days(sub_id, views.today(tz))
     return render_template(
@@ -93,9 +93,10 @@ def usage_chart(sub_id: str) -> Response:
     c = console()
     tz = ZoneInfo(str(get_timezone()))
     days = c.history.days(sub_id, views.today(tz))
-    svg = charts.usage_svg(
-        days, [fmt.day(d.day) for d in days], _("download"), _("upload"), _("GB per day")
-    )
+    scale, unit = charts.scale_for(days)
+    labels = [fmt.day(d.day) for d in days]
+    axis = _("%(unit)s per day", unit=unit)
+    svg = charts.usage_svg(days, labels, _("download"), _("upload"), axis, scale)
     response = Response(svg, mimetype="image/svg+xml")
     # matplotlib styles its SVG inline; as an image it can never run a script.
     response.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'"

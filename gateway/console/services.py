@@ -87,8 +87,14 @@ class Console:
             reply = self.control.send(op, sub_id, **args)
         except ControlError as err:
             return self._audit(user, op, sub_id, dict(args), Outcome(False, str(err)))
-        outcome = Outcome(True) if reply.get("ok") else Outcome(False, str(reply.get("error")))
-        return self._audit(user, op, sub_id, dict(args), outcome)
+        if not reply.get("ok"):
+            return self._audit(
+                user, op, sub_id, dict(args), Outcome(False, str(reply.get("error")))
+            )
+        self._audit(user, op, sub_id, dict(args), Outcome(True))
+        if isinstance(reply.get("state"), str):
+            self.status.wait_for_state(sub_id, reply["state"])
+        return Outcome(True)
 
     # -- subscribers file ---------------------------------------------------------------------
 

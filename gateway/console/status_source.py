@@ -2,6 +2,9 @@
 
 The service rewrites its status file every interval; the console parses it
 once per new version (keyed by mtime and size), however many browsers poll.
+Rates shown "now" are the delivered bytes of the last seconds, from the
+totals of two snapshots (the service's own rates are smoothed over seconds,
+so a suspension would take half a minute to show).
 `SnapshotView` names only the fields the console reads, so a renamed snapshot
 class in the service needs no change here.
 """
@@ -13,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,13 +57,28 @@ class SnapshotView(Protocol):
 
 @dataclass(frozen=True)
 class Reading:
-    """The latest snapshot (None when there is none) and why not, with rows indexed by id."""
+    """The latest snapshot (None when there is none) and why not, with rows indexed by id.
+
+    `rates` holds each subscriber's (down, up) bit/s over the last RATE_WINDOW_MS, where
+    two snapshots that far apart were seen; `rate()` falls back to the service's rates.
+    """
 
     snapshot: SnapshotView | None
     error: str
     by_id: dict[str, RowView]
     down_bps: float
     up_bps: float
+    rates: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def rate(self, row: RowView) -> tuple[float, float]:
+        """(down, up) bit/s of a subscriber now."""
+        return self.rates.get(row.id) or (row.down_bps, row.up_bps)
+
+
+# Rates are measured over at least this long (shorter windows jitter with the poll timing),
+# from a snapshot no older than RATE_MAX_AGE_MS (else the service's smoothed rates are shown).
+RATE_WINDOW_MS = 2000
+RATE_MAX_AGE_MS = 15000
 
 
 # The link counts as saturated above this share of its rate, and the alert fires after
@@ -81,6 +99,8 @@ class StatusSource:
         self._reading = Reading(None, "", {}, 0.0, 0.0)
         # (t_ms, down share, up share) of each new snapshot, for the saturation alert.
         self._shares: deque[tuple[int, float, float]] = deque(maxlen=4096)
+        # (t_ms, {id: (down_total, up_total)}) of recent snapshots, for the measured rates.
+        self._totals: deque[tuple[int, dict[str, tuple[int, int]]]] = deque()
 
     def read(self) -> Reading:
         """The newest snapshot, parsed only when the file changed."""
@@ -102,9 +122,11 @@ class StatusSource:
                 self._reading = Reading(None, error, {}, 0.0, 0.0)
                 return self._reading
             rows = snap.subscribers
-            down = sum(r.down_bps for r in rows)
-            up = sum(r.up_bps for r in rows)
-            self._reading = Reading(snap, "", {r.id: r for r in rows}, down, up)
+            rates = self._measure(snap.t_ms, {r.id: (r.down_total, r.up_total) for r in rows})
+            reading = Reading(snap, "", {r.id: r for r in rows}, 0.0, 0.0, rates)
+            down = sum(reading.rate(r)[0] for r in rows)
+            up = sum(reading.rate(r)[1] for r in rows)
+            self._reading = Reading(snap, "", reading.by_id, down, up, rates)
             self._shares.append(
                 (
                     snap.t_ms,
@@ -113,6 +135,44 @@ class StatusSource:
                 )
             )
             return self._reading
+
+    def _measure(
+        self, t_ms: int, totals: dict[str, tuple[int, int]]
+    ) -> dict[str, tuple[float, float]]:
+        while self._totals and t_ms - self._totals[0][0] > RATE_MAX_AGE_MS:
+            self._totals.popleft()
+        # The newest snapshot at least a window old is the base of the measurement.
+        base = None
+        for seen_ms, seen in self._totals:
+            if t_ms - seen_ms >= RATE_WINDOW_MS:
+                base = (seen_ms, seen)
+        self._totals.append((t_ms, totals))
+        while len(self._totals) > 2 and t_ms - self._totals[1][0] >= RATE_WINDOW_MS:
+            self._totals.popleft()  # older than the base we would pick next time
+        if base is None:
+            return {}
+        seconds = (t_ms - base[0]) / 1000
+        rates = {}
+        for sub_id, (down, up) in totals.items():
+            before = base[1].get(sub_id)
+            # A subscriber new since then, or whose counters restarted, has no measurement.
+            if before is not None and down >= before[0] and up >= before[1]:
+                rates[sub_id] = (8 * (down - before[0]) / seconds, 8 * (up - before[1]) / seconds)
+        return rates
+
+    def wait_for_state(self, sub_id: str, state: str) -> bool:
+        """Wait (a few intervals at most) until the status shows `sub_id` in `state`.
+
+        A page shown right after an action then shows its effect, not the interval before.
+        """
+        deadline = time.monotonic() + max(2.0, 3 * self.interval_ms / 1000)
+        while True:
+            row = self.read().by_id.get(sub_id)
+            if row is not None and row.state == state:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.05, self.interval_ms / 4000))
 
     def age_s(self, reading: Reading, now_ms: int | None = None) -> float:
         """Seconds since the snapshot was written (infinite without one)."""

@@ -142,9 +142,12 @@ class SubscribersFile:
             try:
                 parse_subscribers(new_text, self.path, self.link, self.capacity)
             except ConfigError as err:
-                match = _LOCATED.match(str(err).removeprefix(str(self.path)))
+                located = str(err).removeprefix(str(self.path))
+                match = _LOCATED.match(located)
                 column = match.group("column") if match else ""
-                raise Refused(column if column in COLUMNS else "", str(err)) from err
+                # The form shows the reason beside the field: the file and line mean nothing there.
+                reason = located[match.end() :] if match else str(err)
+                raise Refused(column if column in COLUMNS else "", reason) from err
             # Keep the file's mode: the operator chose who may read the subscribers' addresses.
             mode = self.path.stat().st_mode & 0o777
             replace_atomically(self.path, new_text.encode(), mode=mode)

@@ -83,9 +83,10 @@ def _usage(period_bytes: int, quota: int | None) -> tuple[str, float, str]:
     return text, min(share, 1.0), fmt.percent(share)
 
 
-def row(r: RowView) -> Row:
+def row(r: RowView, reading: Reading) -> Row:
     """The table row of one status line."""
     usage, share, percent = _usage(r.period_bytes, r.quota_bytes)
+    down_bps, up_bps = reading.rate(r)
     return Row(
         id=r.id,
         name=r.name,
@@ -93,8 +94,8 @@ def row(r: RowView) -> Row:
         state_label=state_label(r.state),
         state_class=state_class(r.state),
         plan=f"{fmt.rate(r.down_max_bps)} / {fmt.rate(r.up_max_bps)}",
-        down=fmt.rate(r.down_bps),
-        up=fmt.rate(r.up_bps),
+        down=fmt.rate(down_bps),
+        up=fmt.rate(up_bps),
         usage=usage,
         usage_share=share,
         usage_percent=percent,
@@ -133,7 +134,7 @@ class Table:
     query: str
 
 
-def _sort_key(sort: str) -> Any:
+def _sort_key(sort: str, reading: Reading) -> Any:
     def usage(r: RowView) -> float:
         return r.period_bytes / r.quota_bytes if r.quota_bytes else r.period_bytes / 1e18
 
@@ -141,8 +142,8 @@ def _sort_key(sort: str) -> Any:
         "id": lambda r: r.id,
         "name": lambda r: r.name.casefold(),
         "plan": lambda r: r.down_max_bps,
-        "down": lambda r: r.down_bps,
-        "up": lambda r: r.up_bps,
+        "down": lambda r: reading.rate(r)[0],
+        "up": lambda r: reading.rate(r)[1],
         "usage": usage,
         "state": lambda r: r.state,
     }
@@ -171,7 +172,7 @@ def table(
         ]
     if sort not in SORT_KEYS:
         sort = "id"
-    ordered = sorted(rows, key=_sort_key(sort), reverse=descending)
+    ordered = sorted(rows, key=_sort_key(sort, reading), reverse=descending)
     pending = [
         s
         for s in in_file.values()
@@ -182,7 +183,7 @@ def table(
     pages = max(1, math.ceil(matched / PAGE_SIZE))
     page = min(max(1, page), pages)
     start = (page - 1) * PAGE_SIZE
-    shown = [row(r) for r in ordered[start : start + PAGE_SIZE]]
+    shown = [row(r, reading) for r in ordered[start : start + PAGE_SIZE]]
     if len(shown) < PAGE_SIZE:
         offset = max(0, start - len(ordered))
         shown.extend(pending_row(s) for s in pending[offset : offset + PAGE_SIZE - len(shown)])
@@ -226,8 +227,8 @@ def link(reading: Reading) -> Link | None:
 def busiest(reading: Reading) -> list[Row]:
     """The subscribers moving the most bytes now."""
     rows: Sequence[RowView] = reading.snapshot.subscribers if reading.snapshot else []
-    top = sorted(rows, key=lambda r: r.down_bps + r.up_bps, reverse=True)[:BUSIEST]
-    return [row(r) for r in top if r.down_bps + r.up_bps > 0]
+    top = sorted(rows, key=lambda r: sum(reading.rate(r)), reverse=True)[:BUSIEST]
+    return [row(r, reading) for r in top if sum(reading.rate(r)) > 0]
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,11 @@ def page_link(table: Table, page: int) -> str:
     return _table_link(table, page=page)
 
 
+def column_labels() -> dict[str, str]:
+    """The subscribers table's column names, translated once for every row."""
+    return {key: str(label) for key, label in SORT_COLUMNS}
+
+
 def context() -> dict[str, Any]:
     """What every template may call."""
     language = str(get_locale() or "id")
@@ -61,7 +66,6 @@ def context() -> dict[str, Any]:
         ),
         "role_label": lambda role: str(ROLE_LABELS.get(role, role)),
         "number": fmt.number,
-        "sort_columns": SORT_COLUMNS,
         "sort_state": sort_state,
         "sort_link": sort_link,
         "page_link": page_link,

@@ -12,6 +12,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from desanet.gateway.console import charts, fmt, views
 from desanet.gateway.console.auth import console
 from desanet.gateway.console.forms import ActionForm, LanguageForm, SuspendForm
+from desanet.gateway.console.helpers import column_labels
 
 blueprint = Blueprint("pages", __name__)
 
@@ -48,7 +49,11 @@ def subscribers() -> str:
         request.args.get("page", 1, type=int) or 1,
     )
     return render_template(
-        "subscribers.html", table=table, file_error=file_error, can_act=g.user.can("operator")
+        "subscribers.html",
+        table=table,
+        labels=column_labels(),
+        file_error=file_error,
+        can_act=g.user.can("operator"),
     )
 
 

@@ -61,31 +61,21 @@ def subscribers() -> str:
 def subscriber(sub_id: str) -> str:
     """One subscriber: plan, addresses, state, this month's usage, 30 days, events, actions."""
     c = console()
-    reading = c.status.read()
     in_file, _file_error = c.index.read()
-    status_row = reading.by_id.get(sub_id)
-    declared = in_file.get(sub_id)
-    if status_row is None and declared is None:
-        abort(404)
-    row = views.row(status_row, reading) if status_row is not None else views.pending_row(declared)  # type: ignore[arg-type]
     tz = ZoneInfo(str(get_timezone()))
-    days = c.history.days(sub_id, views.today(tz))
+    page = views.subscriber_page(
+        c.status.read(),
+        in_file.get(sub_id),
+        sub_id,
+        c.history.days(sub_id, views.today(tz)),
+        c.history.events(sub_id),
+    )
+    if page is None:
+        abort(404)
     return render_template(
         "subscriber.html",
-        row=row,
-        declared=declared,
-        addresses=list(declared.prefixes) if declared else [],
-        plan_override=bool(
-            status_row is not None
-            and declared is not None
-            and (status_row.down_max_bps, status_row.up_max_bps)
-            != (declared.plan.down_max_bps, declared.plan.up_max_bps)
-            and status_row.state == "active"
-        ),
-        days=[(fmt.day(d.day), fmt.size(d.down), fmt.size(d.up)) for d in reversed(days)],
-        month_total=fmt.size(sum(d.down + d.up for d in days)),
-        events=views.events(c.history.events(sub_id)),
-        suspended=row.state.startswith("suspended"),
+        page=page,
+        row=page.row,
         can_act=g.user.can("operator"),
         suspend_form=SuspendForm(),
         action_form=ActionForm(),

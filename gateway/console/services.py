@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from desanet.errors import ControlError, DesanetError
@@ -65,14 +64,13 @@ class FileIndex:
 
 @dataclass
 class Console:
-    """The console's collaborators: the gateway's four interfaces, the users, the settings."""
+    """The console's collaborators: the gateway's four interfaces and the users."""
 
     status: StatusSource
     control: ControlLink
     file: SubscribersFile
     history: UsageHistory
     users: UserStore
-    subscribers_path: Path
 
     def __post_init__(self) -> None:
         self.index = FileIndex(self.file)

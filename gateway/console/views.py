@@ -17,7 +17,7 @@ from typing import Any
 from flask_babel import lazy_gettext as _l
 
 from desanet.gateway.console import fmt
-from desanet.gateway.console.history import StreamEvent
+from desanet.gateway.console.history import DayUsage, StreamEvent
 from desanet.gateway.console.status_source import (
     SATURATED_FOR_S as SATURATED_ALERT_S,
 )
@@ -318,6 +318,54 @@ def alerts(
             for w in reading.snapshot.warnings
         )
     return out
+
+
+@dataclass(frozen=True)
+class SubscriberPage:
+    """One subscriber's page: its row, addresses, 30 days and events."""
+
+    row: Row
+    addresses: list[str]
+    plan_override: bool
+    suspended: bool
+    days: list[tuple[str, str, str]]
+    days_total: str
+    events: list[EventLine]
+
+
+def subscriber_page(
+    reading: Reading,
+    declared: Subscriber | None,
+    sub_id: str,
+    days: Sequence[DayUsage],
+    stream_events: Iterable[StreamEvent],
+) -> SubscriberPage | None:
+    """What the page of `sub_id` shows (None when neither the status nor the file has it)."""
+    status_row = reading.by_id.get(sub_id)
+    if status_row is not None:
+        shown = row(status_row, reading)
+    elif declared is not None:
+        shown = pending_row(declared)
+    else:
+        return None
+    # An active subscriber whose ceilings differ from the file's runs a plan set by
+    # the console or billing, which "back to the file's plan" undoes.
+    override = (
+        status_row is not None
+        and declared is not None
+        and status_row.state == "active"
+        and (status_row.down_max_bps, status_row.up_max_bps)
+        != (declared.plan.down_max_bps, declared.plan.up_max_bps)
+    )
+    return SubscriberPage(
+        row=shown,
+        addresses=list(declared.prefixes) if declared else [],
+        plan_override=override,
+        suspended=shown.state.startswith("suspended"),
+        days=[(fmt.day(d.day), fmt.size(d.down), fmt.size(d.up)) for d in reversed(days)],
+        days_total=fmt.size(sum(d.down + d.up for d in days)),
+        events=events(stream_events),
+    )
 
 
 def today(tz: dt.tzinfo) -> dt.date:

@@ -94,7 +94,6 @@ def build_console(options: Options) -> tuple[Console, Config]:
         file=SubscribersFile(config.subscribers_file, config.link, config.capacity),
         history=UsageHistory(db, config.publish.usage, config.publish.replay, security, tz),
         users=UserStore(db),
-        subscribers_path=config.subscribers_file,
     )
     return console, config
 

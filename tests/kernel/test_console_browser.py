@@ -120,6 +120,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def browser(stack: Stack, request: pytest.FixtureRequest) -> Iterator[object]:
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTEFACTS.glob("*.png"):
+        old.unlink()  # only this run's views are listed at the end
     # The browser runs in the gateway's namespace, where the console listens.
     with in_netns(stack.lab.gw_ns):
         driver = playwright.sync_playwright().start()
@@ -130,9 +132,12 @@ def browser(stack: Stack, request: pytest.FixtureRequest) -> Iterator[object]:
     chromium.close()
     driver.stop()
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
         shots = sorted(p.name for p in ARTEFACTS.glob("*.png"))
-        reporter.write_line(f"console screenshots in {ARTEFACTS}: {', '.join(shots)}")
+        # Past the output capture, so the run ends by saying where the screenshots are.
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\nconsole screenshots in {ARTEFACTS}: {', '.join(shots)}")
 
 
 def _page(browser: object, locale: str = "en-US", width: int = 1100, height: int = 900) -> object:

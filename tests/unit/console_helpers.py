@@ -143,7 +143,6 @@ def build(
             db, "tcp://127.0.0.1:1", "tcp://127.0.0.1:2", ClientSecurity(), ZoneInfo("Asia/Jakarta")
         ),
         users=UserStore(db),
-        subscribers_path=subs,
     )
     settings = Settings(secret_key=b"k" * 32, secure_cookies=True, timezone="Asia/Jakarta")
     app = create_app(console, settings)

@@ -190,3 +190,25 @@ def test_live_numbers_are_small_and_formatted(cut: ConsoleUnderTest) -> None:
     assert body["rows"]["s6"]["down"] == "6,0 Mbit/s" and body["rows"]["s6"]["down_bps"] == 6e6
     # The link carries the sum of every subscriber's rate: 120 subscribers at (i % 7) Mbit/s.
     assert body["link"]["down"] == "358,0 Mbit/s"
+
+
+def test_an_admin_adds_re_roles_and_removes_users_but_never_the_last_admin(
+    cut: ConsoleUnderTest,
+) -> None:
+    client = cut.client()
+    login(client, "alice")
+    page = client.get("/admin/users", base_url=HTTPS).get_data(as_text=True)
+    token = csrf_token(page)
+    form = {"csrf_token": token, "name": "budi", "role": "viewer", "password": "budi password 1"}
+    assert post(client, "/admin/users", form).status_code == 302
+    assert login(cut.client(), "budi", "budi password 1").status_code == 302
+    role = {"budi-csrf_token": token, "budi-role": "operator"}
+    assert post(client, "/admin/users/budi/role", role).status_code == 302
+    assert cut.console.users.get("budi").role == "operator"  # type: ignore[union-attr]
+    demote = {"alice-csrf_token": token, "alice-role": "viewer"}
+    post(client, "/admin/users/alice/role", demote)
+    assert cut.console.users.get("alice").role == "admin"  # type: ignore[union-attr]
+    assert post(client, "/admin/users/budi/remove", {"csrf_token": token}).status_code == 302
+    assert [u.name for u in cut.console.users.all()] == ["alice", "otto"]
+    log = [(e.user, e.action, e.target) for e in cut.console.users.audit_log() if e.user == "alice"]
+    assert ("alice", "user_add", "budi") in log and ("alice", "user_remove", "budi") in log

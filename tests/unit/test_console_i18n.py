@@ -52,9 +52,9 @@ def test_every_string_has_an_indonesian_translation() -> None:
     untranslated = sorted(i for i, m in entries.items() if not m.string or m.fuzzy)
     assert not untranslated, f"untranslated or fuzzy: {untranslated}"
     for msgid, message in entries.items():
-        assert set(_PLACEHOLDER.findall(msgid)) == set(_PLACEHOLDER.findall(str(message.string))), (
-            msgid
-        )
+        assert set(_PLACEHOLDER.findall(str(msgid))) == set(
+            _PLACEHOLDER.findall(str(message.string))
+        ), msgid
 
 
 def test_the_compiled_catalog_matches_the_po_file() -> None:
@@ -79,7 +79,7 @@ def test_indonesian_pages_show_no_english_catalog_string(
     cut.add_user("alice", "admin")
     with open(CATALOG / "messages.po", "rb") as f:
         english = [
-            m.id
+            str(m.id)
             for m in read_po(f)
             if m.id and m.string != m.id and "%(" not in m.id and len(m.id) > 3
         ]

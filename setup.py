@@ -10,7 +10,8 @@ from setuptools import Extension, setup
 LAYERS = ("ebpf", "cython_ext", "meter", "shaper", "gateway", "gateway.console", "benchmarks")
 
 # The operator's web console (`desanet console`): framework, forms and CSRF, catalogs,
-# password hashing, a WSGI server with TLS, login rate limits, the self-signed certificate.
+# password hashing, a WSGI server with TLS, login rate limits, the self-signed certificate,
+# the usage chart.
 CONSOLE = [
     "flask>=3.0,<4",
     "flask-wtf>=1.2,<2",
@@ -21,6 +22,7 @@ CONSOLE = [
     "gunicorn>=22,<24",
     "flask-limiter>=3.5,<5",
     "cryptography>=38",
+    "matplotlib>=3.6,<4",
 ]
 
 extensions = [

@@ -17,7 +17,7 @@ VM_PACKAGES    := linux-image-amd64 qemu-system-x86 busybox-static
 # Debian packages the gateway and the test tiers need.
 DEB_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-$(KERNEL_FLAVOUR) python3-venv python3-dev \
 	iproute2 iputils-ping procps nftables iperf3 ethtool build-essential postgresql \
-	freeradius freeradius-postgresql freeradius-utils \
+	freeradius freeradius-postgresql freeradius-utils chromium \
 	$(if $(VM_TIER),$(VM_PACKAGES))
 
 .PHONY: setup deb-packages venv build lint test test-unit test-kernel test-vm test-wheel \
@@ -34,7 +34,7 @@ $(VENV)/bin/python:
 
 # pip runs only when setup.py changed since the last install: a second `make setup` is quick.
 $(STAMP): setup.py pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet --upgrade "pip>=23" "setuptools>=61" wheel "cython>=3.0,<4" "numpy>=1.24,<3"
+	$(PY) -m pip install --quiet --upgrade "pip>=23" "setuptools>=61" wheel "cython>=3.0,<4" "numpy>=1.24,<3" "babel>=2.12,<3"
 	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
@@ -42,6 +42,7 @@ venv: $(STAMP)
 
 build: $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
+	$(VENV)/bin/pybabel --quiet compile -d gateway/console/translations
 
 lint: setup
 	$(PY) -m ruff check .

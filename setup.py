@@ -6,11 +6,30 @@ from pathlib import Path
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
+
+CATALOGS = Path("gateway/console/translations")
 
 # The card's folders stay at the top of the tree; installed, they are subpackages of
 # `desanet` (desanet/<name> links to ../<name>), so no import name can collide with
 # another distribution's `gateway` or `benchmarks`.
-LAYERS = ("ebpf", "cython_ext", "meter", "shaper", "gateway", "benchmarks")
+LAYERS = ("ebpf", "cython_ext", "meter", "shaper", "gateway", "gateway.console", "benchmarks")
+
+# The operator's web console (`desanet console`): framework, forms and CSRF, catalogs,
+# password hashing, a WSGI server with TLS, login rate limits, the self-signed certificate,
+# the usage chart.
+CONSOLE = [
+    "flask>=3.0,<4",
+    "flask-wtf>=1.2,<2",
+    "wtforms>=3.3,<4",
+    "flask-babel>=4.0,<5",
+    "babel>=2.12,<3",
+    "argon2-cffi>=23.1,<26",
+    "gunicorn>=22,<24",
+    "flask-limiter>=3.5,<5",
+    "cryptography>=38",
+    "matplotlib>=3.6,<4",
+]
 
 # Extras: only the demo draws a picture (a gateway needs no plotting library), and only
 # the collector's PostgreSQL store needs psycopg (its SQLite store is in the standard library).
@@ -27,6 +46,24 @@ def read_version() -> str:
         ):
             return str(ast.literal_eval(node.value))
     raise SystemExit("desanet/__init__.py defines no __version__")
+
+
+class BuildPyWithCatalogs(build_py):
+    """build_py that also compiles the console's gettext catalogs (.po -> .mo) into the build."""
+
+    def run(self) -> None:
+        from babel.messages.mofile import write_mo
+        from babel.messages.pofile import read_po
+
+        super().run()
+        for po in sorted(CATALOGS.glob("*/LC_MESSAGES/*.po")):
+            mo = Path(
+                self.build_lib, "desanet", "gateway", "console", po.relative_to(CATALOGS.parent)
+            )
+            mo = mo.with_suffix(".mo")
+            mo.parent.mkdir(parents=True, exist_ok=True)
+            with po.open("rb") as source, mo.open("wb") as target:
+                write_mo(target, read_po(source))
 
 
 extensions = [
@@ -50,8 +87,10 @@ setup(
         "desanet.ebpf": ["*.c", "*.h"],
         "desanet.cython_ext": ["*.pyi"],
         "desanet.gateway": ["*.service", "*.toml", "*.csv"],
+        "desanet.gateway.console": ["templates/*", "static/*", "translations/*/LC_MESSAGES/*"],
     },
     ext_modules=cythonize(extensions, language_level=3),
+    cmdclass={"build_py": BuildPyWithCatalogs},
     install_requires=[
         "pyroute2>=0.7.12,<0.10",
         "pyzmq>=25,<28",
@@ -63,9 +102,12 @@ setup(
     extras_require={
         "postgres": POSTGRES,
         "demo": DEMO,
+        "console": CONSOLE,
         "dev": [
             *DEMO,
             *POSTGRES,
+            *CONSOLE,
+            "playwright>=1.40,<2",
             "cython>=3.0,<4",
             "pytest>=7,<10",
             "hypothesis>=6.80,<7",

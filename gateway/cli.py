@@ -10,9 +10,16 @@ from collections.abc import Sequence
 from desanet import __version__
 from desanet.errors import DesanetError
 from desanet.gateway import commands, datapath_commands, import_commands, usage_commands
+from desanet.gateway.console import commands as console_commands
 
 # Each module exposes `register(subparsers)`, adding its verbs with a `func(args) -> int`.
-COMMAND_MODULES = (datapath_commands, usage_commands, commands, import_commands)
+COMMAND_MODULES = (
+    datapath_commands,
+    usage_commands,
+    commands,
+    import_commands,
+    console_commands,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

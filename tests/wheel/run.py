@@ -98,6 +98,7 @@ def check_contents(wheel: Path) -> None:
         "desanet/py.typed",
         "desanet/cython_ext/_aggregate.pyi",
         "desanet/ebpf/datapath.bpf.c",
+        "desanet/gateway/console/translations/id/LC_MESSAGES/messages.mo",
     }
     missing = needed - set(names)
     if not any(n.startswith("desanet/cython_ext/_aggregate.") and n.endswith(".so") for n in names):
@@ -107,7 +108,7 @@ def check_contents(wheel: Path) -> None:
     metadata = zipfile.ZipFile(wheel).read(f"{info}METADATA").decode()
     plotting = [n for n in metadata.splitlines() if n.startswith("Requires-Dist: matplotlib")]
     if not plotting or any("extra ==" not in line for line in plotting):
-        raise CheckFailed(f"matplotlib must be required by the demo extra only: {plotting}")
+        raise CheckFailed(f"matplotlib must be required by extras only (demo, console): {plotting}")
 
 
 def install(wheel: Path, tmp: Path) -> Path:

@@ -13,7 +13,8 @@ CATALOGS = Path("gateway/console/translations")
 # The card's folders stay at the top of the tree; installed, they are subpackages of
 # `desanet` (desanet/<name> links to ../<name>), so no import name can collide with
 # another distribution's `gateway` or `benchmarks`.
-LAYERS = ("ebpf", "cython_ext", "meter", "shaper", "gateway", "gateway.console", "benchmarks")
+LAYERS = ("ebpf", "cython_ext", "meter", "shaper", "gateway", "benchmarks")
+SUBPACKAGES = ("gateway.console",)
 
 # The operator's web console (`desanet console`): framework, forms and CSRF, catalogs,
 # password hashing, a WSGI server with TLS, login rate limits, the self-signed certificate,
@@ -81,7 +82,7 @@ setup(
     version=read_version(),
     description="Edge engine for village cooperative ISPs: eBPF metering, HTB shaping, billing",
     python_requires=">=3.11",
-    packages=["desanet", *(f"desanet.{p}" for p in LAYERS)],
+    packages=["desanet", *(f"desanet.{p}" for p in (*LAYERS, *SUBPACKAGES))],
     package_data={
         "desanet": ["py.typed"],
         "desanet.ebpf": ["*.c", "*.h"],

@@ -20,6 +20,7 @@ live_update_ms_10000 (cold).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import tempfile
@@ -27,14 +28,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-
-from flask.testing import FlaskClient
+from typing import TYPE_CHECKING
 
 from desanet.benchmarks.common import Report, median, parse_args
-from desanet.gateway.console import views
-from desanet.gateway.console.app import Settings, create_app
-from desanet.gateway.console.wiring import Options, build_console
 from desanet.gateway.status import StatusSnapshot, SubscriberStatus, read_snapshot, write_snapshot
+
+if TYPE_CHECKING:
+    from flask.testing import FlaskClient
 
 SIZES = (1_000, 10_000)
 HTTPS = "https://localhost"
@@ -98,6 +98,9 @@ class Village:
         (folder / "subscribers.csv").write_text(header + "\n".join(lines) + "\n")
         self.snapshot = _snapshot(n, time.time_ns() // 1_000_000)
         write_snapshot(self.state, self.snapshot)
+        from desanet.gateway.console.app import Settings, create_app
+        from desanet.gateway.console.wiring import Options, build_console
+
         options = Options(folder / "gateway.toml", folder / "console", "Asia/Jakarta", True)
         console, _config = build_console(options)
         console.users.add("bench", "viewer", PASSWORD)
@@ -148,6 +151,8 @@ def _ms(fn: Callable[[], object], before: Callable[[], None] | None, repeat: int
 
 def _cases(v: Village) -> dict[str, tuple[Callable[[], object], Callable[[], None] | None]]:
     live = "/api/live?ids=" + ",".join(v.page_ids)
+    from desanet.gateway.console import views
+
     page_size = views.PAGE_SIZE
 
     def full_table() -> str:
@@ -181,6 +186,9 @@ def main() -> None:
     report = Report(
         name="console", columns=["case", "subscribers", "ms", "vs_page"], quick=args.quick
     )
+    if importlib.util.find_spec("flask") is None:
+        report.skip(args, "it needs the console extra: pip install 'desanet[console]'")
+        return
     results: dict[tuple[str, int], list[float]] = {}
     sizes_bytes: dict[tuple[str, int], int] = {}
     with tempfile.TemporaryDirectory(prefix="desanet-bench-console-") as tmp:

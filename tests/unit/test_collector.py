@@ -87,7 +87,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UsageStore
     else:
         dsn = request.getfixturevalue("postgres_dsn")
         st = UsageStore.postgres(dsn)
-        for table in ("usage", "totals", "progress"):
+        for table in ("usage", "totals", "progress", "epochs"):
             st._conn.execute(f"DELETE FROM {table}")
     try:
         yield st
@@ -95,9 +95,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UsageStore
         st.close()
 
 
-def message(seq: int, t1: int, subs: list[str], up: list[int], totals: list[int]) -> UsageMessage:
+def message(
+    seq: int, t1: int, subs: list[str], up: list[int], totals: list[int], epoch: str = "e1"
+) -> UsageMessage:
     return UsageMessage(
         gw="gw1",
+        epoch=epoch,
         seq=seq,
         t0=t1 - 1000,
         t1=t1,

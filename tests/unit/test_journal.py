@@ -13,8 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from desanet.errors import StreamError
-from desanet.meter.journal import HEADER, Journal, Retention, encode_record
+from desanet.meter.journal import HEADER, Journal, Retention, encode_record, encode_segment_header
 from desanet.meter.state import Checkpoint, apply_state_change, encode_state_change
+
+EPOCH = "e1"
 
 pytestmark = pytest.mark.unit
 
@@ -29,7 +31,7 @@ def _segment(directory: Path) -> Path:
 
 
 def test_records_read_back_exactly_across_segments(tmp_path: Path) -> None:
-    journal = Journal(tmp_path, Retention(segment_bytes=1000))
+    journal = Journal(tmp_path, Retention(segment_bytes=1000), EPOCH)
     _fill(journal, 1, 50)
     assert len(list(tmp_path.glob("*.seg"))) > 5
     assert (journal.first_seq, journal.last_seq) == (1, 50)
@@ -48,7 +50,7 @@ def test_records_read_back_exactly_across_segments(tmp_path: Path) -> None:
 
 
 def test_seq_must_follow(tmp_path: Path) -> None:
-    journal = Journal(tmp_path)
+    journal = Journal(tmp_path, epoch=EPOCH)
     _fill(journal, 1, 3)
     with pytest.raises(StreamError, match="seq 5 after 3"):
         journal.append(5, b"x", b"")
@@ -56,7 +58,7 @@ def test_seq_must_follow(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("cut", [1, HEADER.size - 1, HEADER.size + 10, 50])
 def test_torn_last_record_is_dropped_not_misread(tmp_path: Path, cut: int) -> None:
-    journal = Journal(tmp_path)
+    journal = Journal(tmp_path, epoch=EPOCH)
     _fill(journal, 1, 10)
     journal.close()
     seg = _segment(tmp_path)
@@ -65,6 +67,10 @@ def test_torn_last_record_is_dropped_not_misread(tmp_path: Path, cut: int) -> No
     reopened = Journal(tmp_path)
     assert reopened.last_seq == 9
     assert [s for s, _ in reopened.read(1, 100)] == list(range(1, 10))
+    assert seg.stat().st_size == size - cut, "loading changes nothing"
+    with pytest.raises(StreamError, match="torn tail"):
+        reopened.append(10, b"fresh", b"")
+    reopened.repair()
     # The next record takes the torn record's seq and place: nothing is left in between.
     reopened.append(10, b"fresh", b"")
     assert reopened.read(10, 1) == [(10, b"fresh")]
@@ -73,7 +79,7 @@ def test_torn_last_record_is_dropped_not_misread(tmp_path: Path, cut: int) -> No
 
 
 def test_flipped_bit_in_last_record_fails_its_crc(tmp_path: Path) -> None:
-    journal = Journal(tmp_path)
+    journal = Journal(tmp_path, epoch=EPOCH)
     _fill(journal, 1, 5)
     journal.close()
     seg = _segment(tmp_path)
@@ -84,7 +90,7 @@ def test_flipped_bit_in_last_record_fails_its_crc(tmp_path: Path) -> None:
 
 
 def test_garbage_after_last_record_is_dropped(tmp_path: Path) -> None:
-    journal = Journal(tmp_path)
+    journal = Journal(tmp_path, epoch=EPOCH)
     _fill(journal, 1, 5)
     journal.close()
     with open(_segment(tmp_path), "ab") as f:
@@ -93,7 +99,7 @@ def test_garbage_after_last_record_is_dropped(tmp_path: Path) -> None:
 
 
 def test_damage_inside_an_older_segment_is_refused(tmp_path: Path) -> None:
-    journal = Journal(tmp_path, Retention(segment_bytes=1000))
+    journal = Journal(tmp_path, Retention(segment_bytes=1000), EPOCH)
     _fill(journal, 1, 30)
     journal.close()
     oldest = sorted(tmp_path.glob("*.seg"))[0]
@@ -105,7 +111,7 @@ def test_damage_inside_an_older_segment_is_refused(tmp_path: Path) -> None:
 
 
 def test_retention_keeps_what_the_checkpoint_does_not_cover(tmp_path: Path) -> None:
-    journal = Journal(tmp_path, Retention(max_bytes=3000, segment_bytes=1000))
+    journal = Journal(tmp_path, Retention(max_bytes=3000, segment_bytes=1000), EPOCH)
     _fill(journal, 1, 60)
     assert journal.prune(checkpoint_seq=0) == []
     removed = journal.prune(checkpoint_seq=60)
@@ -118,7 +124,7 @@ def test_retention_keeps_what_the_checkpoint_does_not_cover(tmp_path: Path) -> N
 
 
 def test_retention_by_age(tmp_path: Path) -> None:
-    journal = Journal(tmp_path, Retention(max_age_s=60, segment_bytes=1000))
+    journal = Journal(tmp_path, Retention(max_age_s=60, segment_bytes=1000), EPOCH)
     _fill(journal, 1, 30)
     oldest = sorted(tmp_path.glob("*.seg"))[0]
     os.utime(oldest, (1, 1))
@@ -155,19 +161,30 @@ def test_state_changes_rebuild_the_state_exactly() -> None:
 def test_checkpoint_round_trip_and_gateway_check(tmp_path: Path) -> None:
     total = np.arange(12, dtype=np.uint64).reshape(3, 4)
     ckpt = Checkpoint(
-        seq=42, t1_ms=1_700_000_000_000, state={"total": total}, totals={"s1": [10, 20]}
+        epoch=EPOCH,
+        seq=42,
+        t1_ms=1_700_000_000_000,
+        state={"total": total},
+        totals={"s1": [10, 20]},
     )
-    ckpt.save(tmp_path, "gw1")
-    back = Checkpoint.load(tmp_path, "gw1")
-    assert (back.seq, back.t1_ms, back.totals) == (42, 1_700_000_000_000, {"s1": [10, 20]})
+    path = tmp_path / "checkpoint-a.bin"
+    ckpt.save(path, "gw1")
+    back = Checkpoint.load(path, "gw1")
+    assert back is not None
+    assert (back.epoch, back.seq, back.t1_ms, back.totals) == (
+        EPOCH,
+        42,
+        1_700_000_000_000,
+        {"s1": [10, 20]},
+    )
     assert back.state is not None and np.array_equal(back.state["total"], total)
     with pytest.raises(StreamError, match="belongs to gateway"):
-        Checkpoint.load(tmp_path, "gw2")
-    assert Checkpoint.load(tmp_path / "none", "gw1").seq == 0
+        Checkpoint.load(path, "gw2")
+    assert Checkpoint.load(tmp_path / "none", "gw1") is None
 
 
 def test_reads_are_bounded_in_bytes(tmp_path: Path) -> None:
-    journal = Journal(tmp_path, Retention(segment_bytes=10_000))
+    journal = Journal(tmp_path, Retention(segment_bytes=10_000), EPOCH)
     _fill(journal, 1, 40, size=1000)
     got = journal.read(3, 100, max_bytes=3500)
     assert [s for s, _ in got] == [3, 4, 5]
@@ -180,7 +197,7 @@ def test_reads_are_bounded_in_bytes(tmp_path: Path) -> None:
 def test_any_torn_tail_reads_back_as_a_prefix(cut: int, junk: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        journal = Journal(directory)
+        journal = Journal(directory, epoch=EPOCH)
         written = [(seq, bytes([seq]) * (seq * 7 % 300), b"s" * seq) for seq in range(1, 31)]
         for seq, message, state in written:
             journal.append(seq, message, state)
@@ -191,5 +208,8 @@ def test_any_torn_tail_reads_back_as_a_prefix(cut: int, junk: bytes) -> None:
         seg.write_bytes(data[:kept] + junk)
         back = list(Journal(directory).records_after(0))
         # Exactly the records whose bytes are all still there, never a misread one.
-        ends = itertools.accumulate(len(encode_record(*rec)) for rec in written)
+        ends = itertools.accumulate(
+            (len(encode_record(*rec)) for rec in written), initial=len(encode_segment_header(EPOCH))
+        )
+        next(ends)  # the header's end: no record yet
         assert back == written[: sum(1 for end in ends if end <= kept)]

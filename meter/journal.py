@@ -255,9 +255,14 @@ class Journal:
                     if not seg.offsets:
                         seg.first_seq = seq
                     if expected and seq != expected:
+                        where = f"{path} at byte {offset}"
+                        if not seg.offsets and self._segments:
+                            where = f"the end of {self._segments[-1].path} (cut short?)"
                         raise StreamError(
                             f"journal {path} holds seq {seq} where {expected} was expected: "
-                            "the journal was edited; move the journal directory aside"
+                            f"seqs {expected}..{seq - 1} are missing at {where}. Restore the "
+                            "journal from a backup, or move the journal directory aside: the "
+                            "service then starts a new stream epoch"
                         )
                     seg.offsets.append(offset)
                     expected = seq + 1
@@ -267,6 +272,13 @@ class Journal:
                 if header is None:
                     continue  # a torn header: the whole (last) file is the torn tail
             self._check_epoch(path, seg_epoch, not self._segments, epoch)
+            if seg.offsets and seg.first_seq != _name_seq(path):
+                raise StreamError(
+                    f"journal {path} starts at seq {seg.first_seq}, its name says "
+                    f"{_name_seq(path)}: the journal was edited; move the journal directory aside"
+                )
+            if not seg.offsets and not last:
+                raise _refuse(path, seg.size, "it holds no record, and newer segments follow")
             if not seg.offsets and expected:
                 seg.first_seq = expected
             self._segments.append(seg)

@@ -145,9 +145,7 @@ def test_seq_totals_and_aggregator_state_survive_restart(tmp_path: Path) -> None
     gen2 = start(tmp_path)
     svc2 = next(gen2)
     assert svc2.last_seq == 5
-    assert svc2.snapshot().totals == {
-        "s1": (int(totals_before[1, 0]), int(totals_before[1, 2]))
-    }
+    assert svc2.snapshot().totals == {"s1": (int(totals_before[1, 0]), int(totals_before[1, 2]))}
     agg2 = twin.Aggregator(4)
     assert svc2.restored_state is not None
     agg2.restore(svc2.restored_state)

@@ -13,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from desanet.errors import StreamError
-from desanet.meter.journal import HEADER, Journal, Retention, encode_record, encode_segment_header
+from desanet.meter.journal import (
+    HEADER,
+    Journal,
+    Retention,
+    encode_record,
+    encode_segment_header,
+    scan_records,
+)
 from desanet.meter.state import Checkpoint, apply_state_change, encode_state_change
 
 EPOCH = "e1"
@@ -213,3 +220,77 @@ def test_any_torn_tail_reads_back_as_a_prefix(cut: int, junk: bytes) -> None:
         )
         next(ends)  # the header's end: no record yet
         assert back == written[: sum(1 for end in ends if end <= kept)]
+
+
+def _offsets(seg: Path) -> list[int]:
+    data = seg.read_bytes()
+    return [o for o, _s, _p in scan_records(data, len(encode_segment_header(EPOCH)))]
+
+
+@pytest.mark.parametrize("where", ["payload", "length", "magic"])
+def test_damage_followed_by_a_valid_record_is_refused_and_nothing_is_cut(
+    tmp_path: Path, where: str
+) -> None:
+    journal = Journal(tmp_path, epoch=EPOCH)
+    _fill(journal, 1, 10)
+    journal.close()
+    seg = _segment(tmp_path)
+    offsets = _offsets(seg)
+    data = bytearray(seg.read_bytes())
+    at = {"payload": offsets[4] + HEADER.size + 3, "length": offsets[4] + 6, "magic": offsets[4]}
+    data[at[where]] ^= 0x01
+    seg.write_bytes(bytes(data))
+    with pytest.raises(StreamError) as refused:
+        Journal(tmp_path)
+    text = str(refused.value)
+    assert str(seg) in text and f"damaged at byte {offsets[4]}" in text
+    assert f"valid record (seq 6) follows at byte {offsets[5]}" in text
+    assert seg.read_bytes() == bytes(data)
+
+
+def test_a_torn_tail_is_damage_reaching_the_end_with_no_valid_record_after(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path, epoch=EPOCH)
+    _fill(journal, 1, 10)
+    journal.close()
+    seg = _segment(tmp_path)
+    whole = seg.read_bytes()
+    last = _offsets(seg)[-1]
+    # Half of record 10, then junk that holds no valid record: a torn tail.
+    seg.write_bytes(whole[: last + 40] + b"\0DNJ1garbage")
+    torn = Journal(tmp_path)
+    assert torn.torn_tail is not None
+    assert (torn.torn_tail.path, torn.torn_tail.offset) == (seg, last)
+    assert torn.last_seq == 9
+    # The same damage followed by a whole valid record is not a tail: refused.
+    seg.write_bytes(whole[: last + 40] + encode_record(10, b"x", b""))
+    with pytest.raises(StreamError, match=r"valid record \(seq 10\) follows"):
+        Journal(tmp_path)
+
+
+def test_segments_name_their_epoch(tmp_path: Path) -> None:
+    created = Journal.create(tmp_path / "j", "e7", Retention(segment_bytes=400))
+    created.close()
+    reopened = Journal(tmp_path / "j", Retention(segment_bytes=400))
+    assert (reopened.epoch, reopened.first_seq, reopened.last_seq) == ("e7", 0, 0)
+    _fill(reopened, 1, 12)
+    reopened.close()
+    assert len(list((tmp_path / "j").glob("*.seg"))) > 2
+    with pytest.raises(StreamError, match="belongs to epoch 'e7', not 'e8'"):
+        Journal(tmp_path / "j", epoch="e8")
+    # A segment of another journal among these ones is refused.
+    other = Journal(tmp_path / "k", epoch="e9")
+    other.append(13, b"m", b"")
+    other.close()
+    os.replace(_segment(tmp_path / "k"), tmp_path / "j" / "00000000000000000013.seg")
+    with pytest.raises(StreamError, match="of epoch 'e9'"):
+        Journal(tmp_path / "j")
+    # Segments written before epochs existed: readable, of no epoch, never appended to.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "00000000000000000001.seg").write_bytes(encode_record(1, b"old", b""))
+    old = Journal(legacy)
+    assert (old.epoch, [m for _s, m in old.read(1, 5)]) == (None, [b"old"])
+    with pytest.raises(StreamError, match="no epoch"):
+        old.append(2, b"new", b"")

@@ -92,9 +92,10 @@ class Served:
     security: ClientSecurity
 
     @property
-    def rss_mib(self) -> float:
+    def peak_rss_mib(self) -> float:
+        """The most memory the service ever held resident (VmHWM), MiB."""
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        (line,) = [x for x in status.splitlines() if x.startswith("VmRSS:")]
+        (line,) = [x for x in status.splitlines() if x.startswith("VmHWM:")]
         return int(line.split()[1]) / 1024
 
     @property
@@ -165,7 +166,7 @@ def assert_serving(served: Served) -> None:
 
 def test_a_600_mib_handshake_frame_does_not_grow_the_server(served: Served) -> None:
     assert_serving(served)
-    before = served.rss_mib
+    before = served.peak_rss_mib
     for endpoint in (served.usage, served.replay):
         sock = socket.create_connection(host_port(endpoint), timeout=10)
         sock.sendall(zmtp_greeting())
@@ -179,7 +180,7 @@ def test_a_600_mib_handshake_frame_does_not_grow_the_server(served: Served) -> N
         sock.close()
         # Only what the kernel's socket buffers took before the server hung up.
         assert sent < 64 * MIB, f"{endpoint}: {sent // MIB} MiB accepted before the hang-up"
-    assert served.rss_mib - before < 50
+    assert served.peak_rss_mib - before < 50
     assert_serving(served)
     assert served.failures() == []
 
@@ -294,7 +295,7 @@ def test_ten_thousand_hostile_requests_and_raw_junk(served: Served) -> None:
     assert_serving(served)
     with served.client() as probe:
         epoch = probe.snapshot().epoch
-    before = served.rss_mib
+    before = served.peak_rss_mib
     ctx = zmq.Context()
     dealer = ctx.socket(zmq.DEALER)
     dealer.linger = 0
@@ -331,6 +332,6 @@ def test_ten_thousand_hostile_requests_and_raw_junk(served: Served) -> None:
         dealer.close()
         ctx.term()
     assert kinds[wire.REPLY_ERROR] > 9000 and kinds[wire.REPLY_END] > 0
-    assert served.rss_mib - before < 50
+    assert served.peak_rss_mib - before < 50
     assert_serving(served)
     assert served.failures() == []

@@ -24,7 +24,7 @@ import msgpack
 
 from desanet.durable import replace_atomically
 from desanet.errors import DesanetError, StreamError
-from desanet.meter.journal import encode_record, single_record
+from desanet.meter.records import encode_record, single_record
 from desanet.meter.state import DamagedStateFile
 
 MARK_NAME = "published.mark"

@@ -1,19 +1,14 @@
-"""The durable, append-only journal of usage messages, with a crc per record.
+"""The durable, append-only journal of usage messages, one epoch per journal.
 
 Every message is written here, and fsync'd, before it is published. A record
 also carries the aggregator state change that produced it, so the message and
 the state it leaves behind are committed by one write.
 
-On disk: `<dir>/<first seq, 20 digits>.seg` files, each a header then records
-
-    header  "DNJS" | u16 epoch length | epoch (ASCII) | u32 crc32(the bytes before it)
-    record  "DNJ1" | u32 payload length | u64 seq | u32 crc32(length, seq, payload) | payload
-    payload = u32 message length | message (the exact published bytes) | state change
-
-all little-endian. The header names the stream epoch (meter.epoch) every record
-of the segment belongs to; seqs are consecutive across segments. A segment
-without a header (it starts with a record) was written before epochs existed:
-its epoch is unknown (None).
+On disk: `<dir>/<first seq, 20 digits>.seg` files, each a segment header
+naming the stream epoch (meter.epoch), then crc-checked records; the format
+is meter.records. Seqs are consecutive across segments. A segment without a
+header (it starts with a record) was written before epochs existed: its epoch
+is unknown (None).
 
 Damage is told apart from a torn write. A **torn tail** is damage in the last
 segment that reaches the end of the file with no valid record anywhere after
@@ -33,10 +28,8 @@ import bisect
 import contextlib
 import logging
 import os
-import struct
 import threading
 import time
-import zlib
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,19 +37,19 @@ from pathlib import Path
 
 from desanet.durable import PRIVATE, fsync_dir
 from desanet.errors import StreamError
+from desanet.meter.records import (
+    HEADER,
+    encode_record,
+    encode_segment_header,
+    next_valid_record,
+    scan_records,
+    segment_header,
+    split_payload,
+)
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"DNJ1"
-HEADER = struct.Struct("<4sIQI")
-SEGMENT_MAGIC = b"DNJS"
-_SEGMENT_FIXED = struct.Struct("<4sH")
-_CRC = struct.Struct("<I")
-_CRC_FIELDS = struct.Struct("<IQ")
-_MSG_LEN = struct.Struct("<I")
 SUFFIX = ".seg"
-MAX_RECORD_BYTES = 1 << 30
-MAX_EPOCH_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -87,99 +80,6 @@ class _Segment:
     @property
     def last_seq(self) -> int:
         return self.first_seq + len(self.offsets) - 1
-
-
-def _crc(length: int, seq: int, payload: bytes | memoryview) -> int:
-    return zlib.crc32(payload, zlib.crc32(_CRC_FIELDS.pack(length, seq)))
-
-
-def encode_record(seq: int, message: bytes, state: bytes) -> bytes:
-    """One journal record (header and payload) for `seq`."""
-    payload = b"".join((_MSG_LEN.pack(len(message)), message, state))
-    return HEADER.pack(MAGIC, len(payload), seq, _crc(len(payload), seq, payload)) + payload
-
-
-def encode_segment_header(epoch: str) -> bytes:
-    """The header that opens every segment of `epoch`."""
-    raw = epoch.encode("ascii")
-    if not 0 < len(raw) <= MAX_EPOCH_BYTES:
-        raise StreamError(f"epoch {epoch!r}: 1 to {MAX_EPOCH_BYTES} ASCII characters")
-    fixed = _SEGMENT_FIXED.pack(SEGMENT_MAGIC, len(raw)) + raw
-    return fixed + _CRC.pack(zlib.crc32(fixed))
-
-
-def _segment_header(data: bytes) -> tuple[int, str | None] | None:
-    """(records start, epoch) of a segment: (0, None) without a header, None if it is damaged."""
-    if data[: len(MAGIC)] == MAGIC:
-        return 0, None
-    if len(data) < _SEGMENT_FIXED.size:
-        return None
-    magic, length = _SEGMENT_FIXED.unpack_from(data)
-    end = _SEGMENT_FIXED.size + length
-    if magic != SEGMENT_MAGIC or not 0 < length <= MAX_EPOCH_BYTES or end + _CRC.size > len(data):
-        return None
-    (crc,) = _CRC.unpack_from(data, end)
-    if crc != zlib.crc32(data[:end]):
-        return None
-    try:
-        epoch = data[_SEGMENT_FIXED.size : end].decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    return end + _CRC.size, epoch
-
-
-def split_payload(payload: bytes | memoryview) -> tuple[bytes, bytes]:
-    """(message, state change) of a record payload; StreamError if it does not hold them."""
-    if len(payload) < _MSG_LEN.size:
-        raise StreamError("journal record too short for its message length")
-    (msg_len,) = _MSG_LEN.unpack_from(payload)
-    end = _MSG_LEN.size + msg_len
-    if end > len(payload):
-        raise StreamError("journal record shorter than the message it announces")
-    return bytes(payload[_MSG_LEN.size : end]), bytes(payload[end:])
-
-
-def _record_at(data: bytes, pos: int) -> tuple[int, memoryview] | None:
-    """(seq, payload) of a valid record starting at `pos`, else None."""
-    if pos + HEADER.size > len(data):
-        return None
-    magic, length, seq, crc = HEADER.unpack_from(data, pos)
-    end = pos + HEADER.size + length
-    if magic != MAGIC or length > MAX_RECORD_BYTES or end > len(data):
-        return None
-    payload = memoryview(data)[pos + HEADER.size : end]
-    return (seq, payload) if _crc(length, seq, payload) == crc else None
-
-
-def scan_records(data: bytes, start: int = 0) -> Iterator[tuple[int, int, memoryview]]:
-    """(offset, seq, payload) of each valid record from `start`; stops at the first invalid byte."""
-    pos = start
-    while (found := _record_at(data, pos)) is not None:
-        seq, payload = found
-        yield pos, seq, payload
-        pos += HEADER.size + len(payload)
-
-
-def single_record(data: bytes) -> tuple[int, bytes] | None:
-    """(seq, message) when `data` is exactly one valid record (a small durable file), else None."""
-    found = _record_at(data, 0)
-    if found is None or HEADER.size + len(found[1]) != len(data):
-        return None
-    try:
-        return found[0], split_payload(found[1])[0]
-    except StreamError:
-        return None
-
-
-def next_valid_record(data: bytes, start: int) -> tuple[int, int] | None:
-    """(offset, seq) of the first valid record starting at or after `start`, if any."""
-    pos = data.find(MAGIC, start)
-    while pos >= 0:
-        found = _record_at(data, pos)
-        if found is not None:
-            return pos, found[0]
-        pos = data.find(MAGIC, pos + 1)
-    return None
 
 
 def _refuse(path: Path, offset: int, detail: str) -> StreamError:
@@ -247,7 +147,7 @@ class Journal:
                 data = path.read_bytes()
             except OSError as err:
                 raise StreamError(f"cannot read journal segment {path}: {err}") from err
-            header = _segment_header(data)
+            header = segment_header(data)
             start, seg_epoch = header if header is not None else (0, None)
             seg = _Segment(first_seq=_name_seq(path), path=path, size=start)
             if header is not None:

@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from desanet.durable import replace_atomically
 from desanet.errors import DesanetError, StreamError
-from desanet.meter.journal import encode_record, single_record
+from desanet.meter.records import encode_record, single_record
 from desanet.meter.wire import PreviousEpoch
 
 StateArrays = dict[str, npt.NDArray[Any]]

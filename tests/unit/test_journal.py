@@ -13,14 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from desanet.errors import StreamError
-from desanet.meter.journal import (
-    HEADER,
-    Journal,
-    Retention,
-    encode_record,
-    encode_segment_header,
-    scan_records,
-)
+from desanet.meter.journal import Journal, Retention
+from desanet.meter.records import HEADER, encode_record, encode_segment_header, scan_records
 from desanet.meter.state import Checkpoint, apply_state_change, encode_state_change
 
 EPOCH = "e1"

@@ -22,8 +22,9 @@ from desanet.errors import StreamError
 from desanet.meter import wire
 from desanet.meter.client import EpochChanged, UsageClient
 from desanet.meter.collector import UsageStore
-from desanet.meter.journal import Retention, encode_record, scan_records, split_payload
+from desanet.meter.journal import Retention
 from desanet.meter.keys import ServerSecurity
+from desanet.meter.records import encode_record, scan_records, split_payload
 from desanet.meter.service import MeterService, StreamConfig
 from tests.unit.test_stream import ANY_PORT, wait_subscribed
 from tests.unit.test_stream_crash import _free_endpoint

@@ -30,7 +30,7 @@ import pytest
 
 from desanet.errors import StreamError
 from desanet.meter.collector import UsageStore
-from desanet.meter.journal import MAGIC, encode_record, scan_records
+from desanet.meter.records import MAGIC, encode_record, scan_records
 from tests.unit.test_stream_epochs import T0, Gateway, billed, collect_all, truth
 
 pytestmark = pytest.mark.unit

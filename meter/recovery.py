@@ -35,7 +35,7 @@ from pathlib import Path
 from desanet.durable import fsync_dir
 from desanet.errors import StreamError
 from desanet.meter import wire
-from desanet.meter.epoch import PublishedMark, new_epoch, read_mark, write_mark
+from desanet.meter.epoch import MARK_NAME, PublishedMark, new_epoch, read_mark, write_mark
 from desanet.meter.journal import Journal, Retention
 from desanet.meter.state import Checkpoint, DamagedStateFile, StateArrays, apply_state_change
 from desanet.meter.wire import PreviousEpoch
@@ -138,6 +138,7 @@ def recover(state_dir: Path, gateway_id: str, retention: Retention, now_ms: int)
     # reason None implies all of these; the checks tell mypy so.
     if reason is None and files and journal and base and j_epoch:
         journal.repair()
+        _remove_temporaries(files.root)
         log.info(
             "usage stream %s: epoch %s continues at seq %d (checkpoint %d + %d journal records)",
             gateway_id,
@@ -254,6 +255,13 @@ def _rebuild(
             totals.update(zip(msg.sub, zip(msg.up_total, msg.down_total, strict=True), strict=True))
             seq, t1 = rec_seq, max(t1, msg.t1)
     return seq, t1, state or None, totals
+
+
+def _remove_temporaries(root: Path) -> None:
+    """Temporary files a kill -9 left behind while a checkpoint or the mark was replaced."""
+    for name in (MARK_NAME, *CHECKPOINT_NAMES):
+        for leftover in root.glob(f".{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 def _finish_switch(state_dir: Path) -> None:

@@ -105,8 +105,12 @@ def test_epoch_names_every_message_and_survives_restarts(tmp_path: Path) -> None
     assert re.fullmatch(r"[0-9a-f]{32}", epoch)
     t = gw.run(T0, 5)
     gw.kill()
+    # What kill -9 leaves when it lands while the mark is being replaced.
+    leftover = stream_dir(tmp_path / "state") / ".published.mark.x1y2.tmp"
+    leftover.write_bytes(b"half")
     again = Gateway(tmp_path / "state")
     assert (again.svc.epoch, again.svc.last_seq) == (epoch, 5)
+    assert not leftover.exists()
     assert again.svc.new_epoch_reason is None
     t = again.run(t, 2)
     with again.client() as client:

@@ -335,3 +335,77 @@ def test_ten_thousand_hostile_requests_and_raw_junk(served: Served) -> None:
     assert served.peak_rss_mib - before < 50
     assert_serving(served)
     assert served.failures() == []
+
+
+def _wide_interval(t1: int, n: int) -> UsageInterval:
+    """An interval in which `n` subscribers moved: a message of about 30 bytes per subscriber."""
+    slots = np.arange(1, n + 1, dtype=np.uint32)
+    big = np.full(n, 123_456_789, dtype=np.uint64)
+    return UsageInterval(t1 - 1000, t1, slots, big, big, big, big, big * 7, big * 9)
+
+
+def test_a_full_subscriber_queue_drops_for_that_subscriber_only_and_is_counted(
+    tmp_path: Path,
+) -> None:
+    subs = {slot: f"s{slot}" for slot in range(1, 5001)}
+    config = StreamConfig(
+        "tcp://127.0.0.1:*",
+        "tcp://127.0.0.1:*",
+        ServerSecurity(plaintext=True),
+        send_hwm=4,
+        snapshot_every=10**6,
+    )
+    svc = MeterService("gw1", tmp_path / "state", config, subs)
+    ctx = zmq.Context()
+    slow, fast = ctx.socket(zmq.SUB), ctx.socket(zmq.SUB)
+    slow.rcvhwm, slow.rcvbuf = 1, 4096  # connected, subscribed, never reading
+    for sock in (slow, fast):
+        sock.subscribe(b"usage.")
+        sock.connect(svc.usage_endpoint)
+    try:
+        time.sleep(0.5)
+        received = []
+        for n in range(1, 101):
+            seq = svc.publish(_wide_interval(n * 1000, len(subs)), {})
+            assert fast.poll(5000), f"the reading subscriber got nothing for seq {seq}"
+            received.append(wire.decode_usage(fast.recv_multipart()[1]).seq)
+        assert received == list(range(1, 101)), "the reading subscriber lost nothing"
+        assert svc.dropped > 0 and svc.stats().dropped_messages == svc.dropped
+        got = 0
+        while slow.poll(100):
+            slow.recv_multipart()
+            got += 1
+        assert got < 100, "the full queue did drop messages for the slow subscriber"
+        with UsageClient(svc.usage_endpoint, svc.replay_endpoint) as client:
+            assert [m.seq for m in client.replay(1)] == list(range(1, 101)), "all by replay"
+    finally:
+        slow.close(0)
+        fast.close(0)
+        ctx.term()
+        svc.close()
+
+
+def test_replies_a_client_does_not_read_are_dropped_and_counted(tmp_path: Path) -> None:
+    config = StreamConfig("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ServerSecurity(plaintext=True))
+    svc = MeterService(
+        "gw1", tmp_path / "state", config, {slot: f"s{slot}" for slot in range(1, 2001)}
+    )
+    for n in range(1, 301):
+        svc.publish(_wide_interval(n * 1000, 2000), {})
+    ctx = zmq.Context()
+    deaf = ctx.socket(zmq.DEALER)
+    deaf.rcvhwm, deaf.rcvbuf = 1, 4096
+    deaf.connect(svc.replay_endpoint)
+    try:
+        for _ in range(20):
+            deaf.send(wire.encode_request(wire.OP_REPLAY, 1))
+        deadline = time.monotonic() + 10
+        while svc.stats().replay_dropped_replies == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert svc.stats().replay_dropped_replies > 0
+        with UsageClient(svc.usage_endpoint, svc.replay_endpoint) as client:
+            assert client.snapshot().seq == svc.last_seq, "other clients are still answered"
+    finally:
+        deaf.close(0)
+        ctx.term()
+        svc.close()

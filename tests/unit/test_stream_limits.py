@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
-import numpy as np
 import pytest
 import zmq
 
@@ -38,7 +37,7 @@ from desanet.meter.keys import (
     load_keypair,
 )
 from desanet.meter.service import MeterService, StreamConfig
-from desanet.meter.usage import UsageInterval
+from tests.unit.test_stream import interval
 
 pytestmark = pytest.mark.unit
 
@@ -63,20 +62,8 @@ def child(state_dir: str, keys: str, nofile: int, handshake_ms: int) -> None:
     while True:
         total += 1000
         now = time.time_ns() // 1_000_000
-        one = np.ones(1, dtype=np.uint64)
-        interval = UsageInterval(
-            now - 50,
-            now,
-            np.ones(1, dtype=np.uint32),
-            one * 1000,
-            one,
-            one,
-            one,
-            one * total,
-            one,
-        )
         try:
-            svc.publish(interval, {})
+            svc.publish(interval(now, [1], [1000], [total]), {})
         except StreamError as err:
             print("failed:", err, flush=True)
         time.sleep(0.05)
@@ -337,11 +324,9 @@ def test_ten_thousand_hostile_requests_and_raw_junk(served: Served) -> None:
     assert served.failures() == []
 
 
-def _wide_interval(t1: int, n: int) -> UsageInterval:
-    """An interval in which `n` subscribers moved: a message of about 30 bytes per subscriber."""
-    slots = np.arange(1, n + 1, dtype=np.uint32)
-    big = np.full(n, 123_456_789, dtype=np.uint64)
-    return UsageInterval(t1 - 1000, t1, slots, big, big, big, big, big * 7, big * 9)
+def _wide(n: int) -> tuple[list[int], list[int], list[int]]:
+    """Slots, deltas and totals of `n` subscribers: a message of about 30 bytes each."""
+    return list(range(1, n + 1)), [123_456_789] * n, [864_197_523] * n
 
 
 def test_a_full_subscriber_queue_drops_for_that_subscriber_only_and_is_counted(
@@ -366,7 +351,7 @@ def test_a_full_subscriber_queue_drops_for_that_subscriber_only_and_is_counted(
         time.sleep(0.5)
         received = []
         for n in range(1, 101):
-            seq = svc.publish(_wide_interval(n * 1000, len(subs)), {})
+            seq = svc.publish(interval(n * 1000, *_wide(len(subs))), {})
             assert fast.poll(5000), f"the reading subscriber got nothing for seq {seq}"
             received.append(wire.decode_usage(fast.recv_multipart()[1]).seq)
         assert received == list(range(1, 101)), "the reading subscriber lost nothing"
@@ -391,7 +376,7 @@ def test_replies_a_client_does_not_read_are_dropped_and_counted(tmp_path: Path) 
         "gw1", tmp_path / "state", config, {slot: f"s{slot}" for slot in range(1, 2001)}
     )
     for n in range(1, 301):
-        svc.publish(_wide_interval(n * 1000, 2000), {})
+        svc.publish(interval(n * 1000, *_wide(2000)), {})
     ctx = zmq.Context()
     deaf = ctx.socket(zmq.DEALER)
     deaf.rcvhwm, deaf.rcvbuf = 1, 4096

@@ -145,7 +145,7 @@ def run_json_peer(intervals: list[UsageInterval]) -> tuple[float, int, int]:
     topic = wire.topic("bench")
     try:
         with tempfile.TemporaryDirectory(prefix="desanet-bench-") as tmp:
-            journal = Journal(Path(tmp))
+            journal = Journal(Path(tmp), epoch="peer")
             proc = _start_client(endpoint, "json", n_records)
             t_start = time.time()
             for seq, iv in enumerate(intervals, 1):

@@ -1,19 +1,25 @@
-"""The durable, append-only journal of usage messages, with a crc per record.
+"""The durable, append-only journal of usage messages, one epoch per journal.
 
 Every message is written here, and fsync'd, before it is published. A record
 also carries the aggregator state change that produced it, so the message and
-the state it leaves behind are committed by one write: after kill -9 or a power
-cut, the journal ends at a record whose message and state both exist, or the
-torn last record is detected by its length or crc and cut off.
+the state it leaves behind are committed by one write.
 
-On disk: `<dir>/<first seq, 20 digits>.seg` files of records
+On disk: `<dir>/<first seq, 20 digits>.seg` files, each a segment header
+naming the stream epoch (meter.epoch), then crc-checked records; the format
+is meter.records. Seqs are consecutive across segments. A segment without a
+header (it starts with a record) was written before epochs existed: its epoch
+is unknown (None).
 
-    magic "DNJ1" | u32 payload length | u64 seq | u32 crc32(length, seq, payload) | payload
-    payload = u32 message length | message (the exact published bytes) | state change
+Damage is told apart from a torn write. A **torn tail** is damage in the last
+segment that reaches the end of the file with no valid record anywhere after
+it: what kill -9 or a power cut leaves of a record being written. Anything
+else (damage in an older segment, or damage followed by a valid record) is
+refused with the file and byte offset, and nothing is cut. Loading never
+changes a file: `torn_tail` says what a `repair()` would cut, and the caller
+(which knows which seqs were published) decides.
 
-all little-endian. Seqs are consecutive across segments. Retention removes
-whole segments, oldest first, once a checkpoint covers them and the journal is
-over its size limit or the segment is older than the age limit.
+Retention removes whole segments, oldest first, once a checkpoint covers them
+and the journal is over its size limit or the segment is older than the age limit.
 """
 
 from __future__ import annotations
@@ -22,10 +28,8 @@ import bisect
 import contextlib
 import logging
 import os
-import struct
 import threading
 import time
-import zlib
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,15 +37,19 @@ from pathlib import Path
 
 from desanet.durable import PRIVATE, fsync_dir
 from desanet.errors import StreamError
+from desanet.meter.records import (
+    HEADER,
+    encode_record,
+    encode_segment_header,
+    next_valid_record,
+    scan_records,
+    segment_header,
+    split_payload,
+)
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"DNJ1"
-HEADER = struct.Struct("<4sIQI")
-_CRC_FIELDS = struct.Struct("<IQ")
-_MSG_LEN = struct.Struct("<I")
 SUFFIX = ".seg"
-MAX_RECORD_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,15 @@ class Retention:
     max_bytes: int = 1 << 30
     max_age_s: float = 31 * 86400.0
     segment_bytes: int = 16 << 20
+
+
+@dataclass(frozen=True)
+class TornTail:
+    """The bytes a `repair()` cuts: from `offset` to the end of the last segment `path`."""
+
+    path: Path
+    offset: int
+    size: int
 
 
 @dataclass
@@ -65,44 +82,28 @@ class _Segment:
         return self.first_seq + len(self.offsets) - 1
 
 
-def _crc(length: int, seq: int, payload: bytes | memoryview) -> int:
-    return zlib.crc32(payload, zlib.crc32(_CRC_FIELDS.pack(length, seq)))
-
-
-def encode_record(seq: int, message: bytes, state: bytes) -> bytes:
-    """One journal record (header and payload) for `seq`."""
-    payload = b"".join((_MSG_LEN.pack(len(message)), message, state))
-    return HEADER.pack(MAGIC, len(payload), seq, _crc(len(payload), seq, payload)) + payload
-
-
-def split_payload(payload: bytes | memoryview) -> tuple[bytes, bytes]:
-    (msg_len,) = _MSG_LEN.unpack_from(payload)
-    end = _MSG_LEN.size + msg_len
-    return bytes(payload[_MSG_LEN.size : end]), bytes(payload[end:])
-
-
-def scan_records(data: bytes) -> Iterator[tuple[int, int, memoryview]]:
-    """(offset, seq, payload) of each valid record; stops at the first invalid byte."""
-    view = memoryview(data)
-    pos = 0
-    while pos + HEADER.size <= len(data):
-        magic, length, seq, crc = HEADER.unpack_from(data, pos)
-        end = pos + HEADER.size + length
-        if magic != MAGIC or length > MAX_RECORD_BYTES or end > len(data):
-            return
-        payload = view[pos + HEADER.size : end]
-        if _crc(length, seq, payload) != crc:
-            return
-        yield pos, seq, payload
-        pos = end
+def _refuse(path: Path, offset: int, detail: str) -> StreamError:
+    return StreamError(
+        f"journal {path} is damaged at byte {offset} ({detail}); nothing was cut. Restore the "
+        "file from a backup, or move the journal directory aside: the service then starts a "
+        "new stream epoch"
+    )
 
 
 class Journal:
-    """Segmented, fsync'd journal of (seq, message, state change) records."""
+    """Segmented, fsync'd journal of (seq, message, state change) records of one epoch.
 
-    def __init__(self, directory: Path, retention: Retention | None = None) -> None:
+    `epoch` names the epoch of new segments; a directory that already holds
+    segments keeps theirs (a different `epoch` is refused).
+    """
+
+    def __init__(
+        self, directory: Path, retention: Retention | None = None, epoch: str | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.retention = retention or Retention()
+        self.epoch = epoch
+        self.torn_tail: TornTail | None = None
         self._lock = threading.Lock()
         self._segments: list[_Segment] = []
         self._fd: int | None = None
@@ -110,81 +111,158 @@ class Journal:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise StreamError(f"cannot create journal directory {self.directory}: {err}") from err
-        self._load()
+        self._load(epoch)
+
+    @classmethod
+    def create(cls, directory: Path, epoch: str, retention: Retention | None = None) -> Journal:
+        """A new, empty journal of `epoch`: its first segment (header only) is written now."""
+        journal = cls(directory, retention, epoch)
+        if journal._segments:
+            raise StreamError(f"journal {directory} is not empty: a new epoch needs a new journal")
+        with journal._lock:
+            journal._roll(1)
+        return journal
 
     @property
     def first_seq(self) -> int:
-        """Oldest seq still retained, or 0 when the journal is empty."""
+        """Oldest seq still retained, or 0 when the journal holds no record."""
         with self._lock:
-            return self._segments[0].first_seq if self._segments else 0
+            return next((s.first_seq for s in self._segments if s.offsets), 0)
 
     @property
     def last_seq(self) -> int:
-        """Newest seq written, or 0 when the journal is empty."""
+        """Newest seq written, or 0 when the journal holds no record."""
         with self._lock:
             return self._last_seq()
 
     def _last_seq(self) -> int:
-        return self._segments[-1].last_seq if self._segments else 0
+        return max(0, self._segments[-1].last_seq) if self._segments else 0
 
-    def _load(self) -> None:
+    def _load(self, epoch: str | None) -> None:
         paths = sorted(p for p in self.directory.iterdir() if p.name.endswith(SUFFIX))
         expected = 0
         for index, path in enumerate(paths):
-            data = path.read_bytes()
-            seg = _Segment(first_seq=0, path=path)
-            end = 0
-            for offset, seq, payload in scan_records(data):
-                if not seg.offsets:
-                    seg.first_seq = seq
-                if expected and seq != expected:
-                    raise StreamError(
-                        f"journal {path} holds seq {seq} where {expected} was expected: "
-                        "the journal was edited; move it aside to start a new one"
-                    )
-                seg.offsets.append(offset)
-                expected = seq + 1
-                end = offset + HEADER.size + len(payload)
-            if end < len(data):
-                if index != len(paths) - 1:
-                    raise StreamError(
-                        f"journal {path} is damaged at byte {end} (not its tail): "
-                        "restore it from backup or move it aside"
-                    )
-                log.warning(
-                    "journal %s: dropping a torn last record (%d bytes after byte %d)",
-                    path,
-                    len(data) - end,
-                    end,
+            last = index == len(paths) - 1
+            try:
+                data = path.read_bytes()
+            except OSError as err:
+                raise StreamError(f"cannot read journal segment {path}: {err}") from err
+            header = segment_header(data)
+            start, seg_epoch = header if header is not None else (0, None)
+            seg = _Segment(first_seq=_name_seq(path), path=path, size=start)
+            if header is not None:
+                for offset, seq, payload in scan_records(data, start):
+                    if not seg.offsets:
+                        seg.first_seq = seq
+                    if expected and seq != expected:
+                        where = f"{path} at byte {offset}"
+                        if not seg.offsets and self._segments:
+                            where = f"the end of {self._segments[-1].path} (cut short?)"
+                        raise StreamError(
+                            f"journal {path} holds seq {seq} where {expected} was expected: "
+                            f"seqs {expected}..{seq - 1} are missing at {where}. Restore the "
+                            "journal from a backup, or move the journal directory aside: the "
+                            "service then starts a new stream epoch"
+                        )
+                    seg.offsets.append(offset)
+                    expected = seq + 1
+                    seg.size = offset + HEADER.size + len(payload)
+            if header is None or seg.size < len(data):
+                self._damage(path, data, seg.size, last, header is None)
+                if header is None:
+                    continue  # a torn header: the whole (last) file is the torn tail
+            self._check_epoch(path, seg_epoch, not self._segments, epoch)
+            if seg.offsets and seg.first_seq != _name_seq(path):
+                raise StreamError(
+                    f"journal {path} starts at seq {seg.first_seq}, its name says "
+                    f"{_name_seq(path)}: the journal was edited; move the journal directory aside"
                 )
-                with open(path, "r+b") as f:
-                    f.truncate(end)
-                    os.fsync(f.fileno())
-            seg.size = end
-            if seg.offsets:
-                self._segments.append(seg)
+            if not seg.offsets and not last:
+                raise _refuse(path, seg.size, "it holds no record, and newer segments follow")
+            if not seg.offsets and expected:
+                seg.first_seq = expected
+            self._segments.append(seg)
+
+    def _check_epoch(self, path: Path, found: str | None, first: bool, wanted: str | None) -> None:
+        if first:
+            if wanted is not None and found != wanted:
+                raise StreamError(
+                    f"journal {self.directory} belongs to epoch {found!r}, not {wanted!r}"
+                )
+            self.epoch = found
+        elif found != self.epoch:
+            raise StreamError(
+                f"journal {path} is of epoch {found!r}, the segments before it of "
+                f"{self.epoch!r}: segments of two journals were mixed; move the directory aside"
+            )
+
+    def _damage(self, path: Path, data: bytes, end: int, last: bool, bad_header: bool) -> None:
+        """Refuse damage, or note it as the torn tail (see the module docstring)."""
+        following = next_valid_record(data, end + 1 if not bad_header else 0)
+        if bad_header and following is None and not last:
+            raise _refuse(path, 0, "its segment header is not valid")
+        if following is not None:
+            offset, seq = following
+            what = "segment header" if bad_header else "record"
+            raise _refuse(
+                path,
+                end,
+                f"a {what} fails its check, and a valid record (seq {seq}) follows at byte "
+                f"{offset}",
+            )
+        if not last:
+            raise _refuse(path, end, "not the tail: newer segments follow")
+        self.torn_tail = TornTail(path, end, len(data) - end)
+
+    def repair(self) -> None:
+        """Cut the torn tail found at load (the caller knows none of it was published)."""
+        torn = self.torn_tail
+        if torn is None:
+            return
+        log.warning(
+            "journal %s: cutting a torn last record (%d bytes from byte %d)",
+            torn.path,
+            torn.size,
+            torn.offset,
+        )
+        try:
+            if torn.offset == 0:
+                torn.path.unlink()
             else:
-                path.unlink()
+                with open(torn.path, "r+b") as f:
+                    f.truncate(torn.offset)
+                    os.fsync(f.fileno())
+            fsync_dir(self.directory)
+        except OSError as err:
+            raise StreamError(f"cannot cut the torn tail of {torn.path}: {err}") from err
+        self.torn_tail = None
 
     def records_after(self, seq: int) -> Iterator[tuple[int, bytes, bytes]]:
         """(seq, message, state change) of every record newer than `seq`, oldest first."""
         with self._lock:
-            segments = [s for s in self._segments if s.last_seq > seq]
+            segments = [s for s in self._segments if s.offsets and s.last_seq > seq]
         for seg in segments:
-            for _offset, rec_seq, payload in scan_records(seg.path.read_bytes()[: seg.size]):
+            data = seg.path.read_bytes()[: seg.size]
+            for _offset, rec_seq, payload in scan_records(data, seg.offsets[0]):
                 if rec_seq > seq:
                     message, state = split_payload(payload)
                     yield rec_seq, message, state
 
     def append(self, seq: int, message: bytes, state: bytes) -> None:
         """Write one record and fsync it; `seq` must follow the last one."""
+        if self.epoch is None:
+            raise StreamError(f"journal {self.directory} has no epoch: it cannot be appended to")
+        if self.torn_tail is not None:
+            raise StreamError(f"journal {self.directory} has a torn tail: repair() it first")
         record = encode_record(seq, message, state)
         with self._lock:
             last = self._last_seq()
             if last and seq != last + 1:
                 raise StreamError(f"journal append of seq {seq} after {last}: seqs must be +1")
             active = self._segments[-1] if self._segments else None
-            if active is None or active.size + len(record) > self.retention.segment_bytes:
+            if active is None or (
+                active.offsets and active.size + len(record) > self.retention.segment_bytes
+            ):
                 active = self._roll(seq)
             fd = self._fd if self._fd is not None else self._open(active)
             try:
@@ -195,16 +273,27 @@ class Journal:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, active.size)
                 raise StreamError(f"cannot write the journal {active.path}: {err}") from err
+            if not active.offsets:
+                active.first_seq = seq
             active.offsets.append(active.size)
             active.size += len(record)
 
     def _roll(self, seq: int) -> _Segment:
+        if self.epoch is None:
+            raise StreamError(f"journal {self.directory} has no epoch for a new segment")
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
         seg = _Segment(first_seq=seq, path=self.directory / f"{seq:020d}{SUFFIX}")
+        header = encode_segment_header(self.epoch)
+        fd = self._open(seg)
+        try:
+            os.pwrite(fd, header, 0)
+            os.fdatasync(fd)
+        except OSError as err:
+            raise StreamError(f"cannot write journal segment {seg.path}: {err}") from err
+        seg.size = len(header)
         self._segments.append(seg)
-        self._open(seg)
         return seg
 
     def _open(self, seg: _Segment) -> int:
@@ -222,12 +311,13 @@ class Journal:
         replay request never holds the journal for long; each record's crc is checked.
         """
         with self._lock:
-            firsts = [s.first_seq for s in self._segments]
+            segments = [s for s in self._segments if s.offsets]
+            firsts = [s.first_seq for s in segments]
             index = max(0, bisect.bisect_right(firsts, seq) - 1)
             out: list[tuple[int, bytes]] = []
             budget = max_bytes
-            while index < len(self._segments) and len(out) < limit and budget > 0:
-                seg = self._segments[index]
+            while index < len(segments) and len(out) < limit and budget > 0:
+                seg = segments[index]
                 start = max(seq, seg.first_seq) - seg.first_seq
                 stop_max = min(len(seg.offsets), start + limit - len(out))
                 if start >= stop_max:
@@ -286,3 +376,8 @@ class Journal:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+def _name_seq(path: Path) -> int:
+    stem = path.name[: -len(SUFFIX)]
+    return int(stem) if stem.isdigit() else 0

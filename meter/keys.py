@@ -25,6 +25,8 @@ from desanet.validate import is_loopback
 log = logging.getLogger(__name__)
 
 ZAP_DOMAIN = "desanet"
+# A server socket without its own frame size limit gets this one.
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,15 @@ def start_authenticator(
 
 
 def secure_server(sock: zmq.Socket[bytes], security: ServerSecurity, endpoint: str) -> None:
-    """Make `sock` a CURVE server (or check plaintext is allowed) before binding `endpoint`."""
+    """Make `sock` a CURVE server (or check plaintext is allowed) before binding `endpoint`.
+
+    Bytes arrive before the handshake decides who sent them (a 600 MiB frame
+    header is read before any key is checked), so no server socket leaves here
+    without a frame size limit: the caller's (meter.limits), else
+    `DEFAULT_MAX_FRAME_BYTES`. libzmq closes the connection of a bigger frame.
+    """
+    if sock.getsockopt(zmq.MAXMSGSIZE) == -1:
+        sock.maxmsgsize = DEFAULT_MAX_FRAME_BYTES
     if security.plaintext:
         if not is_loopback(endpoint):
             raise ConfigError(

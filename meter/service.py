@@ -2,17 +2,21 @@
 
 The gateway's service loop owns the poll timer and calls `publish(interval,
 aggregator.state())` once per interval. `MeterService` numbers the message,
-journals it together with the aggregator state change (fsync), then publishes
-it; every `snapshot_every` intervals it also publishes a full snapshot of the
-totals. On construction it recovers seq, totals and the aggregator state from
-the checkpoint and the journal; pass `restored_state` to `Aggregator.restore`.
+journals it together with the aggregator state change (fsync), records it in
+the published mark, then publishes it; every `snapshot_every` intervals it
+also publishes a full snapshot of the totals. On construction it recovers the
+epoch, seq, totals and the aggregator state (meter.recovery): the same epoch
+when its files agree, else a new epoch carrying the newest state it could
+rebuild. Pass `restored_state` to `Aggregator.restore` either way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,21 +25,33 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
+from desanet.clock import now_ms
 from desanet.cython_ext.usage import UsageInterval
 from desanet.errors import StreamError
-from desanet.meter import wire
-from desanet.meter.journal import Journal, Retention
+from desanet.meter import replay, wire
+from desanet.meter.epoch import PublishedMark, write_mark
+from desanet.meter.journal import Retention
 from desanet.meter.keys import ServerSecurity, secure_server, start_authenticator
-from desanet.meter.replay import ReplayServer
-from desanet.meter.state import Checkpoint, StateArrays, apply_state_change, encode_state_change
+from desanet.meter.limits import ConnectionLimiter, EndpointLimits, apply_limits
+from desanet.meter.recovery import recover
+from desanet.meter.state import Checkpoint, StateArrays, encode_state_change
 
 log = logging.getLogger(__name__)
+
+# What the usage socket receives: handshakes and subscriptions (`usage.<gateway id>`).
+USAGE_MAX_FRAME_BYTES = 4096
+# Subscription notices drained per call, so a peer flooding them cannot hold the lock.
+_DRAIN_MAX = 10_000
 
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """Endpoints, security and cadence of the usage stream ([publish] in gateway.toml)."""
+    """Endpoints, security, cadence and limits of the usage stream ([publish] in gateway.toml).
+
+    `max_connections` and `handshake_ms` hold for each endpoint (meter.limits).
+    """
 
     usage_endpoint: str
     replay_endpoint: str
@@ -44,6 +60,22 @@ class StreamConfig:
     snapshot_every: int = 60
     checkpoint_every: int = 300
     send_hwm: int = 10_000
+    max_connections: int = 64
+    handshake_ms: int = 10_000
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """Counters of the stream for status and metrics."""
+
+    epoch: str
+    seq: int
+    dropped_messages: int
+    replay_requests: int
+    replay_errors: int
+    replay_dropped_replies: int
+    connections: dict[str, int]
+    refused_connections: dict[str, int]
 
 
 class MeterService:
@@ -61,6 +93,7 @@ class MeterService:
         self.gateway_id = gateway_id
         self.config = config
         self.state_dir = Path(state_dir)
+        self.dropped = 0
         self._lock = threading.Lock()
         self._topic = wire.topic(gateway_id)
         self._ids: npt.NDArray[np.object_] = np.empty(0, dtype=object)
@@ -72,43 +105,79 @@ class MeterService:
         self._totals: dict[str, tuple[int, int]] = {}
         self.set_subscribers(subscribers)
         self._intervals = 0
-        self.journal = Journal(self.state_dir / "journal", config.retention)
-        self._checkpoint = Checkpoint.load(self.state_dir, gateway_id)
-        self._recover()
+        self._last_drop_log = 0.0
+        rec = recover(self.state_dir, gateway_id, config.retention, now_ms())
+        self.epoch = rec.epoch
+        self.previous = rec.previous
+        self.new_epoch_reason = rec.new_epoch_reason
+        self.journal = rec.journal
+        self._mark_dir = rec.directory
+        self._checkpoints = rec.checkpoints
+        self._seq, self._t1, self._state = rec.seq, rec.t1_ms, rec.state
+        self._totals = dict(rec.totals)
         self.restored_state: StateArrays | None = (
             None if self._state is None else {k: v.copy() for k, v in self._state.items()}
         )
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._auth = None
+        self._auth: ThreadAuthenticator | None = None
         self._pub: zmq.Socket[bytes] | None = None
-        self._replay: ReplayServer | None = None
+        self._pub_limiter: ConnectionLimiter | None = None
+        self._replay: replay.ReplayServer | None = None
         try:
-            self._auth = start_authenticator(self._ctx, config.security)
-            self._pub = self._ctx.socket(zmq.PUB)
-            self._pub.linger = 1000
-            self._pub.sndhwm = config.send_hwm
-            # Heartbeats let the gateway drop billing connections that died on the link.
-            self._pub.heartbeat_ivl = 10_000
-            self._pub.heartbeat_timeout = 30_000
-            secure_server(self._pub, config.security, config.usage_endpoint)
-            try:
-                self._pub.bind(config.usage_endpoint)
-            except zmq.ZMQError as err:
-                raise StreamError(
-                    f"cannot bind the usage endpoint {config.usage_endpoint}: {err}"
-                ) from err
-            self.usage_endpoint = str(self._pub.getsockopt_string(zmq.LAST_ENDPOINT))
-            self._replay = ReplayServer(
-                self._ctx, config.replay_endpoint, config.security, self.journal, self.snapshot
-            )
-            self.replay_endpoint = self._replay.endpoint
+            self._open_sockets()
         except BaseException:
             self._close_sockets()
             raise
 
+    def _open_sockets(self) -> None:
+        config = self.config
+        self._auth = start_authenticator(self._ctx, config.security)
+        # XPUB, not PUB: with XPUB_NODROP a full subscriber queue is reported, so it is counted.
+        pub = self._pub = self._ctx.socket(zmq.XPUB)
+        pub.linger = 1000
+        apply_limits(
+            pub,
+            EndpointLimits(
+                USAGE_MAX_FRAME_BYTES,
+                config.max_connections,
+                receive_hwm=64,
+                send_hwm=config.send_hwm,
+                handshake_ms=config.handshake_ms,
+            ),
+        )
+        pub.xpub_nodrop = True
+        # Heartbeats let the gateway drop billing connections that died on the link.
+        pub.heartbeat_ivl = 10_000
+        pub.heartbeat_timeout = 30_000
+        self._pub_limiter = ConnectionLimiter(pub, "usage", config.max_connections)
+        secure_server(pub, config.security, config.usage_endpoint)
+        try:
+            pub.bind(config.usage_endpoint)
+        except zmq.ZMQError as err:
+            raise StreamError(
+                f"cannot bind the usage endpoint {config.usage_endpoint}: {err}"
+            ) from err
+        self.usage_endpoint = str(pub.getsockopt_string(zmq.LAST_ENDPOINT))
+        self._pub_limiter.bound(self.usage_endpoint)
+        replay_limits = dataclasses.replace(
+            replay.LIMITS, max_connections=config.max_connections, handshake_ms=config.handshake_ms
+        )
+        self._replay = replay.ReplayServer(
+            self._ctx,
+            config.replay_endpoint,
+            config.security,
+            self.journal,
+            self.snapshot,
+            previous=self.previous,
+            limits=replay_limits,
+            watch=[self._pub_limiter],
+            tick=self._drain_subscriptions,
+        )
+        self.replay_endpoint = self._replay.endpoint
+
     @property
     def last_seq(self) -> int:
-        """The seq of the newest journaled message (0 before the first)."""
+        """The seq of the newest journaled message of this epoch (0 before the first)."""
         return self._seq
 
     def set_subscribers(self, subscribers: Mapping[int, str]) -> None:
@@ -132,42 +201,6 @@ class MeterService:
         totals.update(zip(self._ids[slots].tolist(), map(tuple, values), strict=True))
         return totals
 
-    def _recover(self) -> None:
-        ckpt = self._checkpoint
-        self._seq, self._t1 = ckpt.seq, ckpt.t1_ms
-        self._totals = {k: (int(v[0]), int(v[1])) for k, v in ckpt.totals.items()}
-        self._state = ckpt.state
-        last = self.journal.last_seq
-        if last and last < ckpt.seq:
-            raise StreamError(
-                f"journal in {self.journal.directory} ends at seq {last} but the checkpoint is at "
-                f"{ckpt.seq}: the journal was replaced; move the state_dir aside to start anew"
-            )
-        replayed = 0
-        for seq, message, change in self.journal.records_after(ckpt.seq):
-            if seq != self._seq + 1 and self._seq:
-                raise StreamError(f"journal jumps from seq {self._seq} to {seq}: it was edited")
-            if self._state is None:
-                self._state = {}
-            apply_state_change(self._state, change)
-            self._apply_totals(wire.decode_usage(message))
-            self._seq = seq
-            replayed += 1
-        if self._state is not None and not self._state:
-            self._state = None
-        log.info(
-            "usage stream %s: recovered at seq %d (checkpoint %d + %d journal records)",
-            self.gateway_id,
-            self._seq,
-            ckpt.seq,
-            replayed,
-        )
-
-    def _apply_totals(self, msg: wire.UsageMessage) -> None:
-        pairs = zip(msg.up_total, msg.down_total, strict=True)
-        self._totals.update(zip(msg.sub, pairs, strict=True))
-        self._t1 = max(self._t1, msg.t1)
-
     def publish(
         self,
         interval: UsageInterval,
@@ -176,7 +209,9 @@ class MeterService:
     ) -> int:
         """Journal then publish one interval and the events it saw; returns its seq.
 
-        Raises StreamError if the message could not be journaled (nothing was sent).
+        Raises StreamError if the message could not be journaled (nothing was
+        sent), or journaled but not marked published (it is not sent live, and
+        clients get it by replay).
         """
         state = {k: np.array(v, copy=True) for k, v in aggregator_state.items()}
         with self._lock:
@@ -200,6 +235,7 @@ class MeterService:
                 interval.t1_ms,
                 sub_list,
                 columns,
+                epoch=self.epoch,
                 events=events,
             )
             self.journal.append(seq, message, encode_state_change(self._state, state))
@@ -209,17 +245,19 @@ class MeterService:
             self._slot_totals[moved, 1] = interval.down_total[mask]
             self._has_total[moved] = True
             self._t1 = max(self._t1, interval.t1_ms)
-            self._send(message)
+            self._mark_and_send(seq, message)
             self._intervals += 1
             if self._intervals % self.config.snapshot_every == 0:
                 self._publish_snapshot()
-            if self._seq - self._checkpoint.seq >= self.config.checkpoint_every:
+            if self._seq - self._checkpoints.latest_seq >= self.config.checkpoint_every:
                 self._save_checkpoint()
         return seq
 
     def publish_snapshot(self) -> int:
         """Journal and publish a full snapshot of every subscriber's totals now; returns its seq."""
         with self._lock:
+            if self._pub is None:
+                raise StreamError("the usage stream is closed: nothing was journaled")
             self._publish_snapshot()
             return self._seq
 
@@ -237,41 +275,87 @@ class MeterService:
         }
         seq = self._seq + 1
         message = wire.encode_usage(
-            self.gateway_id, seq, self._t1, self._t1, subs, columns, snapshot=True
+            self.gateway_id, seq, self._t1, self._t1, subs, columns, epoch=self.epoch, snapshot=True
         )
         self.journal.append(seq, message, b"")
         self._seq = seq
+        self._mark_and_send(seq, message)
+
+    def _mark_and_send(self, seq: int, message: bytes) -> None:
+        # The mark is durable before the message leaves: a seq that anyone may have seen is
+        # never published again in this epoch, even if the journal later loses it.
+        write_mark(self._mark_dir, self.gateway_id, PublishedMark(self.epoch, seq))
         self._send(message)
 
     def _send(self, message: bytes) -> None:
-        if self._pub is None:
+        pub = self._pub
+        if pub is None:
             raise StreamError("the usage stream is closed")
-        # PUB never blocks: a subscriber too slow for the high-water mark loses messages and
-        # recovers them by seq from the replay endpoint.
-        self._pub.send_multipart([self._topic, message], zmq.NOBLOCK)
+        self._drain_locked(pub)
+        frames = [self._topic, message]
+        try:
+            pub.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            # A subscriber's queue is full (send_hwm): the others still get the message, that
+            # one recovers it by seq from the replay endpoint; the loss is counted and logged.
+            self.dropped += 1
+            pub.xpub_nodrop = False
+            try:
+                pub.send_multipart(frames, zmq.NOBLOCK)
+            finally:
+                pub.xpub_nodrop = True
+            now = time.monotonic()
+            if now - self._last_drop_log >= 60.0:
+                self._last_drop_log = now
+                log.warning(
+                    "usage stream: a subscriber's queue is full (%d messages); %d messages "
+                    "dropped for slow subscribers so far (they recover them by replay)",
+                    self.config.send_hwm,
+                    self.dropped,
+                )
 
-    def snapshot(self) -> dict[str, Any]:
-        """Every subscriber's totals and the seq they are current at (the replay snapshot)."""
+    def _drain_subscriptions(self) -> None:
+        """Take the XPUB's subscription notices (the replay thread calls it every round)."""
         with self._lock:
-            totals = self._all_totals()
-            subs = list(totals)
-            return {
-                "v": wire.VERSION,
-                "gw": self.gateway_id,
-                "seq": self._seq,
-                "t1": self._t1,
-                "sub": subs,
-                "up_total": [totals[s][0] for s in subs],
-                "down_total": [totals[s][1] for s in subs],
-            }
+            if self._pub is not None:
+                self._drain_locked(self._pub)
+
+    @staticmethod
+    def _drain_locked(pub: zmq.Socket[bytes]) -> None:
+        # Subscriptions themselves are kept by libzmq; the notices only queue up unread.
+        for _ in range(_DRAIN_MAX):
+            try:
+                pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    def snapshot(self) -> wire.TotalsSnapshot:
+        """Every subscriber's totals and the (epoch, seq) they are current at."""
+        with self._lock:
+            return wire.TotalsSnapshot(
+                self.gateway_id, self.epoch, self._seq, self._t1, self._all_totals()
+            )
+
+    def stats(self) -> StreamStats:
+        """The stream's counters now."""
+        server, pub = self._replay, self._pub_limiter
+        limiters = [x for x in (pub, server.limiter if server is not None else None) if x]
+        return StreamStats(
+            self.epoch,
+            self._seq,
+            self.dropped,
+            server.requests if server is not None else 0,
+            server.errors if server is not None else 0,
+            server.dropped_replies if server is not None else 0,
+            {x.name: x.connections for x in limiters},
+            {x.name: x.refused for x in limiters},
+        )
 
     def _save_checkpoint(self) -> None:
-        ckpt = Checkpoint(
-            self._seq, self._t1, self._state, {k: list(v) for k, v in self._all_totals().items()}
-        )
-        ckpt.save(self.state_dir, self.gateway_id)
-        self._checkpoint = ckpt
-        self.journal.prune(ckpt.seq)
+        totals = {k: list(v) for k, v in self._all_totals().items()}
+        ckpt = Checkpoint(self.epoch, self._seq, self._t1, self._state, totals, self.previous)
+        self._checkpoints.save(ckpt)
+        self.journal.prune(self._checkpoints.oldest_seq)
 
     def close(self) -> None:
         """Checkpoint, stop the replay thread, close sockets and the journal."""
@@ -282,12 +366,18 @@ class MeterService:
         self._close_sockets()
 
     def _close_sockets(self) -> None:
+        with self._lock:
+            pub, self._pub = self._pub, None
+        if pub is not None:
+            # Monitor events need a reader until the monitor is off (meter.limits).
+            pub.disable_monitor()
         if self._replay is not None:
             self._replay.close()
             self._replay = None
-        if self._pub is not None:
-            self._pub.close()
-            self._pub = None
+        elif self._pub_limiter is not None:
+            self._pub_limiter.close()
+        if pub is not None:
+            pub.close()
         if self._auth is not None:
             self._auth.stop()
             self._auth = None

@@ -4,10 +4,11 @@
 The aggregator state is a set of named numpy arrays (`Aggregator.state()`).
 Each journal record carries only the rows that changed since the previous
 record (a "state change"), in the same crc-checked write as the message. A
-checkpoint file holds the full state, the per-subscriber totals and the seq
-they correspond to; recovery loads the checkpoint and applies the changes of
-every newer journal record, giving exactly the state after the last journaled
-message. Checkpoints are replaced atomically (desanet.durable).
+checkpoint file holds the full state, the per-subscriber totals and the
+(epoch, seq) they correspond to, as one crc-checked journal record; recovery
+loads a checkpoint and applies the changes of every newer journal record,
+giving exactly the state after the last journaled message. Checkpoints are
+replaced atomically (desanet.durable); meter.recovery keeps two of them.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import numpy as np
 import numpy.typing as npt
 
 from desanet.durable import replace_atomically
-from desanet.errors import StreamError
-from desanet.meter.journal import encode_record, scan_records, split_payload
+from desanet.errors import DesanetError, StreamError
+from desanet.meter.records import encode_record, single_record
+from desanet.meter.wire import PreviousEpoch
 
 StateArrays = dict[str, npt.NDArray[Any]]
-CHECKPOINT_NAME = "checkpoint.bin"
 
 
 def _full(arr: npt.NDArray[Any]) -> list[Any]:
@@ -90,60 +91,96 @@ def apply_state_change(state: StateArrays, change: bytes) -> None:
         raise StreamError(f"journal state change cannot be applied: {err}") from err
 
 
+class DamagedStateFile(StreamError):
+    """A durable file of the meter fails its integrity check (the message names the file)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+
+
 @dataclass
 class Checkpoint:
-    """Everything recovery needs at one seq: aggregator state, totals per subscriber, last t1."""
+    """Everything recovery needs at one (epoch, seq): aggregator state, totals, last t1."""
 
+    epoch: str | None = None
     seq: int = 0
     t1_ms: int = 0
     state: StateArrays | None = None
     totals: dict[str, list[int]] = field(default_factory=dict)
+    previous: PreviousEpoch | None = None
 
-    def save(self, directory: Path, gateway_id: str) -> None:
-        """Replace the checkpoint file atomically."""
+    def save(self, path: Path, gateway_id: str) -> None:
+        """Replace the checkpoint file `path` atomically and durably."""
+        prev = self.previous
         body = msgpack.packb(
             {
-                "v": 1,
+                "v": 2,
                 "gw": gateway_id,
+                "epoch": self.epoch,
                 "seq": self.seq,
                 "t1": self.t1_ms,
                 "state": None
                 if self.state is None
                 else {name: _full(arr) for name, arr in self.state.items()},
                 "totals": self.totals,
+                "previous": None if prev is None else [prev.epoch, prev.seq, prev.published],
             }
         )
-        path = directory / CHECKPOINT_NAME
         try:
             replace_atomically(path, encode_record(self.seq, body, b""))
-        except OSError as err:
+        except (OSError, DesanetError) as err:
             raise StreamError(f"cannot write checkpoint {path}: {err}") from err
 
     @classmethod
-    def load(cls, directory: Path, gateway_id: str) -> Checkpoint:
-        """The saved checkpoint, or an empty one (seq 0) when there is none yet."""
-        path = directory / CHECKPOINT_NAME
+    def load(cls, path: Path, gateway_id: str) -> Checkpoint | None:
+        """The checkpoint in `path`, None when there is none; DamagedStateFile if it is damaged."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            return cls()
+            return None
         except OSError as err:
             raise StreamError(f"cannot read checkpoint {path}: {err}") from err
-        records = list(scan_records(data))
-        if len(records) != 1:
-            raise StreamError(f"checkpoint {path} is damaged (crc): move it aside and restart")
-        body = msgpack.unpackb(split_payload(records[0][2])[0], raw=False)
-        if body.get("gw") != gateway_id:
+        record = single_record(data)
+        if record is None:
+            raise DamagedStateFile(path, "the checkpoint fails its crc")
+        try:
+            body = msgpack.unpackb(record[1], raw=False)
+            gw = body.get("gw")
+        except (ValueError, TypeError, AttributeError, msgpack.UnpackException) as err:
+            raise DamagedStateFile(path, f"the checkpoint cannot be read: {err}") from None
+        if gw != gateway_id:
             raise StreamError(
-                f"checkpoint {path} belongs to gateway {body.get('gw')!r}, not {gateway_id!r}: "
+                f"checkpoint {path} belongs to gateway {gw!r}, not {gateway_id!r}: "
                 "each gateway needs its own state_dir"
             )
-        state = body["state"]
+        try:
+            return cls._from_body(body, record[0])
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+            raise DamagedStateFile(path, f"the checkpoint cannot be read: {err}") from None
+
+    @classmethod
+    def _from_body(cls, body: dict[str, Any], seq: int) -> Checkpoint:
+        state, prev, epoch = body["state"], body.get("previous"), body.get("epoch")
+        if body["seq"] != seq or not (epoch is None or isinstance(epoch, str)):
+            raise ValueError("seq or epoch does not match the record")
         return cls(
-            seq=body["seq"],
-            t1_ms=body["t1"],
+            epoch=epoch,
+            seq=seq,
+            t1_ms=int(body["t1"]),
             state=None
             if state is None
             else {name: _array(e[1], e[2], e[3]) for name, e in state.items()},
-            totals={k: list(v) for k, v in body["totals"].items()},
+            totals={str(k): [int(v[0]), int(v[1])] for k, v in body["totals"].items()},
+            previous=None
+            if prev is None
+            else PreviousEpoch(str(prev[0]), int(prev[1]), _opt_int(prev[2])),
         )
+
+
+def _opt_int(value: object) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int):
+        raise TypeError(f"{value!r} is not an integer")
+    return value

@@ -7,12 +7,13 @@ a throwaway cluster started from Debian's postgresql package for this module.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from desanet.errors import ConfigError
+from desanet.errors import ConfigError, StreamError
 from desanet.meter.client import UsageClient
 from desanet.meter.collector import UsageStore, collect, month_bounds_ms
 from desanet.meter.journal import Retention
@@ -37,7 +38,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UsageStore
     else:
         dsn = request.getfixturevalue("postgres_dsn")
         st = UsageStore.postgres(dsn)
-        for table in ("usage", "totals", "progress"):
+        for table in ("usage", "totals", "progress", "epochs"):
             st._conn.execute(f"DELETE FROM {table}")
     try:
         yield st
@@ -45,9 +46,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UsageStore
         st.close()
 
 
-def message(seq: int, t1: int, subs: list[str], up: list[int], totals: list[int]) -> UsageMessage:
+def message(
+    seq: int, t1: int, subs: list[str], up: list[int], totals: list[int], epoch: str = "e1"
+) -> UsageMessage:
     return UsageMessage(
         gw="gw1",
+        epoch=epoch,
         seq=seq,
         t0=t1 - 1000,
         t1=t1,
@@ -170,3 +174,104 @@ def test_cli_usage_collect_report_and_keygen(
         assert "gw1 s1: up 30 B" in capsys.readouterr().out
     finally:
         svc.close()
+
+
+def snapshot_message(seq: int, subs: list[str], totals: list[int], epoch: str) -> UsageMessage:
+    zeros = [0] * len(subs)
+    return UsageMessage(
+        gw="gw1",
+        epoch=epoch,
+        seq=seq,
+        t0=9000,
+        t1=9000,
+        sub=subs,
+        up=zeros,
+        down=zeros,
+        up_pkts=zeros,
+        down_pkts=zeros,
+        up_total=totals,
+        down_total=[2 * x for x in totals],
+        snapshot=True,
+    )
+
+
+def test_a_new_epoch_bills_only_what_its_totals_add(store: UsageStore) -> None:
+    def billed() -> dict[str, int]:
+        return {r.sub: r.up for r in store.report(0, 10**6)}
+
+    store.store(message(1, 1000, ["a"], [10], [10], "E1"))
+    store.store(message(2, 2000, ["a", "b"], [5, 20], [15, 20], "E1"))
+    # E2 restarted from the state after seq 1 (seq 2 was lost): its first row of "a" covers
+    # 10 -> 17 again, of which 10 -> 15 was billed in E1. "c" is new.
+    store.store(message(1, 3000, ["a", "c"], [7, 3], [17, 3], "E2"))
+    assert billed() == {"a": 17, "b": 20, "c": 3}
+    store.store(message(2, 4000, ["a"], [4], [21], "E2"))
+    assert billed()["a"] == 21
+    assert store.position("gw1") == ("E2", 2)
+    # E3 lost all state: its totals restart below what was billed; nothing negative, nothing
+    # billed twice; from its second row on, "a" is billed as usual.
+    store.store(message(1, 5000, ["a"], [5], [5], "E3"))
+    store.store(message(2, 6000, ["a"], [30], [35], "E3"))
+    assert billed()["a"] == 21 + 0 + 30
+    # A snapshot of a new epoch does not settle the overlap; the first interval row does.
+    store.store(snapshot_message(1, ["a"], [10], "E4"))
+    assert store.totals("gw1")["a"] == (35, 70)
+    store.store(message(2, 7000, ["a"], [12], [43], "E4"))
+    assert billed()["a"] == 51 + 8
+    assert store.totals("gw1")["a"] == (43, 86)
+    assert store.epochs("gw1") == ["E1", "E2", "E3", "E4"]
+    # Late messages of an epoch left behind: a stored one changes nothing, a new one is refused.
+    store.store(message(1, 3000, ["a", "c"], [7, 3], [17, 3], "E2"))
+    with pytest.raises(StreamError, match=r"epoch E2 \(seq 3\) arrived after a newer epoch"):
+        store.store(message(3, 4500, ["a"], [1], [22], "E2"))
+    assert billed()["a"] == 59 and store.position("gw1") == ("E4", 2)
+
+
+_V1_TABLES = (
+    """CREATE TABLE usage (gw TEXT NOT NULL, seq BIGINT NOT NULL, sub TEXT NOT NULL,
+        t0 BIGINT NOT NULL, t1 BIGINT NOT NULL, up BIGINT NOT NULL, down BIGINT NOT NULL,
+        up_pkts BIGINT NOT NULL, down_pkts BIGINT NOT NULL, up_total BIGINT NOT NULL,
+        down_total BIGINT NOT NULL, PRIMARY KEY (gw, seq, sub))""",
+    """CREATE TABLE totals (gw TEXT NOT NULL, sub TEXT NOT NULL, seq BIGINT NOT NULL,
+        up_total BIGINT NOT NULL, down_total BIGINT NOT NULL, PRIMARY KEY (gw, sub))""",
+    "CREATE TABLE progress (gw TEXT PRIMARY KEY, seq BIGINT NOT NULL)",
+    "INSERT INTO usage VALUES ('gw1', 1, 'a', 0, 1000, 10, 20, 1, 1, 10, 20)",
+    "INSERT INTO usage VALUES ('gw1', 2, 'a', 1000, 2000, 5, 10, 1, 1, 15, 30)",
+    "INSERT INTO totals VALUES ('gw1', 'a', 2, 15, 30)",
+    "INSERT INTO progress VALUES ('gw1', 2)",
+)
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_a_collector_database_from_before_epochs_is_carried_over(
+    db: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if db == "sqlite":
+        conn = sqlite3.connect(tmp_path / "old.sqlite")
+        for statement in _V1_TABLES:
+            conn.execute(statement)
+        conn.commit()
+        conn.close()
+        st = UsageStore.sqlite(tmp_path / "old.sqlite")
+    else:
+        import psycopg
+
+        dsn = request.getfixturevalue("postgres_dsn")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for table in ("usage", "totals", "progress", "epochs"):
+                conn.execute(f"DROP TABLE IF EXISTS {table}")
+            for statement in _V1_TABLES:
+                conn.execute(statement)
+        st = UsageStore.postgres(dsn)
+    try:
+        assert st.position("gw1") == ("", 2)
+        assert st.totals("gw1") == {"a": (15, 30)}
+        (row,) = st.report(0, 10**6)
+        assert (row.up, row.down) == (15, 30)
+        # The upgraded gateway starts an epoch from the state it had: nothing billed twice.
+        st.store(message(1, 3000, ["a"], [9], [18], "E1"))
+        (row,) = st.report(0, 10**6)
+        assert (row.up, row.up_total) == (18, 18)
+        assert st.epochs("gw1") == ["", "E1"]
+    finally:
+        st.close()

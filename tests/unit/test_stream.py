@@ -111,6 +111,7 @@ def test_published_message_is_v1_exactly(service: MeterService) -> None:
         assert doc == {
             "v": 1,
             "gw": "gw1",
+            "epoch": service.epoch,
             "seq": seq,
             "t0": 4000,
             "t1": 5000,
@@ -144,7 +145,7 @@ def test_seq_totals_and_aggregator_state_survive_restart(tmp_path: Path) -> None
     gen2 = start(tmp_path)
     svc2 = next(gen2)
     assert svc2.last_seq == 5
-    assert svc2.snapshot()["up_total"] == [int(totals_before[1, 0])]
+    assert svc2.snapshot().totals == {"s1": (int(totals_before[1, 0]), int(totals_before[1, 2]))}
     agg2 = twin.Aggregator(4)
     assert svc2.restored_state is not None
     agg2.restore(svc2.restored_state)
@@ -333,8 +334,7 @@ def test_reassigned_slot_keeps_the_old_subscribers_totals(service: MeterService)
     service.publish(interval(1000, [1, 2], [10, 20], [10, 20]), {})
     service.set_subscribers({1: "s9", 2: "s2"})
     service.publish(interval(2000, [1, 2], [1, 2], [1, 22]), {})
-    snap = service.snapshot()
-    totals = dict(zip(snap["sub"], snap["up_total"], strict=True))
+    totals = {sub: up for sub, (up, _down) in service.snapshot().totals.items()}
     assert totals == {"s1": 10, "s2": 22, "s9": 1}
 
 
@@ -344,7 +344,9 @@ def test_client_asks_again_when_a_reply_lost_messages(tmp_path: Path) -> None:
     router = ctx.socket(zmq.ROUTER)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     messages = {
-        seq: wire.encode_usage("gw1", seq, 0, 1, ["s1"], {c: [seq] for c in wire.COLUMNS})
+        seq: wire.encode_usage(
+            "gw1", seq, 0, 1, ["s1"], {c: [seq] for c in wire.COLUMNS}, epoch="e1"
+        )
         for seq in range(1, 6)
     }
     asked: list[int] = []
@@ -357,8 +359,8 @@ def test_client_asks_again_when_a_reply_lost_messages(tmp_path: Path) -> None:
             for seq in range(start, 6):
                 if not (seq == 3 and len(asked) == 1):
                     router.send_multipart([identity, wire.REPLY_MSG, messages[seq]])
-            end = {"v": 1, "next": 6, "last": 5}
-            router.send_multipart([identity, wire.REPLY_END, wire.pack(end)])
+            end = wire.ReplayEnd("e1", 6, 5)
+            router.send_multipart([identity, wire.REPLY_END, wire.encode_end(end)])
 
     thread = threading.Thread(target=serve)
     thread.start()
@@ -403,10 +405,12 @@ def test_cli_usage_with_curve_keys(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_events_round_trip_and_malformed_events_are_named() -> None:
     columns = {name: [] for name in wire.COLUMNS}
     event = wire.UsageEvent(1_700_000_000_000, "s5", "throttled", "quota passed")
-    msg = wire.decode_usage(wire.encode_usage("gw", 7, 1, 2, [], columns, events=[event]))
+    msg = wire.decode_usage(
+        wire.encode_usage("gw", 7, 1, 2, [], columns, epoch="e1", events=[event])
+    )
     assert msg.events == (event,)
-    assert wire.decode_usage(wire.encode_usage("gw", 8, 1, 2, [], columns)).events == ()
-    body = msgpack.unpackb(wire.encode_usage("gw", 9, 1, 2, [], columns))
+    assert wire.decode_usage(wire.encode_usage("gw", 8, 1, 2, [], columns, epoch="e1")).events == ()
+    body = msgpack.unpackb(wire.encode_usage("gw", 9, 1, 2, [], columns, epoch="e1"))
     for bad, message in (
         ("nope", "ev is not a list"),
         ([7], "not a map"),

@@ -77,10 +77,10 @@ def _usage(args: argparse.Namespace) -> int:
             snap = client.snapshot()
             for sub, (up, down) in sorted(snap.totals.items()):
                 if args.json:
-                    row = {"gw": snap.gw, "seq": snap.seq, "sub": sub}
+                    row = {"gw": snap.gw, "epoch": snap.epoch, "seq": snap.seq, "sub": sub}
                     print(json.dumps(row | {"up_total": up, "down_total": down}))
                 else:
-                    print(f"{snap.gw} seq {snap.seq} {sub}: up {up} B, down {down} B")
+                    print(f"{snap.gw} {snap.epoch} seq {snap.seq} {sub}: up {up} B, down {down} B")
             return 0
         for msg in client.messages(args.from_seq, follow=args.follow):
             _print_message(msg, args.json)
@@ -92,6 +92,7 @@ def _print_message(msg: UsageMessage, as_json: bool) -> None:
         body = {
             "v": 1,
             "gw": msg.gw,
+            "epoch": msg.epoch,
             "seq": msg.seq,
             "t0": msg.t0,
             "t1": msg.t1,
@@ -110,7 +111,7 @@ def _print_message(msg: UsageMessage, as_json: bool) -> None:
         print(json.dumps(body), flush=True)
         return
     kind = " snapshot" if msg.snapshot else ""
-    print(f"{msg.gw} seq {msg.seq}{kind} [{msg.t0}, {msg.t1}) {len(msg)} subscribers", flush=True)
+    print(f"{msg.gw} {msg.epoch} seq {msg.seq}{kind} [{msg.t0}, {msg.t1}) {len(msg)} subscribers", flush=True)
     for event in msg.events:
         print(f"  event {event.sub}: {event.kind}: {event.detail}", flush=True)
     for rec in msg.records():

@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.desanet-installed
 # Debian packages the gateway and the test tiers need.
 DEB_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-dev \
 	iproute2 iputils-ping procps nftables iperf3 ethtool build-essential \
-	linux-image-amd64 qemu-system-x86 busybox-static postgresql
+	linux-image-amd64 qemu-system-x86 busybox-static postgresql nats-server
 
 .PHONY: setup deb-packages venv build lint test test-unit test-kernel test-vm bench bench-quick demo clean
 

@@ -39,6 +39,7 @@ setup(
         "numpy>=1.24,<3",
         "prometheus_client>=0.17,<1",
         "matplotlib>=3.6,<4",
+        "nats-py[nkeys]>=2.6,<3",
     ],
     extras_require={
         "postgres": ["psycopg[binary]>=3.1,<4"],

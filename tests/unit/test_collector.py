@@ -7,12 +7,6 @@ a throwaway cluster started from Debian's postgresql package for this module.
 from __future__ import annotations
 
 import json
-import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,61 +17,17 @@ from desanet.meter.client import UsageClient
 from desanet.meter.collector import UsageStore, collect, month_bounds_ms
 from desanet.meter.journal import Retention
 from desanet.meter.wire import UsageMessage
+from tests.pg_harness import postgres_cluster
 from tests.unit.test_stream import interval, loopback_service
 
 pytestmark = pytest.mark.unit
 
-PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.fixture(scope="module")
 def postgres_dsn() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster in a temp dir (as the postgres user when run as root)."""
-    if not PG_BIN:
-        pytest.fail("PostgreSQL is not installed: run `make setup` (Debian package postgresql)")
-    bindir = PG_BIN[-1]
-    as_user: list[str] = []
-    tmp = Path(tempfile.mkdtemp(prefix="desanet-pg-"))
-    if os.geteuid() == 0:
-        as_user = ["runuser", "-u", "postgres", "--"]
-        pw = pwd.getpwnam("postgres")
-        os.chown(tmp, pw.pw_uid, pw.pw_gid)
-    data, port = tmp / "data", _free_port()
-    try:
-        subprocess.run(
-            [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"],
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run(
-            [
-                *as_user,
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(data),
-                "-l",
-                str(tmp / "log"),
-                "-w",
-                "-o",
-                f"-k {tmp} -p {port} -c listen_addresses=''",
-                "start",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        yield f"host={tmp} port={port} dbname=postgres user=postgres"
-    finally:
-        subprocess.run(
-            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-            capture_output=True,
-        )
-        shutil.rmtree(tmp, ignore_errors=True)
+    """A throwaway PostgreSQL cluster for this module (tests/pg_harness.py)."""
+    with postgres_cluster() as pg:
+        yield pg.dsn
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -11,7 +11,12 @@ from collections.abc import Sequence
 from desanet.errors import DesanetError
 
 # Each module exposes `register(subparsers)`, adding its verbs with a `func(args) -> int`.
-COMMAND_MODULES = ("desanet.ebpf.commands", "desanet.meter.commands", "desanet.gateway.commands")
+COMMAND_MODULES = (
+    "desanet.ebpf.commands",
+    "desanet.meter.commands",
+    "desanet.gateway.commands",
+    "desanet.gateway.hub_commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,13 +8,16 @@ on exit. A node can be killed (SIGKILL), stopped and restarted on the same
 ports and store, which is how the tests take the hub away.
 
 The hub's own fragment (accounts, users, permissions, TLS: what `desanet hub
-init` writes) is included by every node when given. `make_tls()` makes a
+init` writes) is included by every node when given; `fleet_hub()` runs hub
+init, starts the nodes with its fragment and creates the stream, as an
+operator would. `make_tls()` makes a
 throwaway CA and a server certificate for 127.0.0.1 with openssl (installed
 with postgresql's ssl-cert).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -27,9 +30,14 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import nats
 import pytest
 
+from desanet.meter import fleet
+from desanet.meter.fleet import FleetConnection
+from desanet.meter.fleet_hub import HubFiles, HubTLS, init_hub
 from tests.pg_harness import free_port
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
@@ -173,6 +181,11 @@ class NatsNode:
         except OSError:
             return "(no log)"
 
+    def freeze(self) -> None:
+        """SIGSTOP the process: connections stay open but nothing is read or answered."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
     def kill(self) -> None:
         """SIGKILL the process, as a power cut or the OOM killer would."""
         self._end(signal.SIGKILL)
@@ -258,3 +271,101 @@ def nats_hub(
         yield hub
     finally:
         hub.close()
+
+
+@dataclass
+class FleetHub:
+    """A hub configured by `desanet hub init` (TLS, NKEY users), running, with its stream."""
+
+    nats: NatsHub
+    files: HubFiles
+    tls: TLSFiles
+
+    def gateway(self, gateway_id: str) -> FleetConnection:
+        """How gateway `gateway_id` connects, with its own key."""
+        return FleetConnection(
+            self.nats.urls,
+            self.files.gateways[gateway_id],
+            gateway_id,
+            fleet.gateway_inbox(gateway_id),
+            self.tls.ca,
+        )
+
+    def collector(self, name: str = "collector") -> FleetConnection:
+        """How collector `name` connects."""
+        return FleetConnection(
+            self.nats.urls,
+            self.files.collectors[name],
+            name,
+            fleet.collector_inbox(name),
+            self.tls.ca,
+        )
+
+
+async def _create_stream(conn: FleetConnection, config: dict[str, Any]) -> None:
+    nc = await nats.connect(**conn.connect_options())
+    try:
+        for _attempt in range(100):
+            try:
+                await fleet.ensure_stream(nc.jetstream(), config)
+                return
+            except nats.errors.Error:
+                # A cluster that has just formed elects its meta leader first.
+                await asyncio.sleep(0.1)
+        pytest.fail("the hub never created the stream")
+    finally:
+        await nc.close()
+
+
+@contextlib.contextmanager
+def fleet_hub(
+    directory: Path, gateways: list[str], nodes: int = 1, replicas: int = 1
+) -> Iterator[FleetHub]:
+    """`desanet hub init` for `gateways`, the hub's nodes with its fragment, the stream made."""
+    tls = make_tls(directory / "tls")
+    files = init_hub(directory / "conf", gateways, HubTLS(tls.cert, tls.key), replicas=replicas)
+    with nats_hub(directory / "nodes", nodes, include=files.config, tls=tls) as hub:
+        configured = FleetHub(hub, files, tls)
+        asyncio.run(_create_stream(configured.collector(), fleet.load_stream_config(files.stream)))
+        yield configured
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One message as the stream holds it."""
+
+    stream_seq: int
+    subject: str
+    msg_id: str
+    data: bytes
+
+
+async def _read_stream(conn: FleetConnection, idle_s: float) -> list[StoredMessage]:
+    nc = await nats.connect(**conn.connect_options())
+    try:
+        js = nc.jetstream()
+        sub = await js.pull_subscribe(fleet.USAGE_SUBJECTS, fleet.CONSUMER, fleet.STREAM)
+        out: list[StoredMessage] = []
+        while True:
+            try:
+                batch = await sub.fetch(256, timeout=idle_s)
+            except TimeoutError:  # nats-py raises its own or asyncio's: both are TimeoutError
+                return out
+            for msg in batch:
+                headers = msg.headers or {}
+                out.append(
+                    StoredMessage(
+                        msg.metadata.sequence.stream,
+                        msg.subject,
+                        headers.get(fleet.MSG_ID_HEADER, ""),
+                        msg.data,
+                    )
+                )
+                await msg.ack()
+    finally:
+        await nc.close()
+
+
+def read_stream(hub: FleetHub, idle_s: float = 0.5) -> list[StoredMessage]:
+    """Every message the stream delivers to the collectors' consumer, in stream order (acked)."""
+    return asyncio.run(_read_stream(hub.collector(), idle_s))

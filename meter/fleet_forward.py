@@ -1,0 +1,444 @@
+"""The gateway's forwarder: every journaled usage message, in seq order, to the hub's JetStream.
+
+The journal is the outbox. The forwarder reads it from the first message the
+hub has not acknowledged, publishes each message's bytes unchanged to
+`desanet.usage.<gw>` with `Nats-Msg-Id` = `<gw>:<epoch>:<seq>`, and keeps up
+to `window` publishes in flight, so a 600 ms satellite round trip still
+carries thousands of messages a second. The cursor (the last seq below which
+every message is acknowledged) moves only on acknowledgements and is written
+durably every `save_interval_s` and on stop. After an outage, a lost ack, or
+a restart it republishes from the cursor: JetStream drops the copies it
+already holds within its duplicate window, and the hub collector is
+idempotent on (gw, epoch, seq, sub) beyond it.
+
+Async beside a sync loop: one nats-py client whose event loop runs in this
+object's own thread. The service loop only calls `notify()` after it journals
+(a non-blocking wake-up), reads `status()`, and calls `stop()`; nothing else
+crosses the thread boundary. (About 440 lines: window, acks, rewinds and the
+cursor share that one loop's state; split, one ack's path would span files.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from desanet.durable import replace_atomically
+from desanet.errors import StreamError
+from desanet.meter.fleet import MSG_ID_HEADER, FleetConnection, message_id, usage_subject
+from desanet.meter.journal import Journal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ForwarderConfig:
+    """How hard the forwarder pushes: publishes in flight, journal read size, timeouts."""
+
+    window: int = 1024
+    read_batch: int = 256
+    ack_timeout_s: float = 10.0
+    save_interval_s: float = 0.5
+    stop_grace_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class ForwarderStatus:
+    """What the forwarder is doing, for `desanet status` and the tests."""
+
+    connected: bool = False
+    acked_seq: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    published: int = 0
+    republished: int = 0
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """The last seq of journal life `epoch` up to which the hub acknowledged every message."""
+
+    epoch: str | None = None
+    seq: int = 0
+
+    @classmethod
+    def load(cls, path: Path) -> Cursor:
+        """The saved cursor, or the start when there is none yet."""
+        try:
+            body = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError) as err:
+            raise StreamError(
+                f"fleet cursor {path} is unreadable ({err}); delete it to forward the whole "
+                "journal again (the hub drops what it already holds)"
+            ) from None
+        epoch, seq = body.get("epoch"), body.get("seq")
+        if not (epoch is None or isinstance(epoch, str)) or not isinstance(seq, int) or seq < 0:
+            raise StreamError(f"fleet cursor {path} holds {body!r}, not an epoch and a seq")
+        return cls(epoch, seq)
+
+    def save(self, path: Path) -> None:
+        """Replace the cursor file durably (fsync'd before this returns)."""
+        replace_atomically(path, json.dumps({"epoch": self.epoch, "seq": self.seq}).encode())
+
+
+def message_epoch(message: bytes, fallback: str | None) -> str:
+    """The `epoch` of an encoded usage message, or `fallback` for messages written before it."""
+    try:
+        body = msgpack.unpackb(message, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as err:
+        raise StreamError(f"journaled message is not valid msgpack: {err}") from None
+    epoch = body.get("epoch") if isinstance(body, dict) else None
+    if isinstance(epoch, str) and epoch:
+        return epoch
+    if fallback is None:
+        raise StreamError(
+            "journaled usage message has no epoch and the forwarder was given none: "
+            "it cannot name the message for the hub"
+        )
+    return fallback
+
+
+@dataclass
+class _InFlight:
+    epoch: str
+    future: asyncio.Future[int]  # the stream seq JetStream stored it at
+    sent: float
+
+
+class Forwarder:
+    """Forwards one gateway's journal to the hub from its own thread (see the module doc)."""
+
+    def __init__(
+        self,
+        gateway_id: str,
+        journal: Journal,
+        cursor_path: Path,
+        connection: FleetConnection,
+        config: ForwarderConfig | None = None,
+        epoch: str | None = None,
+    ) -> None:
+        self.gateway_id = gateway_id
+        self.subject = usage_subject(gateway_id)
+        self.journal = journal
+        self.cursor_path = Path(cursor_path)
+        self.config = config or ForwarderConfig()
+        self._fallback_epoch = epoch
+        self._options = connection.connect_options()  # bad credentials or CA fail here
+        self._cursor = Cursor.load(self.cursor_path)
+        self._saved = self._cursor
+        self._status = ForwarderStatus(acked_seq=self._cursor.seq)
+        self._status_lock = threading.Lock()
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"fleet-{gateway_id}", daemon=True)
+        # Everything below belongs to the forwarder's thread and its event loop.
+        self._loop = asyncio.new_event_loop()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._reconnected = False
+        self._outage_logged = False
+        self._task: asyncio.Task[None] | None = None
+        self._nc: Client | None = None
+        self._ack_prefix = ""
+        self._in_flight: dict[int, _InFlight] = {}  # insertion order is seq order
+        self._next_seq = 1
+        self._last_save = 0.0
+
+    # -- the service loop's side ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the forwarder's thread; it connects and catches up by itself."""
+        self._thread.start()
+
+    def notify(self) -> None:
+        """Tell the forwarder the journal grew (never blocks; safe from any thread)."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the forwarder stopped
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def status(self) -> ForwarderStatus:
+        """A snapshot of the forwarder's status."""
+        with self._status_lock:
+            return self._status
+
+    @property
+    def acked_seq(self) -> int:
+        """Every message up to this seq is on the hub: journal retention may drop them."""
+        return self.status().acked_seq
+
+    def wait_acked(self, seq: int, timeout_s: float) -> bool:
+        """Block until every message up to `seq` is acknowledged, or `timeout_s` passed."""
+        deadline = time.monotonic() + timeout_s
+        while self.acked_seq < seq and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.02)
+        return self.acked_seq >= seq
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Wait briefly for the acks in flight, save the cursor, close the connection, join."""
+        if self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._request_stop)
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                raise StreamError(f"fleet forwarder did not stop within {timeout_s} s")
+        elif not self._loop.is_closed():
+            self._loop.close()  # never started
+        if self._failure is not None:
+            raise StreamError(f"fleet forwarder failed: {self._failure}") from self._failure
+
+    # -- the forwarder's thread -------------------------------------------------------------
+
+    def _set_status(self, **changes: Any) -> None:
+        with self._status_lock:
+            self._status = replace(self._status, **changes)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._task = self._loop.create_task(self._main())
+            self._loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass  # stopped while still connecting
+        except BaseException as err:
+            log.exception("fleet forwarder of %s stopped", self.gateway_id)
+            self._failure = err
+            self._set_status(last_error=str(err))
+        finally:
+            self._loop.close()
+
+    def _request_stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None and self._nc is None:
+            self._task.cancel()  # still connecting: nothing is in flight
+
+    async def _main(self) -> None:
+        self._next_seq = await asyncio.to_thread(self._resume_seq)
+        self._nc = nc = await nats.connect(
+            **self._options,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+        self._set_status(connected=True)
+        log.info("fleet: %s connected to %s", self.gateway_id, nc.connected_url)
+        # Acks come back to <own inbox>.<nuid>.<seq>: one subscription for the whole window.
+        self._ack_prefix = nc.new_inbox()
+        await nc.subscribe(self._ack_prefix + ".*", cb=self._on_ack)
+        try:
+            await self._pump(nc)
+        finally:
+            self._save()
+            await nc.close()
+            self._set_status(connected=False, in_flight=0)
+
+    async def _pump(self, nc: Client) -> None:
+        cfg = self.config
+        while not self._stopping:
+            if self._reconnected:
+                self._reconnected = False
+                self._rewind("reconnected")
+            if nc.is_connected:
+                await self._fill(nc)
+            await self._wait()
+            self._collect()
+            oldest = next(iter(self._in_flight.items()), None)
+            if oldest is not None and time.monotonic() - oldest[1].sent > cfg.ack_timeout_s:
+                self._rewind(f"no acknowledgement of seq {oldest[0]} in {cfg.ack_timeout_s} s")
+            if time.monotonic() - self._last_save >= cfg.save_interval_s:
+                self._save()
+        await self._drain(cfg.stop_grace_s)
+
+    def _resume_seq(self) -> int:
+        """The first seq to send: after the cursor, unless the journal began a new life."""
+        journal, cursor = self.journal, self._cursor
+        first, last = journal.first_seq, journal.last_seq
+        if not first:
+            return 1
+        if cursor.epoch is None or cursor.seq == 0:
+            return first
+        if first <= cursor.seq <= last:
+            (_seq, message), *_ = journal.read(cursor.seq, 1)
+            if message_epoch(message, self._fallback_epoch) == cursor.epoch:
+                return cursor.seq + 1
+        elif cursor.seq < first:
+            (_seq, message), *_ = journal.read(first, 1)
+            if message_epoch(message, self._fallback_epoch) == cursor.epoch:
+                if cursor.seq + 1 < first:
+                    log.error(
+                        "fleet: seqs %d-%d left the journal before the hub had them "
+                        "(retention): billing gets their totals, not their intervals",
+                        cursor.seq + 1,
+                        first - 1,
+                    )
+                return first
+        log.warning(
+            "fleet: the journal is not the one the cursor %s:%d was in; forwarding it all",
+            cursor.epoch,
+            cursor.seq,
+        )
+        return first
+
+    async def _fill(self, nc: Client) -> None:
+        cfg = self.config
+        while len(self._in_flight) < cfg.window and self._next_seq <= self.journal.last_seq:
+            want = min(cfg.read_batch, cfg.window - len(self._in_flight))
+            records = await asyncio.to_thread(self.journal.read, self._next_seq, want)
+            if not records:
+                return
+            if records[0][0] != self._next_seq:
+                log.error(
+                    "fleet: seqs %d-%d left the journal before the hub had them (retention)",
+                    self._next_seq,
+                    records[0][0] - 1,
+                )
+            if not await self._publish(nc, records):
+                return
+
+    async def _publish(self, nc: Client, records: Iterable[tuple[int, bytes]]) -> bool:
+        """Publish `records` in order; False if the connection refused one (left for a rewind)."""
+        sent, ok = 0, True
+        for seq, message in records:
+            epoch = message_epoch(message, self._fallback_epoch)
+            headers = {MSG_ID_HEADER: message_id(self.gateway_id, epoch, seq)}
+            try:
+                await nc.publish(
+                    self.subject, message, reply=f"{self._ack_prefix}.{seq}", headers=headers
+                )
+            except nats.errors.Error as err:
+                # Closed, or the reconnect buffer is full: resent after the next reconnect.
+                log.debug("fleet: publish of seq %d deferred: %s", seq, err)
+                ok = False
+                break
+            self._in_flight[seq] = _InFlight(epoch, self._loop.create_future(), time.monotonic())
+            self._next_seq = seq + 1
+            sent += 1
+        st = self.status()
+        self._set_status(
+            published=st.published + sent,
+            in_flight=len(self._in_flight),
+            max_in_flight=max(st.max_in_flight, len(self._in_flight)),
+        )
+        return ok
+
+    async def _on_ack(self, msg: Msg) -> None:
+        """JetStream's answer to one publish: a PubAck, an error, or 503 (no such stream).
+
+        An ack of an earlier attempt of the same seq also completes it: either way the
+        stream holds that message.
+        """
+        item = self._in_flight.get(int(msg.subject.rsplit(".", 1)[1]))
+        if item is None or item.future.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            item.future.set_exception(StreamError(f"the hub has no stream for {self.subject}"))
+            return
+        try:
+            body = json.loads(msg.data)
+        except ValueError:
+            body = {"error": {"description": f"unreadable acknowledgement {msg.data[:80]!r}"}}
+        if "error" in body:
+            item.future.set_exception(StreamError(f"hub refused: {body['error']}"))
+        else:
+            item.future.set_result(int(body.get("seq", 0)))
+
+    async def _wait(self) -> None:
+        """Until the oldest publish is answered, the journal grows, or the ack timeout nears."""
+        self._wake.clear()
+        woken = asyncio.ensure_future(self._wake.wait())
+        waiters: set[asyncio.Future[Any]] = {woken}
+        oldest = next(iter(self._in_flight.values()), None)
+        if oldest is not None:
+            waiters.add(oldest.future)
+        timeout = self.config.ack_timeout_s / 4 if oldest is not None else 1.0
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        woken.cancel()
+
+    def _collect(self) -> None:
+        """Move the cursor over the acknowledged prefix of the window."""
+        cursor = self._cursor
+        while self._in_flight:
+            seq, item = next(iter(self._in_flight.items()))
+            if not item.future.done():
+                break
+            error = None if item.future.cancelled() else item.future.exception()
+            if item.future.cancelled() or error is not None:
+                self._rewind(f"seq {seq} refused: {error!r}")
+                break
+            del self._in_flight[seq]
+            cursor = Cursor(item.epoch, seq)
+        if cursor != self._cursor:
+            self._cursor = cursor
+            self._set_status(acked_seq=cursor.seq, in_flight=len(self._in_flight))
+
+    def _rewind(self, why: str) -> None:
+        """Forget every publish in flight and send again from the first unacknowledged one."""
+        if not self._in_flight:
+            return
+        count = len(self._in_flight)
+        log.info("fleet: resending %d messages from seq %d (%s)", count, self._cursor.seq + 1, why)
+        for item in self._in_flight.values():
+            item.future.cancel()
+        self._in_flight.clear()
+        self._next_seq = self._cursor.seq + 1
+        st = self.status()
+        self._set_status(republished=st.republished + count, in_flight=0)
+
+    async def _drain(self, grace_s: float) -> None:
+        """On stop: give the acks in flight a moment, so the saved cursor is recent."""
+        deadline = time.monotonic() + grace_s
+        while self._in_flight and (left := deadline - time.monotonic()) > 0:
+            oldest = next(iter(self._in_flight.values()))
+            await asyncio.wait({oldest.future}, timeout=left)
+            before = len(self._in_flight)
+            self._collect()
+            if len(self._in_flight) == before:
+                return  # refused or timed out: the next start resends it
+
+    def _save(self) -> None:
+        """Write the cursor if it moved (fsync'd: after a crash, resending starts here)."""
+        if self._cursor != self._saved:
+            self._cursor.save(self.cursor_path)
+            self._saved = self._cursor
+        self._last_save = time.monotonic()
+
+    async def _on_error(self, err: Exception) -> None:
+        text = str(err)
+        if "permissions violation" in text.lower() or "authorization" in text.lower():
+            log.error(
+                "fleet: the hub refused %s (%s): are these gateway %s's credentials?",
+                self.subject,
+                text,
+                self.gateway_id,
+            )
+        elif not self._outage_logged:
+            self._outage_logged = True  # once per outage: a week offline is not 600k lines
+            log.warning("fleet: %s cannot reach the hub (%s); retrying", self.gateway_id, text)
+        self._set_status(last_error=text)
+
+    async def _on_disconnected(self) -> None:
+        self._set_status(connected=False)
+        if not self._stopping:
+            log.warning("fleet: %s lost the hub; reconnecting", self.gateway_id)
+
+    async def _on_reconnected(self) -> None:
+        self._reconnected = True
+        self._outage_logged = False
+        self._set_status(connected=True)
+        self._wake.set()
+        if self._nc is not None:
+            log.info("fleet: %s reconnected to %s", self.gateway_id, self._nc.connected_url)

@@ -180,7 +180,7 @@ class FleetConnection:
                 f"fleet credentials {self.credentials}: neither an NKEY seed (SU...) "
                 "nor a NATS .creds file"
             )
-        if any(s.startswith("tls://") for s in self.servers):
+        if self.ca_file is not None or any(s.startswith("tls://") for s in self.servers):
             try:
                 options["tls"] = ssl.create_default_context(
                     cafile=str(self.ca_file) if self.ca_file else None

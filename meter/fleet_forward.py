@@ -43,6 +43,8 @@ from desanet.meter.journal import Journal
 
 log = logging.getLogger(__name__)
 
+REFUSED_PAUSE_S = 0.25
+
 
 @dataclass(frozen=True)
 class ForwarderConfig:
@@ -53,6 +55,7 @@ class ForwarderConfig:
     ack_timeout_s: float = 10.0
     save_interval_s: float = 0.5
     stop_grace_s: float = 2.0
+    retry_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class ForwarderStatus:
     """What the forwarder is doing, for `desanet status` and the tests."""
 
     connected: bool = False
+    server: str | None = None
     acked_seq: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
@@ -150,11 +154,12 @@ class Forwarder:
         self._loop = asyncio.new_event_loop()
         self._wake = asyncio.Event()
         self._stopping = False
-        self._reconnected = False
         self._outage_logged = False
         self._task: asyncio.Task[None] | None = None
         self._nc: Client | None = None
         self._ack_prefix = ""
+        self._server_index = 0
+        self._refused = False
         self._in_flight: dict[int, _InFlight] = {}  # insertion order is seq order
         self._next_seq = 1
         self._last_save = 0.0
@@ -228,37 +233,82 @@ class Forwarder:
 
     async def _main(self) -> None:
         self._next_seq = await asyncio.to_thread(self._resume_seq)
-        self._nc = nc = await nats.connect(
-            **self._options,
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
-        )
-        self._set_status(connected=True)
-        log.info("fleet: %s connected to %s", self.gateway_id, nc.connected_url)
+        try:
+            while not self._stopping:
+                self._nc = nc = await self._connect()
+                if nc is None:
+                    return
+                try:
+                    await self._serve(nc)
+                finally:
+                    self._nc = None
+                    self._server_index += 1  # after a failure, try the next server first
+                    self._rewind("connection closed")
+                    await nc.close()
+                    self._set_status(connected=False, server=None)
+        finally:
+            self._save()
+
+    async def _connect(self) -> Client | None:
+        """A new connection to the first hub server that answers; None when stopping.
+
+        Each connection is new rather than nats-py's reconnect: a reconnected client
+        would first flush publishes it buffered while away, ahead of the resend from
+        the cursor, and the stream would hold them out of seq order.
+        """
+        options = self._options | {"allow_reconnect": False, "max_reconnect_attempts": 0}
+        servers = self._options["servers"]
+        while not self._stopping:
+            for _ in servers:
+                self._server_index %= len(servers)
+                url = servers[self._server_index]
+                try:
+                    nc = await nats.connect(
+                        **options | {"servers": [url]},
+                        error_cb=self._on_error,
+                        closed_cb=self._on_closed,
+                    )
+                except (OSError, TimeoutError, nats.errors.Error) as err:
+                    await self._on_error(err)
+                    self._server_index += 1
+                    continue
+                self._outage_logged = False
+                self._set_status(connected=True, server=_url(nc))
+                log.info("fleet: %s connected to %s", self.gateway_id, _url(nc))
+                return nc
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.retry_s)
+        return None
+
+    async def _serve(self, nc: Client) -> None:
+        """Forward over `nc` until it closes or the forwarder stops."""
+        cfg = self.config
         # Acks come back to <own inbox>.<nuid>.<seq>: one subscription for the whole window.
         self._ack_prefix = nc.new_inbox()
         await nc.subscribe(self._ack_prefix + ".*", cb=self._on_ack)
-        try:
-            await self._pump(nc)
-        finally:
-            self._save()
-            await nc.close()
-            self._set_status(connected=False, in_flight=0)
-
-    async def _pump(self, nc: Client) -> None:
-        cfg = self.config
         while not self._stopping:
-            if self._reconnected:
-                self._reconnected = False
-                self._rewind("reconnected")
-            if nc.is_connected:
-                await self._fill(nc)
+            if not nc.is_connected:
+                log.warning("fleet: %s lost the hub; reconnecting", self.gateway_id)
+                return
+            await self._fill(nc)
             await self._wait()
             self._collect()
+            if self._refused:
+                # The stream has no leader for a moment (an election): do not spin.
+                self._refused = False
+                await asyncio.sleep(REFUSED_PAUSE_S)
             oldest = next(iter(self._in_flight.items()), None)
             if oldest is not None and time.monotonic() - oldest[1].sent > cfg.ack_timeout_s:
-                self._rewind(f"no acknowledgement of seq {oldest[0]} in {cfg.ack_timeout_s} s")
+                # A hung server keeps its TCP connection: leave it for the next one.
+                log.warning(
+                    "fleet: %s got no acknowledgement of seq %d in %s s from %s; reconnecting",
+                    self.gateway_id,
+                    oldest[0],
+                    cfg.ack_timeout_s,
+                    _url(nc),
+                )
+                return
             if time.monotonic() - self._last_save >= cfg.save_interval_s:
                 self._save()
         await self._drain(cfg.stop_grace_s)
@@ -315,6 +365,9 @@ class Forwarder:
         for seq, message in records:
             epoch = message_epoch(message, self._fallback_epoch)
             headers = {MSG_ID_HEADER: message_id(self.gateway_id, epoch, seq)}
+            if not nc.is_connected:
+                ok = False  # gone since the last check: resent on the next connection
+                break
             try:
                 await nc.publish(
                     self.subject, message, reply=f"{self._ack_prefix}.{seq}", headers=headers
@@ -378,6 +431,7 @@ class Forwarder:
             error = None if item.future.cancelled() else item.future.exception()
             if item.future.cancelled() or error is not None:
                 self._rewind(f"seq {seq} refused: {error!r}")
+                self._refused = True
                 break
             del self._in_flight[seq]
             cursor = Cursor(item.epoch, seq)
@@ -430,15 +484,11 @@ class Forwarder:
             log.warning("fleet: %s cannot reach the hub (%s); retrying", self.gateway_id, text)
         self._set_status(last_error=text)
 
-    async def _on_disconnected(self) -> None:
+    async def _on_closed(self) -> None:
         self._set_status(connected=False)
-        if not self._stopping:
-            log.warning("fleet: %s lost the hub; reconnecting", self.gateway_id)
+        self._wake.set()  # the pump notices the closed connection at once
 
-    async def _on_reconnected(self) -> None:
-        self._reconnected = True
-        self._outage_logged = False
-        self._set_status(connected=True)
-        self._wake.set()
-        if self._nc is not None:
-            log.info("fleet: %s reconnected to %s", self.gateway_id, self._nc.connected_url)
+
+def _url(nc: Client) -> str | None:
+    url = nc.connected_url
+    return None if url is None else f"{url.scheme}://{url.hostname}:{url.port}"

@@ -340,32 +340,40 @@ class StoredMessage:
     data: bytes
 
 
-async def _read_stream(conn: FleetConnection, idle_s: float) -> list[StoredMessage]:
+async def _read_stream(conn: FleetConnection, timeout_s: float) -> list[StoredMessage]:
     nc = await nats.connect(**conn.connect_options())
     try:
         js = nc.jetstream()
-        sub = await js.pull_subscribe(fleet.USAGE_SUBJECTS, fleet.CONSUMER, fleet.STREAM)
-        out: list[StoredMessage] = []
-        while True:
+        for _attempt in range(50):
             try:
-                batch = await sub.fetch(256, timeout=idle_s)
+                total = (await js.stream_info(fleet.STREAM)).state.messages
+                sub = await js.pull_subscribe(fleet.USAGE_SUBJECTS, fleet.CONSUMER, fleet.STREAM)
+                break
+            except nats.errors.TimeoutError:
+                # A cluster that just lost a node may still be electing its meta leader.
+                await asyncio.sleep(0.2)
+        else:
+            pytest.fail("the hub never answered for the stream and its consumer")
+        # Keyed by stream seq: a message the consumer delivers twice is one stream entry.
+        out: dict[int, StoredMessage] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(out) < total and time.monotonic() < deadline:
+            try:
+                batch = await sub.fetch(256, timeout=0.5)
             except TimeoutError:  # nats-py raises its own or asyncio's: both are TimeoutError
-                return out
+                continue
             for msg in batch:
                 headers = msg.headers or {}
-                out.append(
-                    StoredMessage(
-                        msg.metadata.sequence.stream,
-                        msg.subject,
-                        headers.get(fleet.MSG_ID_HEADER, ""),
-                        msg.data,
-                    )
+                seq = msg.metadata.sequence.stream
+                out[seq] = StoredMessage(
+                    seq, msg.subject, headers.get(fleet.MSG_ID_HEADER, ""), msg.data
                 )
                 await msg.ack()
+        return [out[k] for k in sorted(out)]
     finally:
         await nc.close()
 
 
-def read_stream(hub: FleetHub, idle_s: float = 0.5) -> list[StoredMessage]:
-    """Every message the stream delivers to the collectors' consumer, in stream order (acked)."""
-    return asyncio.run(_read_stream(hub.collector(), idle_s))
+def read_stream(hub: FleetHub, timeout_s: float = 20.0) -> list[StoredMessage]:
+    """Every message the stream holds, in stream order, read through the collectors' consumer."""
+    return asyncio.run(_read_stream(hub.collector(), timeout_s))

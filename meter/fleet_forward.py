@@ -14,8 +14,8 @@ idempotent on (gw, epoch, seq, sub) beyond it.
 Async beside a sync loop: one nats-py client whose event loop runs in this
 object's own thread. The service loop only calls `notify()` after it journals
 (a non-blocking wake-up), reads `status()`, and calls `stop()`; nothing else
-crosses the thread boundary. (About 440 lines: window, acks, rewinds and the
-cursor share that one loop's state; split, one ack's path would span files.)
+crosses the thread boundary. Where to resume in the journal is
+fleet_outbox's job.
 """
 
 from __future__ import annotations
@@ -31,14 +31,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from desanet.durable import replace_atomically
 from desanet.errors import StreamError
 from desanet.meter.fleet import MSG_ID_HEADER, FleetConnection, message_id, usage_subject
+from desanet.meter.fleet_outbox import Cursor, message_epoch, resume
 from desanet.meter.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -70,52 +69,6 @@ class ForwarderStatus:
     published: int = 0
     republished: int = 0
     last_error: str | None = None
-
-
-@dataclass(frozen=True)
-class Cursor:
-    """The last seq of journal life `epoch` up to which the hub acknowledged every message."""
-
-    epoch: str | None = None
-    seq: int = 0
-
-    @classmethod
-    def load(cls, path: Path) -> Cursor:
-        """The saved cursor, or the start when there is none yet."""
-        try:
-            body = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            return cls()
-        except (OSError, ValueError) as err:
-            raise StreamError(
-                f"fleet cursor {path} is unreadable ({err}); delete it to forward the whole "
-                "journal again (the hub drops what it already holds)"
-            ) from None
-        epoch, seq = body.get("epoch"), body.get("seq")
-        if not (epoch is None or isinstance(epoch, str)) or not isinstance(seq, int) or seq < 0:
-            raise StreamError(f"fleet cursor {path} holds {body!r}, not an epoch and a seq")
-        return cls(epoch, seq)
-
-    def save(self, path: Path) -> None:
-        """Replace the cursor file durably (fsync'd before this returns)."""
-        replace_atomically(path, json.dumps({"epoch": self.epoch, "seq": self.seq}).encode())
-
-
-def message_epoch(message: bytes, fallback: str | None) -> str:
-    """The `epoch` of an encoded usage message, or `fallback` for messages written before it."""
-    try:
-        body = msgpack.unpackb(message, raw=False)
-    except (ValueError, TypeError, msgpack.UnpackException) as err:
-        raise StreamError(f"journaled message is not valid msgpack: {err}") from None
-    epoch = body.get("epoch") if isinstance(body, dict) else None
-    if isinstance(epoch, str) and epoch:
-        return epoch
-    if fallback is None:
-        raise StreamError(
-            "journaled usage message has no epoch and the forwarder was given none: "
-            "it cannot name the message for the hub"
-        )
-    return fallback
 
 
 @dataclass
@@ -232,7 +185,11 @@ class Forwarder:
             self._task.cancel()  # still connecting: nothing is in flight
 
     async def _main(self) -> None:
-        self._next_seq = await asyncio.to_thread(self._resume_seq)
+        self._cursor = await asyncio.to_thread(
+            resume, self.journal, self._cursor, self._fallback_epoch
+        )
+        self._next_seq = self._cursor.seq + 1
+        self._set_status(acked_seq=self._cursor.seq)
         try:
             while not self._stopping:
                 self._nc = nc = await self._connect()
@@ -313,36 +270,6 @@ class Forwarder:
                 self._save()
         await self._drain(cfg.stop_grace_s)
 
-    def _resume_seq(self) -> int:
-        """The first seq to send: after the cursor, unless the journal began a new life."""
-        journal, cursor = self.journal, self._cursor
-        first, last = journal.first_seq, journal.last_seq
-        if not first:
-            return 1
-        if cursor.epoch is None or cursor.seq == 0:
-            return first
-        if first <= cursor.seq <= last:
-            (_seq, message), *_ = journal.read(cursor.seq, 1)
-            if message_epoch(message, self._fallback_epoch) == cursor.epoch:
-                return cursor.seq + 1
-        elif cursor.seq < first:
-            (_seq, message), *_ = journal.read(first, 1)
-            if message_epoch(message, self._fallback_epoch) == cursor.epoch:
-                if cursor.seq + 1 < first:
-                    log.error(
-                        "fleet: seqs %d-%d left the journal before the hub had them "
-                        "(retention): billing gets their totals, not their intervals",
-                        cursor.seq + 1,
-                        first - 1,
-                    )
-                return first
-        log.warning(
-            "fleet: the journal is not the one the cursor %s:%d was in; forwarding it all",
-            cursor.epoch,
-            cursor.seq,
-        )
-        return first
-
     async def _fill(self, nc: Client) -> None:
         cfg = self.config
         while len(self._in_flight) < cfg.window and self._next_seq <= self.journal.last_seq:
@@ -373,7 +300,7 @@ class Forwarder:
                     self.subject, message, reply=f"{self._ack_prefix}.{seq}", headers=headers
                 )
             except nats.errors.Error as err:
-                # Closed, or the reconnect buffer is full: resent after the next reconnect.
+                # Closed meanwhile: resent on the next connection.
                 log.debug("fleet: publish of seq %d deferred: %s", seq, err)
                 ok = False
                 break
@@ -398,7 +325,9 @@ class Forwarder:
         if item is None or item.future.done():
             return
         if msg.headers and msg.headers.get("Status") == "503":
-            item.future.set_exception(StreamError(f"the hub has no stream for {self.subject}"))
+            item.future.set_exception(
+                StreamError(f"no stream answered for {self.subject} (missing, or electing)")
+            )
             return
         try:
             body = json.loads(msg.data)

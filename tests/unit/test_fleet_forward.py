@@ -15,7 +15,9 @@ import msgpack
 import pytest
 
 from desanet.errors import StreamError
-from desanet.meter.fleet_forward import Cursor, Forwarder, ForwarderConfig, message_epoch
+from desanet.meter.fleet_forward import Forwarder, ForwarderConfig
+from desanet.meter.fleet_outbox import Cursor, message_epoch, resume
+from desanet.meter.journal import Journal, Retention
 from desanet.meter.service import MeterService
 from tests.fleet_harness import FleetHub, StoredMessage, fleet_hub, read_stream
 from tests.unit.test_stream import interval, loopback_service
@@ -179,3 +181,24 @@ def test_a_cluster_node_dies_under_the_forwarder(tmp_path: Path, service: MeterS
     # rest may land: resent, the refused ones follow them. Each is stored once; the
     # collector does not depend on the order.
     assert_exactly_the_journal(service, stored, in_order=False)
+
+
+def test_resume_checks_the_cursor_against_the_journal(tmp_path: Path) -> None:
+    def message(epoch: str, seq: int) -> bytes:
+        return bytes(msgpack.packb({"v": 1, "gw": "gw1", "seq": seq, "epoch": epoch}))
+
+    journal = Journal(tmp_path / "j", Retention(max_bytes=1, segment_bytes=200))
+    try:
+        assert resume(journal, Cursor("e1", 40), None) == Cursor(), "empty: start at 1"
+        for seq in range(1, 31):
+            journal.append(seq, message("e1", seq), b"")
+        assert resume(journal, Cursor(), None) == Cursor("e1", 0)
+        assert resume(journal, Cursor("e1", 12), None) == Cursor("e1", 12)
+        assert resume(journal, Cursor("e0", 12), None) == Cursor("e1", 0), "another life"
+        assert resume(journal, Cursor("e1", 45), None) == Cursor("e1", 0), "cursor ahead"
+        journal.prune(20)  # retention drops segments the hub may not have had
+        first = journal.first_seq
+        assert 1 < first <= 21
+        assert resume(journal, Cursor("e1", 3), None) == Cursor("e1", first - 1)
+    finally:
+        journal.close()

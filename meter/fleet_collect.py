@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
 
 from desanet.errors import ConfigError, StreamError
 from desanet.meter.fleet import (
@@ -128,18 +130,36 @@ class Collector:
         try:
             nc = await nats.connect(**self.connection.connect_options(), error_cb=self._on_error)
             try:
-                js = nc.jetstream()
-                await ensure_stream(js, self.stream_config)
-                sub = await js.pull_subscribe(
-                    USAGE_SUBJECTS, CONSUMER, STREAM, config=consumer_config(self.config)
-                )
-                log.info("collector %s: consuming %s", self.connection.name, STREAM)
-                await self._loop(sub, store)
+                sub = await self._subscribe(nc.jetstream())
+                if sub is not None:
+                    log.info("collector %s: consuming %s", self.connection.name, STREAM)
+                    await self._loop(sub, store)
             finally:
                 await nc.close()
         finally:
             await store.close()
         return self.stats
+
+    async def _subscribe(self, js: JetStreamContext) -> Any:
+        """The pull subscription on the shared consumer, retried while the hub cannot answer.
+
+        A hub that is starting, or electing leaders after a node died, times out
+        JetStream API requests for a while; None if stopped meanwhile.
+        """
+        while not self._stop.is_set():
+            try:
+                await ensure_stream(js, self.stream_config)
+                return await js.pull_subscribe(
+                    USAGE_SUBJECTS, CONSUMER, STREAM, config=consumer_config(self.config)
+                )
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                nats.js.errors.ServiceUnavailableError,
+            ) as err:
+                log.warning("collector: the hub does not answer yet (%s); retrying", err)
+                await asyncio.sleep(self.config.retry_s)
+        return None
 
     async def _loop(self, sub: Any, store: HubStore) -> None:
         cfg = self.config
@@ -150,6 +170,11 @@ class Collector:
             except TimeoutError:  # nats-py raises its own or asyncio's
                 if cfg.idle_exit_s is not None and time.monotonic() - idle_since > cfg.idle_exit_s:
                     return
+                continue
+            except nats.errors.Error as err:
+                # The hub is away (nats-py reconnects by itself): ask again shortly.
+                log.debug("collector: fetch failed: %s", err)
+                await asyncio.sleep(cfg.fetch_timeout_s)
                 continue
             idle_since = time.monotonic()
             batch: list[StoredUsage] = []

@@ -21,6 +21,7 @@ fleet_outbox's job.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -89,7 +90,13 @@ class Forwarder:
         connection: FleetConnection,
         config: ForwarderConfig | None = None,
         epoch: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        """`loop`: run on this event loop (running in another thread) instead of an own one.
+
+        A gateway has one forwarder with its own loop and thread; the fleet simulator
+        runs hundreds of gateways' forwarders on one loop.
+        """
         self.gateway_id = gateway_id
         self.subject = usage_subject(gateway_id)
         self.journal = journal
@@ -102,9 +109,13 @@ class Forwarder:
         self._status = ForwarderStatus(acked_seq=self._cursor.seq)
         self._status_lock = threading.Lock()
         self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"fleet-{gateway_id}", daemon=True)
-        # Everything below belongs to the forwarder's thread and its event loop.
-        self._loop = asyncio.new_event_loop()
+        self._own_loop = loop is None
+        self._loop = loop or asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"fleet-{gateway_id}", daemon=True
+        )
+        self._done: concurrent.futures.Future[None] | None = None
+        # Everything below belongs to the event loop.
         self._wake = asyncio.Event()
         self._stopping = False
         self._outage_logged = False
@@ -120,8 +131,14 @@ class Forwarder:
     # -- the service loop's side ------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the forwarder's thread; it connects and catches up by itself."""
-        self._thread.start()
+        """Start forwarding (in its own thread unless given a loop); it catches up by itself."""
+        if self._own_loop:
+            self._thread.start()
+        self._done = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
+
+    def running(self) -> bool:
+        """True from start() until the forwarder stopped or failed."""
+        return self._done is not None and not self._done.done()
 
     def notify(self) -> None:
         """Tell the forwarder the journal grew (never blocks; safe from any thread)."""
@@ -141,20 +158,23 @@ class Forwarder:
     def wait_acked(self, seq: int, timeout_s: float) -> bool:
         """Block until every message up to `seq` is acknowledged, or `timeout_s` passed."""
         deadline = time.monotonic() + timeout_s
-        while self.acked_seq < seq and time.monotonic() < deadline and self._thread.is_alive():
+        while self.acked_seq < seq and time.monotonic() < deadline and self.running():
             time.sleep(0.02)
         return self.acked_seq >= seq
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Wait briefly for the acks in flight, save the cursor, close the connection, join."""
-        if self._thread.is_alive():
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._request_stop)
-            self._thread.join(timeout_s)
+        if self._done is not None and not self._done.done():
+            self._loop.call_soon_threadsafe(self._request_stop)
+            try:
+                self._done.result(timeout_s)
+            except concurrent.futures.TimeoutError:
+                raise StreamError(f"fleet forwarder did not stop within {timeout_s} s") from None
+        if self._own_loop and not self._loop.is_closed():
             if self._thread.is_alive():
-                raise StreamError(f"fleet forwarder did not stop within {timeout_s} s")
-        elif not self._loop.is_closed():
-            self._loop.close()  # never started
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout_s)
+            self._loop.close()
         if self._failure is not None:
             raise StreamError(f"fleet forwarder failed: {self._failure}") from self._failure
 
@@ -164,19 +184,16 @@ class Forwarder:
         with self._status_lock:
             self._status = replace(self._status, **changes)
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
+    async def _run(self) -> None:
+        self._task = asyncio.current_task()
         try:
-            self._task = self._loop.create_task(self._main())
-            self._loop.run_until_complete(self._task)
+            await self._main()
         except asyncio.CancelledError:
             pass  # stopped while still connecting
-        except BaseException as err:
+        except Exception as err:
             log.exception("fleet forwarder of %s stopped", self.gateway_id)
             self._failure = err
             self._set_status(last_error=str(err))
-        finally:
-            self._loop.close()
 
     def _request_stop(self) -> None:
         self._stopping = True

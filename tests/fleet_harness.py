@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -377,3 +378,16 @@ async def _read_stream(conn: FleetConnection, timeout_s: float) -> list[StoredMe
 def read_stream(hub: FleetHub, timeout_s: float = 20.0) -> list[StoredMessage]:
     """Every message the stream holds, in stream order, read through the collectors' consumer."""
     return asyncio.run(_read_stream(hub.collector(), timeout_s))
+
+
+def start_collector(
+    hub: FleetHub, dsn: str, log: Path, batch: int = 20, ack_wait_s: float = 2.0
+) -> subprocess.Popen[bytes]:
+    """A `desanet hub collect` process with the hub's collector key; output to `log`."""
+    args = [sys.executable, "-m", "desanet.gateway.cli", "hub", "collect"]
+    for url in hub.nats.urls:
+        args += ["--nats", url]
+    args += ["--credentials", str(hub.files.collectors["collector"]), "--ca", str(hub.tls.ca)]
+    args += ["--dsn", dsn, "--batch", str(batch), "--ack-wait", str(ack_wait_s)]
+    with open(log, "ab") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)

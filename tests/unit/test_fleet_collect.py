@@ -11,8 +11,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +33,7 @@ from desanet.meter.fleet_store import (
     partition_bounds,
 )
 from desanet.meter.wire import decode_usage, encode_usage
-from tests.fleet_harness import FleetHub, fleet_hub
+from tests.fleet_harness import FleetHub, fleet_hub, start_collector
 from tests.pg_harness import PostgresCluster, postgres_cluster
 
 pytestmark = pytest.mark.unit
@@ -195,16 +193,6 @@ async def _ack_pending(hub: FleetHub) -> int:
         await nc.close()
 
 
-def _collector(hub: FleetHub, dsn: str, log: Path) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "desanet.gateway.cli", "hub", "collect"]
-    for url in hub.nats.urls:
-        args += ["--nats", url]
-    args += ["--credentials", str(hub.files.collectors["collector"]), "--ca", str(hub.tls.ca)]
-    args += ["--dsn", dsn, "--batch", "20", "--ack-wait", "2"]
-    with open(log, "ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-
-
 def test_collectors_share_the_stream_and_a_sigkill_mid_batch_loses_nothing(
     tmp_path: Path, dsn: str
 ) -> None:
@@ -212,7 +200,7 @@ def test_collectors_share_the_stream_and_a_sigkill_mid_batch_loses_nothing(
     rows = len(gateways) * messages * subs
     with fleet_hub(tmp_path / "hub", gateways) as hub:
         asyncio.run(_publish(hub, gateways, messages, subs))
-        first = _collector(hub, dsn, tmp_path / "c1.log")
+        first = start_collector(hub, dsn, tmp_path / "c1.log")
         try:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
@@ -232,7 +220,7 @@ def test_collectors_share_the_stream_and_a_sigkill_mid_batch_loses_nothing(
         finally:
             first.kill()
             first.wait()
-        others = [_collector(hub, dsn, tmp_path / f"c{i}.log") for i in (2, 3)]
+        others = [start_collector(hub, dsn, tmp_path / f"c{i}.log") for i in (2, 3)]
         try:
             deadline = time.monotonic() + 30
             while query(dsn, "SELECT count(*) FROM hub.usage")[0][0] < rows:

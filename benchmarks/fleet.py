@@ -92,8 +92,13 @@ def fleet_run(directory: Path, gateways: int, subscribers: int, seconds: float) 
                 proc.terminate()
                 proc.wait(30)
             loop.close()
-    if stored != sim.truth():
-        raise RuntimeError("PostgreSQL's usage differs from the simulator's truth")
+    truth = sim.truth()
+    if stored != truth:
+        wrong = sorted(k for k in truth.keys() | stored.keys() if stored.get(k) != truth.get(k))
+        raise RuntimeError(
+            f"PostgreSQL's usage differs from the simulator's truth for {len(wrong)} "
+            f"subscribers, e.g. {[(k, stored.get(k), truth.get(k)) for k in wrong[:3]]}"
+        )
     return {
         "case": "desanet: journal -> JetStream R3 -> collectors -> PostgreSQL",
         "gateways": gateways,

@@ -135,11 +135,12 @@ class FleetSim:
         return rows
 
     def truth(self) -> dict[tuple[str, str], tuple[int, int]]:
-        """(up, down) bytes of every subscriber of every gateway, summed over all intervals."""
+        """(up, down) bytes of every subscriber that moved, summed over all intervals."""
         return {
             (g.gateway_id, sub): (int(g.up_total[i]), int(g.down_total[i]))
             for g in self.gateways
             for i, sub in enumerate(g.subscribers)
+            if g.up_total[i]  # a moving subscriber moves by at least 1 byte each way
         }
 
     def last_seqs(self) -> dict[str, int]:

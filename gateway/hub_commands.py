@@ -107,6 +107,12 @@ def add_nats_collect_arguments(parser: argparse.ArgumentParser) -> None:
         "--ack-wait", type=float, default=30.0, help="s before the hub redelivers an unacked batch"
     )
     parser.add_argument("--idle-exit", type=float, help="exit after this many s without messages")
+    parser.add_argument(
+        "--consumer-replicas",
+        type=int,
+        default=0,
+        help="replicas of the shared consumer when this collector creates it (0: as the stream)",
+    )
     parser.add_argument("--report", metavar="YYYY-MM", help="print usage per subscriber and exit")
 
 
@@ -137,7 +143,12 @@ def cmd_hub_collect(args: argparse.Namespace) -> int:
     connection = FleetConnection(
         args.nats, args.credentials, args.name, collector_inbox(args.name), args.ca
     )
-    config = CollectorConfig(batch=args.batch, ack_wait_s=args.ack_wait, idle_exit_s=args.idle_exit)
+    config = CollectorConfig(
+        batch=args.batch,
+        ack_wait_s=args.ack_wait,
+        idle_exit_s=args.idle_exit,
+        consumer_replicas=args.consumer_replicas,
+    )
     stream = load_stream_config(args.stream_config) if args.stream_config else None
     collector = Collector(connection, dsn, config, stream)
 

@@ -17,7 +17,7 @@ VM_PACKAGES    := linux-image-amd64 qemu-system-x86 busybox-static
 # Debian packages the gateway and the test tiers need.
 DEB_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-$(KERNEL_FLAVOUR) python3-venv python3-dev \
 	iproute2 iputils-ping procps nftables iperf3 ethtool build-essential postgresql \
-	freeradius freeradius-postgresql freeradius-utils chromium \
+	freeradius freeradius-postgresql freeradius-utils chromium nats-server \
 	$(if $(VM_TIER),$(VM_PACKAGES))
 
 .PHONY: setup deb-packages venv build lint test test-unit test-kernel test-vm test-wheel \

@@ -99,6 +99,7 @@ setup(
         "numpy>=1.24,<3",
         "prometheus_client>=0.17,<1",
         "pyrad>=2.6,<3",
+        "nats-py[nkeys]>=2.6,<3",
     ],
     extras_require={
         "postgres": POSTGRES,

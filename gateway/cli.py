@@ -9,7 +9,13 @@ from collections.abc import Sequence
 
 from desanet import __version__
 from desanet.errors import DesanetError
-from desanet.gateway import commands, datapath_commands, import_commands, usage_commands
+from desanet.gateway import (
+    commands,
+    datapath_commands,
+    hub_commands,
+    import_commands,
+    usage_commands,
+)
 from desanet.gateway.console import commands as console_commands
 
 # Each module exposes `register(subparsers)`, adding its verbs with a `func(args) -> int`.
@@ -19,6 +25,7 @@ COMMAND_MODULES = (
     commands,
     import_commands,
     console_commands,
+    hub_commands,
 )
 
 

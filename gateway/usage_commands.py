@@ -111,7 +111,10 @@ def _print_message(msg: UsageMessage, as_json: bool) -> None:
         print(json.dumps(body), flush=True)
         return
     kind = " snapshot" if msg.snapshot else ""
-    print(f"{msg.gw} {msg.epoch} seq {msg.seq}{kind} [{msg.t0}, {msg.t1}) {len(msg)} subscribers", flush=True)
+    print(
+        f"{msg.gw} {msg.epoch} seq {msg.seq}{kind} [{msg.t0}, {msg.t1}) {len(msg)} subscribers",
+        flush=True,
+    )
     for event in msg.events:
         print(f"  event {event.sub}: {event.kind}: {event.detail}", flush=True)
     for rec in msg.records():

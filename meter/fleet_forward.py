@@ -1,0 +1,440 @@
+"""The gateway's forwarder: every journaled usage message, in seq order, to the hub's JetStream.
+
+The journal is the outbox. The forwarder reads it from the first message the
+hub has not acknowledged, publishes each message's bytes unchanged to
+`desanet.usage.<gw>` with `Nats-Msg-Id` = `<gw>:<epoch>:<seq>`, and keeps up
+to `window` publishes in flight, so a 600 ms satellite round trip still
+carries thousands of messages a second. The cursor (the last seq below which
+every message is acknowledged) moves only on acknowledgements and is written
+durably every `save_interval_s` and on stop. After an outage, a lost ack, or
+a restart it republishes from the cursor: JetStream drops the copies it
+already holds within its duplicate window, and the hub collector is
+idempotent on (gw, epoch, seq, sub) beyond it.
+
+Async beside a sync loop: one nats-py client whose event loop runs in this
+object's own thread. The service loop only calls `notify()` after it journals
+(a non-blocking wake-up), reads `status()`, and calls `stop()`; nothing else
+crosses the thread boundary. Where to resume in the journal is
+fleet_outbox's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from desanet.errors import StreamError
+from desanet.meter.fleet import MSG_ID_HEADER, FleetConnection, message_id, usage_subject
+from desanet.meter.fleet_outbox import Cursor, message_epoch, resume
+from desanet.meter.journal import Journal
+
+log = logging.getLogger(__name__)
+
+REFUSED_PAUSE_S = 0.25
+
+
+@dataclass(frozen=True)
+class ForwarderConfig:
+    """How hard the forwarder pushes: publishes in flight, journal read size, timeouts."""
+
+    window: int = 1024
+    read_batch: int = 256
+    ack_timeout_s: float = 10.0
+    save_interval_s: float = 0.5
+    stop_grace_s: float = 2.0
+    retry_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class ForwarderStatus:
+    """What the forwarder is doing, for `desanet status` and the tests."""
+
+    connected: bool = False
+    server: str | None = None
+    acked_seq: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    published: int = 0
+    republished: int = 0
+    last_error: str | None = None
+
+
+@dataclass
+class _InFlight:
+    epoch: str
+    future: asyncio.Future[int]  # the stream seq JetStream stored it at
+    sent: float
+
+
+class Forwarder:
+    """Forwards one gateway's journal to the hub from its own thread (see the module doc)."""
+
+    def __init__(
+        self,
+        gateway_id: str,
+        journal: Journal,
+        cursor_path: Path,
+        connection: FleetConnection,
+        config: ForwarderConfig | None = None,
+        epoch: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        """`loop`: run on this event loop (running in another thread) instead of an own one.
+
+        A gateway has one forwarder with its own loop and thread; the fleet simulator
+        runs hundreds of gateways' forwarders on one loop.
+        """
+        self.gateway_id = gateway_id
+        self.subject = usage_subject(gateway_id)
+        self.journal = journal
+        self.cursor_path = Path(cursor_path)
+        self.config = config or ForwarderConfig()
+        self._fallback_epoch = epoch
+        self._options = connection.connect_options()  # bad credentials or CA fail here
+        self._cursor = Cursor.load(self.cursor_path)
+        self._saved = self._cursor
+        self._status = ForwarderStatus(acked_seq=self._cursor.seq)
+        self._status_lock = threading.Lock()
+        self._failure: BaseException | None = None
+        self._own_loop = loop is None
+        self._loop = loop or asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"fleet-{gateway_id}", daemon=True
+        )
+        self._done: concurrent.futures.Future[None] | None = None
+        # Everything below belongs to the event loop.
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._outage_logged = False
+        self._task: asyncio.Task[None] | None = None
+        self._nc: Client | None = None
+        self._ack_prefix = ""
+        self._server_index = 0
+        self._refused = False
+        self._in_flight: dict[int, _InFlight] = {}  # insertion order is seq order
+        self._next_seq = 1
+        self._last_save = 0.0
+
+    # -- the service loop's side ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start forwarding (in its own thread unless given a loop); it catches up by itself."""
+        if self._own_loop:
+            self._thread.start()
+        self._done = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
+
+    def running(self) -> bool:
+        """True from start() until the forwarder stopped or failed."""
+        return self._done is not None and not self._done.done()
+
+    def notify(self) -> None:
+        """Tell the forwarder the journal grew (never blocks; safe from any thread)."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the forwarder stopped
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def status(self) -> ForwarderStatus:
+        """A snapshot of the forwarder's status."""
+        with self._status_lock:
+            return self._status
+
+    @property
+    def acked_seq(self) -> int:
+        """Every message up to this seq is on the hub: journal retention may drop them."""
+        return self.status().acked_seq
+
+    def wait_acked(self, seq: int, timeout_s: float) -> bool:
+        """Block until every message up to `seq` is acknowledged, or `timeout_s` passed."""
+        deadline = time.monotonic() + timeout_s
+        while self.acked_seq < seq and time.monotonic() < deadline and self.running():
+            time.sleep(0.02)
+        return self.acked_seq >= seq
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Wait briefly for the acks in flight, save the cursor, close the connection, join."""
+        if self._done is not None and not self._done.done():
+            self._loop.call_soon_threadsafe(self._request_stop)
+            try:
+                self._done.result(timeout_s)
+            except concurrent.futures.TimeoutError:
+                raise StreamError(f"fleet forwarder did not stop within {timeout_s} s") from None
+        if self._own_loop and not self._loop.is_closed():
+            if self._thread.is_alive():
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout_s)
+            self._loop.close()
+        if self._failure is not None:
+            raise StreamError(f"fleet forwarder failed: {self._failure}") from self._failure
+
+    # -- the forwarder's thread -------------------------------------------------------------
+
+    def _set_status(self, **changes: Any) -> None:
+        with self._status_lock:
+            self._status = replace(self._status, **changes)
+
+    async def _run(self) -> None:
+        self._task = asyncio.current_task()
+        try:
+            await self._main()
+        except asyncio.CancelledError:
+            pass  # stopped while still connecting
+        except Exception as err:
+            log.exception("fleet forwarder of %s stopped", self.gateway_id)
+            self._failure = err
+            self._set_status(last_error=str(err))
+
+    def _request_stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None and self._nc is None:
+            self._task.cancel()  # still connecting: nothing is in flight
+
+    async def _main(self) -> None:
+        self._cursor = await asyncio.to_thread(
+            resume, self.journal, self._cursor, self._fallback_epoch
+        )
+        self._next_seq = self._cursor.seq + 1
+        self._set_status(acked_seq=self._cursor.seq)
+        try:
+            while not self._stopping:
+                self._nc = nc = await self._connect()
+                if nc is None:
+                    return
+                try:
+                    await self._serve(nc)
+                finally:
+                    self._nc = None
+                    self._server_index += 1  # after a failure, try the next server first
+                    self._rewind("connection closed")
+                    await nc.close()
+                    self._set_status(connected=False, server=None)
+        finally:
+            self._save()
+
+    async def _connect(self) -> Client | None:
+        """A new connection to the first hub server that answers; None when stopping.
+
+        Each connection is new rather than nats-py's reconnect: a reconnected client
+        would first flush publishes it buffered while away, ahead of the resend from
+        the cursor, and the stream would hold them out of seq order.
+        """
+        options = self._options | {"allow_reconnect": False, "max_reconnect_attempts": 0}
+        servers = self._options["servers"]
+        while not self._stopping:
+            for _ in servers:
+                self._server_index %= len(servers)
+                url = servers[self._server_index]
+                try:
+                    nc = await nats.connect(
+                        **options | {"servers": [url]},
+                        error_cb=self._on_error,
+                        closed_cb=self._on_closed,
+                    )
+                except (OSError, TimeoutError, nats.errors.Error) as err:
+                    await self._on_error(err)
+                    self._server_index += 1
+                    continue
+                self._outage_logged = False
+                self._set_status(connected=True, server=_url(nc))
+                log.info("fleet: %s connected to %s", self.gateway_id, _url(nc))
+                return nc
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.retry_s)
+        return None
+
+    async def _serve(self, nc: Client) -> None:
+        """Forward over `nc` until it closes or the forwarder stops."""
+        cfg = self.config
+        # Acks come back to <own inbox>.<nuid>.<seq>: one subscription for the whole window.
+        self._ack_prefix = nc.new_inbox()
+        await nc.subscribe(self._ack_prefix + ".*", cb=self._on_ack)
+        while not self._stopping:
+            if not nc.is_connected:
+                log.warning("fleet: %s lost the hub; reconnecting", self.gateway_id)
+                return
+            await self._fill(nc)
+            await self._wait()
+            self._collect()
+            if self._refused:
+                # The stream has no leader for a moment (an election): do not spin.
+                self._refused = False
+                await asyncio.sleep(REFUSED_PAUSE_S)
+            oldest = next(iter(self._in_flight.items()), None)
+            if oldest is not None and time.monotonic() - oldest[1].sent > cfg.ack_timeout_s:
+                # A hung server keeps its TCP connection: leave it for the next one.
+                log.warning(
+                    "fleet: %s got no acknowledgement of seq %d in %s s from %s; reconnecting",
+                    self.gateway_id,
+                    oldest[0],
+                    cfg.ack_timeout_s,
+                    _url(nc),
+                )
+                return
+            if time.monotonic() - self._last_save >= cfg.save_interval_s:
+                self._save()
+        await self._drain(cfg.stop_grace_s)
+
+    async def _fill(self, nc: Client) -> None:
+        cfg = self.config
+        while len(self._in_flight) < cfg.window and self._next_seq <= self.journal.last_seq:
+            want = min(cfg.read_batch, cfg.window - len(self._in_flight))
+            records = await asyncio.to_thread(self.journal.read, self._next_seq, want)
+            if not records:
+                return
+            if records[0][0] != self._next_seq:
+                log.error(
+                    "fleet: seqs %d-%d left the journal before the hub had them (retention)",
+                    self._next_seq,
+                    records[0][0] - 1,
+                )
+            if not await self._publish(nc, records):
+                return
+
+    async def _publish(self, nc: Client, records: Iterable[tuple[int, bytes]]) -> bool:
+        """Publish `records` in order; False if the connection refused one (left for a rewind)."""
+        sent, ok = 0, True
+        for seq, message in records:
+            epoch = message_epoch(message, self._fallback_epoch)
+            headers = {MSG_ID_HEADER: message_id(self.gateway_id, epoch, seq)}
+            if not nc.is_connected:
+                ok = False  # gone since the last check: resent on the next connection
+                break
+            try:
+                await nc.publish(
+                    self.subject, message, reply=f"{self._ack_prefix}.{seq}", headers=headers
+                )
+            except nats.errors.Error as err:
+                # Closed meanwhile: resent on the next connection.
+                log.debug("fleet: publish of seq %d deferred: %s", seq, err)
+                ok = False
+                break
+            self._in_flight[seq] = _InFlight(epoch, self._loop.create_future(), time.monotonic())
+            self._next_seq = seq + 1
+            sent += 1
+        st = self.status()
+        self._set_status(
+            published=st.published + sent,
+            in_flight=len(self._in_flight),
+            max_in_flight=max(st.max_in_flight, len(self._in_flight)),
+        )
+        return ok
+
+    async def _on_ack(self, msg: Msg) -> None:
+        """JetStream's answer to one publish: a PubAck, an error, or 503 (no such stream).
+
+        An ack of an earlier attempt of the same seq also completes it: either way the
+        stream holds that message.
+        """
+        item = self._in_flight.get(int(msg.subject.rsplit(".", 1)[1]))
+        if item is None or item.future.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            item.future.set_exception(
+                StreamError(f"no stream answered for {self.subject} (missing, or electing)")
+            )
+            return
+        try:
+            body = json.loads(msg.data)
+        except ValueError:
+            body = {"error": {"description": f"unreadable acknowledgement {msg.data[:80]!r}"}}
+        if "error" in body:
+            item.future.set_exception(StreamError(f"hub refused: {body['error']}"))
+        else:
+            item.future.set_result(int(body.get("seq", 0)))
+
+    async def _wait(self) -> None:
+        """Until the oldest publish is answered, the journal grows, or the ack timeout nears."""
+        self._wake.clear()
+        woken = asyncio.ensure_future(self._wake.wait())
+        waiters: set[asyncio.Future[Any]] = {woken}
+        oldest = next(iter(self._in_flight.values()), None)
+        if oldest is not None:
+            waiters.add(oldest.future)
+        timeout = self.config.ack_timeout_s / 4 if oldest is not None else 1.0
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        woken.cancel()
+
+    def _collect(self) -> None:
+        """Move the cursor over the acknowledged prefix of the window."""
+        cursor = self._cursor
+        while self._in_flight:
+            seq, item = next(iter(self._in_flight.items()))
+            if not item.future.done():
+                break
+            error = None if item.future.cancelled() else item.future.exception()
+            if item.future.cancelled() or error is not None:
+                self._rewind(f"seq {seq} refused: {error!r}")
+                self._refused = True
+                break
+            del self._in_flight[seq]
+            cursor = Cursor(item.epoch, seq)
+        if cursor != self._cursor:
+            self._cursor = cursor
+            self._set_status(acked_seq=cursor.seq, in_flight=len(self._in_flight))
+
+    def _rewind(self, why: str) -> None:
+        """Forget every publish in flight and send again from the first unacknowledged one."""
+        if not self._in_flight:
+            return
+        count = len(self._in_flight)
+        log.info("fleet: resending %d messages from seq %d (%s)", count, self._cursor.seq + 1, why)
+        for item in self._in_flight.values():
+            item.future.cancel()
+        self._in_flight.clear()
+        self._next_seq = self._cursor.seq + 1
+        st = self.status()
+        self._set_status(republished=st.republished + count, in_flight=0)
+
+    async def _drain(self, grace_s: float) -> None:
+        """On stop: give the acks in flight a moment, so the saved cursor is recent."""
+        deadline = time.monotonic() + grace_s
+        while self._in_flight and (left := deadline - time.monotonic()) > 0:
+            oldest = next(iter(self._in_flight.values()))
+            await asyncio.wait({oldest.future}, timeout=left)
+            before = len(self._in_flight)
+            self._collect()
+            if len(self._in_flight) == before:
+                return  # refused or timed out: the next start resends it
+
+    def _save(self) -> None:
+        """Write the cursor if it moved (fsync'd: after a crash, resending starts here)."""
+        if self._cursor != self._saved:
+            self._cursor.save(self.cursor_path)
+            self._saved = self._cursor
+        self._last_save = time.monotonic()
+
+    async def _on_error(self, err: Exception) -> None:
+        text = str(err)
+        if "permissions violation" in text.lower() or "authorization" in text.lower():
+            log.error(
+                "fleet: the hub refused %s (%s): are these gateway %s's credentials?",
+                self.subject,
+                text,
+                self.gateway_id,
+            )
+        elif not self._outage_logged:
+            self._outage_logged = True  # once per outage: a week offline is not 600k lines
+            log.warning("fleet: %s cannot reach the hub (%s); retrying", self.gateway_id, text)
+        self._set_status(last_error=text)
+
+    async def _on_closed(self) -> None:
+        self._set_status(connected=False)
+        self._wake.set()  # the pump notices the closed connection at once
+
+
+def _url(nc: Client) -> str | None:
+    url = nc.connected_url
+    return None if url is None else f"{url.scheme}://{url.hostname}:{url.port}"

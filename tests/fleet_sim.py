@@ -28,7 +28,6 @@ from desanet.meter.service import MeterService, StreamConfig
 from tests.fleet_harness import FleetHub
 
 ANY_PORT = "tcp://127.0.0.1:*"
-EPOCH = "sim"  # usage messages carry no epoch yet: the forwarders name them with this one
 INTERVAL_MS = 1000
 
 
@@ -93,7 +92,6 @@ class FleetSim:
                 state / "fleet-cursor.json",
                 hub.gateway(gw),
                 config,
-                epoch=EPOCH,
                 loop=loop,
             )
             forwarder.start()

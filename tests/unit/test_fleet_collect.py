@@ -60,7 +60,7 @@ def dsn(pg: PostgresCluster) -> Iterator[str]:
     yield pg.dsn_for("postgres", name)
 
 
-def usage(gw: str, seq: int, t1: int, subs: list[str], up: list[int]) -> bytes:
+def usage(gw: str, seq: int, t1: int, subs: list[str], up: list[int], epoch: str = "e1") -> bytes:
     """A usage message: down = 2 * up, totals = up * seq (enough to tell them apart)."""
     columns = {
         "up": up,
@@ -70,7 +70,7 @@ def usage(gw: str, seq: int, t1: int, subs: list[str], up: list[int]) -> bytes:
         "up_total": [u * seq for u in up],
         "down_total": [2 * u * seq for u in up],
     }
-    return encode_usage(gw, seq, t1 - 1000, t1, subs, columns)
+    return encode_usage(gw, seq, t1 - 1000, t1, subs, columns, epoch=epoch)
 
 
 def stored(gw: str, seq: int, t1: int, subs: list[str], up: list[int]) -> StoredUsage:
@@ -131,13 +131,15 @@ def test_store_is_idempotent_and_the_monthly_report_reads_one_partition(dsn: str
 
 
 def test_a_message_must_come_from_the_gateway_it_names() -> None:
-    data = usage("gw2", 7, NOV[0] + 1000, ["a"], [1])
+    data = usage("gw2", 7, NOV[0] + 1000, ["a"], [1], epoch="e9")
     ok = decode_stored("desanet.usage.gw2", {fleet.MSG_ID_HEADER: "gw2:e9:7"}, data)
     assert (ok.epoch, ok.msg.gw, ok.msg.seq) == ("e9", "gw2", 7)
     with pytest.raises(StreamError, match="may speak only for itself"):
         decode_stored("desanet.usage.gw1", {fleet.MSG_ID_HEADER: "gw1:e9:7"}, data)
     with pytest.raises(StreamError, match="holds seq 7"):
         decode_stored("desanet.usage.gw2", {fleet.MSG_ID_HEADER: "gw2:e9:8"}, data)
+    with pytest.raises(StreamError, match="holds epoch 'e9'"):
+        decode_stored("desanet.usage.gw2", {fleet.MSG_ID_HEADER: "gw2:e8:7"}, data)
     with pytest.raises(StreamError, match="no Nats-Msg-Id"):
         decode_stored("desanet.usage.gw2", None, data)
 

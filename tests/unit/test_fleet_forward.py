@@ -1,8 +1,8 @@
 """The gateway's forwarder on a real nats-server: the journal reaches the stream once, in order.
 
 The meter service here journals real usage messages (tests/unit/test_stream's
-loopback gateway "gw1"). Messages do not carry an `epoch` yet, so the
-forwarder is given one ("e0") to name them with.
+loopback gateway "gw1"); each carries the epoch of the journal's life, which
+names it for the hub.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from tests.unit.test_stream import interval, loopback_service
 
 pytestmark = pytest.mark.unit
 
-EPOCH = "e0"
 WINDOW = ForwarderConfig(window=32, read_batch=16, ack_timeout_s=4.0, save_interval_s=0.1)
 
 
@@ -54,7 +53,7 @@ def journal_some(svc: MeterService, n: int, forwarder: Forwarder | None = None) 
 
 def forwarder(svc: MeterService, hub_: FleetHub) -> Forwarder:
     cursor = svc.state_dir / "fleet-cursor.json"
-    return Forwarder("gw1", svc.journal, cursor, hub_.gateway("gw1"), WINDOW, epoch=EPOCH)
+    return Forwarder("gw1", svc.journal, cursor, hub_.gateway("gw1"), WINDOW)
 
 
 def assert_exactly_the_journal(
@@ -64,7 +63,7 @@ def assert_exactly_the_journal(
     journaled = svc.journal.read(1, 10**6)
     if not in_order:
         stored = sorted(stored, key=lambda m: int(m.msg_id.rsplit(":", 1)[1]))
-    assert [m.msg_id for m in stored] == [f"gw1:{EPOCH}:{seq}" for seq, _ in journaled]
+    assert [m.msg_id for m in stored] == [f"gw1:{svc.epoch}:{seq}" for seq, _ in journaled]
     assert [m.data for m in stored] == [data for _, data in journaled], "bytes changed"
     assert {m.subject for m in stored} == {"desanet.usage.gw1"}
     if in_order:
@@ -85,7 +84,9 @@ def test_backlog_and_live_messages_reach_the_stream_once_in_order(
         fwd.stop()
     assert status.max_in_flight > 1, "publishes went one at a time"
     assert status.published == service.last_seq and status.republished == 0
-    assert Cursor.load(service.state_dir / "fleet-cursor.json") == Cursor(EPOCH, service.last_seq)
+    assert Cursor.load(service.state_dir / "fleet-cursor.json") == Cursor(
+        service.epoch, service.last_seq
+    )
     assert_exactly_the_journal(service, read_stream(hub))
 
 
@@ -129,9 +130,9 @@ def test_restart_resumes_after_the_last_acknowledged_message(
     # As if the gateway died after these acks but before saving its cursor: the hub
     # holds seqs the next start sends again, and drops them as duplicates.
     acked = Cursor.load(service.state_dir / "fleet-cursor.json")
-    assert acked == Cursor(EPOCH, service.last_seq)
+    assert acked == Cursor(service.epoch, service.last_seq)
     sent_before = acked.seq - 30
-    Cursor(EPOCH, sent_before).save(service.state_dir / "fleet-cursor.json")
+    Cursor(service.epoch, sent_before).save(service.state_dir / "fleet-cursor.json")
     journal_some(service, 40)  # the gateway restarts with the hub away
     node = hub.nats.nodes[0]
     node.stop()
@@ -187,7 +188,7 @@ def test_resume_checks_the_cursor_against_the_journal(tmp_path: Path) -> None:
     def message(epoch: str, seq: int) -> bytes:
         return bytes(msgpack.packb({"v": 1, "gw": "gw1", "seq": seq, "epoch": epoch}))
 
-    journal = Journal(tmp_path / "j", Retention(max_bytes=1, segment_bytes=200))
+    journal = Journal(tmp_path / "j", Retention(max_bytes=1, segment_bytes=200), epoch="e1")
     try:
         assert resume(journal, Cursor("e1", 40), None) == Cursor(), "empty: start at 1"
         for seq in range(1, 31):

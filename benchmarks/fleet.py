@@ -21,6 +21,7 @@ FreeRADIUS radacct peer). The hub's processes come from the test harness
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 import time
 from pathlib import Path
@@ -34,9 +35,6 @@ from desanet.cython_ext.usage import UsageInterval
 from desanet.meter.fleet_forward import ForwarderConfig
 from desanet.meter.keys import ServerSecurity
 from desanet.meter.service import MeterService, StreamConfig
-from tests.fleet_harness import fleet_hub, start_collector
-from tests.fleet_sim import ANY_PORT, FleetSim, LoopThread, gateway_ids
-from tests.pg_harness import postgres_cluster
 
 QUICK = {"gateways": 20, "subscribers": 20, "seconds": 3.0}
 FULL = {"gateways": 1000, "subscribers": 100, "seconds": 60.0}
@@ -60,6 +58,11 @@ def _stored(dsn: str) -> dict[tuple[str, str], tuple[int, int]]:
 
 
 def fleet_run(directory: Path, gateways: int, subscribers: int, seconds: float) -> dict[str, Any]:
+    # The checkout's harnesses start nats-server and PostgreSQL (see main()).
+    from tests.fleet_harness import fleet_hub, start_collector
+    from tests.fleet_sim import FleetSim, LoopThread, gateway_ids
+    from tests.pg_harness import postgres_cluster
+
     """One end-to-end run; the figures of the table row."""
     config = ForwarderConfig(window=256, read_batch=64)
     with (
@@ -117,7 +120,8 @@ def journal_bytes_per_interval(
 ) -> float:
     """Journal bytes per interval of one gateway whose `subscribers` all move every interval."""
     slots = {i: f"s{i:04d}" for i in range(1, subscribers + 1)}
-    stream = StreamConfig(ANY_PORT, ANY_PORT, ServerSecurity(plaintext=True))
+    any_port = "tcp://127.0.0.1:*"
+    stream = StreamConfig(any_port, any_port, ServerSecurity(plaintext=True))
     service = MeterService("desa-0001", directory, stream, slots)
     rng = np.random.default_rng(0)
     ids = np.arange(1, subscribers + 1, dtype=np.uint32)
@@ -146,6 +150,17 @@ def main() -> None:
         ["case", "gateways", "subscribers", "intervals", "rows", "end_to_end_s", "rows_per_s"],
         quick=args.quick,
     )
+    try:
+        harness = importlib.util.find_spec("tests.fleet_harness") is not None
+    except ModuleNotFoundError:  # no `tests`: not a source checkout
+        harness = False
+    if not harness:
+        report.skip(
+            args,
+            "it needs the fleet harness of a source checkout (tests/fleet_harness.py: "
+            "nats-server and PostgreSQL on loopback); run `make bench` in a clone",
+        )
+        return
     with tempfile.TemporaryDirectory(prefix="desanet-bench-fleet-") as tmp:
         row = fleet_run(
             Path(tmp) / "run",

@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHON = "/usr/bin/python3"
 Completed = subprocess.CompletedProcess[str]
 VM_BENCHMARKS = {"bufferbloat"}  # they boot the checkout's VM harness
+# They start the checkout's nats-server and PostgreSQL harnesses.
+HARNESS_BENCHMARKS = {"fleet": "tests/fleet_harness.py"}
 # Benchmarks of an optional part: without its extra they say which extra to install.
 EXTRA_BENCHMARKS = {"console": "desanet[console]"}
 
@@ -172,6 +174,11 @@ def check_bench(bin_dir: Path, away: Path) -> list[str]:
         if name in VM_BENCHMARKS:
             if "tests/vm" not in doc.get("skipped", ""):
                 raise CheckFailed(f"{name} should skip naming tests/vm outside a checkout: {doc}")
+        elif name in HARNESS_BENCHMARKS:
+            if HARNESS_BENCHMARKS[name] not in doc.get("skipped", ""):
+                raise CheckFailed(
+                    f"{name} should skip naming its harness outside a checkout: {doc}"
+                )
         elif name in EXTRA_BENCHMARKS:
             if EXTRA_BENCHMARKS[name] not in doc.get("skipped", ""):
                 raise CheckFailed(
@@ -195,7 +202,7 @@ def main() -> int:
             bin_dir = install(wheel, tmp)
             check_imported_from_the_venv(bin_dir, away)
             check_commands(bin_dir, away)
-            skipped = VM_BENCHMARKS | EXTRA_BENCHMARKS.keys()
+            skipped = VM_BENCHMARKS | EXTRA_BENCHMARKS.keys() | HARNESS_BENCHMARKS.keys()
             measured = [n for n in check_bench(bin_dir, away) if n not in skipped]
         except CheckFailed as err:
             print(f"test-wheel: FAILED: {err}", file=sys.stderr)

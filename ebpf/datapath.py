@@ -26,7 +26,14 @@ from pyroute2 import IPRoute
 from desanet.ebpf import abi, bpf_syscall, build, counter_sums, tc
 from desanet.ebpf.counter_sums import CounterSums
 from desanet.ebpf.maps import BpfMap
-from desanet.ebpf.prefixes import KeyTuple, key_of, parse_prefix, prefix_of
+from desanet.ebpf.prefixes import (
+    KeyTuple,
+    format_mac,
+    key_of,
+    parse_mac,
+    parse_prefix,
+    prefix_of,
+)
 from desanet.errors import DatapathError, ValidationError
 from desanet.validate import check_gateway_id
 
@@ -62,18 +69,34 @@ MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     abi.MAP_HOSTS: (abi.HostKey, ctypes.c_uint32),
     abi.MAP_SLOTS: (ctypes.c_uint32, abi.Slot),
     abi.MAP_SETTINGS: (ctypes.c_uint32, abi.Settings),
+    abi.MAP_MACS: (abi.MacKey, ctypes.c_uint32),
+    abi.MAP_GATEWAY_ADDRS: (abi.HostKey, ctypes.c_uint32),
+    abi.MAP_DROPS: (ctypes.c_uint32, abi.Drops),
 }
 
 
 @dataclass(frozen=True)
 class Provision:
-    """One slot as the datapath should hold it: its prefixes, HTB classids and flags."""
+    """One slot as the datapath should hold it: its prefixes, MACs, HTB classids and flags.
+
+    MACs with prefixes bind the prefixes to those MACs (ingress from another
+    MAC is dropped); MACs alone make the slot follow the device to whatever
+    address it uses. Either way an address no one owns, seen from one of the
+    MACs, is the slot's.
+    """
 
     slot: int
     prefixes: tuple[str, ...]
     down_classid: int = 0
     up_classid: int = 0
     flags: int = 0
+    macs: tuple[str, ...] = ()
+
+    @property
+    def slot_flags(self) -> int:
+        """The flags as the datapath holds them: MAC_BOUND added for prefixes with MACs."""
+        bound = abi.SLOT_MAC_BOUND if self.macs and self.prefixes else 0
+        return self.flags | bound
 
 
 class Datapath:
@@ -87,6 +110,7 @@ class Datapath:
         capacity: int = abi.DEFAULT_CAPACITY,
         upload_ifb: str | None = None,
         bpffs: Path = BPFFS,
+        block_unprovisioned: bool = False,
     ) -> None:
         check_gateway_id(gateway_id)
         if not 1 <= capacity <= 4_000_000:
@@ -98,11 +122,13 @@ class Datapath:
         self.capacity = capacity
         self.upload_ifb = upload_ifb
         self.bpffs = bpffs
+        self.block_unprovisioned = block_unprovisioned
         self.pin_dir = abi.pin_dir(gateway_id, lan, bpffs)
         self._bpf: Any = None  # the BCC module, in the process that attached
         self._maps: dict[str, BpfMap] = {}
         self._sums: CounterSums | None = None
         self._owner: dict[KeyTuple, int] = {}
+        self._mac_owner: dict[bytes, int] = {}
 
     # -- attach / detach -------------------------------------------------------------------
 
@@ -134,6 +160,7 @@ class Datapath:
         self._open_maps()
         self._set_settings(upload_index)
         self._load_owners()
+        self.refresh_gateway_addresses()
         log.info(
             "datapath attached to %s (capacity %d, maps in %s)",
             self.lan,
@@ -158,6 +185,7 @@ class Datapath:
         self._close_maps()
         self._bpf = None
         self._owner.clear()
+        self._mac_owner.clear()
 
     def detach(self) -> None:
         """Remove the filters, the clsact qdisc and the pinned maps of this interface."""
@@ -231,6 +259,9 @@ class Datapath:
         self._owner.update(
             ((_HOST, bytes(k.addr)), int(v)) for k, v in self._table(abi.MAP_HOSTS).items_batch()
         )
+        self._mac_owner = {
+            bytes(k.addr): int(v) for k, v in self._table(abi.MAP_MACS).items_batch()
+        }
 
     def _host_key(self, key: KeyTuple) -> abi.HostKey:
         return abi.HostKey((ctypes.c_uint8 * 16)(*key[1]))
@@ -270,6 +301,7 @@ class Datapath:
         if len(slots) != len(entries):
             raise ValidationError("a slot is listed twice in one provisioning")
         wanted: dict[KeyTuple, int] = {}
+        wanted_macs = self._wanted_macs(entries, slots)
         for entry in entries:
             self._check_slot(entry.slot)
             for text in entry.prefixes:
@@ -292,7 +324,8 @@ class Datapath:
         for key in stale:  # withdrawn first, so a prefix can move between slots in one call
             self._erase(key)
             del self._owner[key]
-        self._write_slots([(e.slot, e.down_classid, e.up_classid, e.flags) for e in entries])
+        self._replace_macs(slots, wanted_macs)
+        self._write_slots([(e.slot, e.down_classid, e.up_classid, e.slot_flags) for e in entries])
         fresh = [(k, s) for k, s in wanted.items() if self._owner.get(k) != s]
         written: list[KeyTuple] = []
         try:
@@ -312,6 +345,42 @@ class Datapath:
                     self._erase(key)
             raise DatapathError(f"cannot store subscriber prefixes: {err}") from err
         self._owner.update(fresh)
+
+    def _wanted_macs(self, entries: Sequence[Provision], slots: set[int]) -> dict[bytes, int]:
+        wanted: dict[bytes, int] = {}
+        for entry in entries:
+            if len(entry.macs) > abi.MACS_PER_SUBSCRIBER:
+                raise ValidationError(
+                    f"slot {entry.slot}: {len(entry.macs)} MACs, at most {abi.MACS_PER_SUBSCRIBER}"
+                )
+            for text in entry.macs:
+                mac = parse_mac(text)
+                if wanted.setdefault(mac, entry.slot) != entry.slot:
+                    raise ValidationError(
+                        f"MAC {format_mac(mac)} is listed for slots {wanted[mac]} and {entry.slot}"
+                    )
+                owner = self._mac_owner.get(mac, entry.slot)
+                if owner not in slots:
+                    raise ValidationError(f"MAC {format_mac(mac)} already belongs to slot {owner}")
+        return wanted
+
+    def _replace_macs(self, slots: set[int], wanted: dict[bytes, int]) -> None:
+        """Give `slots` exactly the MACs of `wanted` (checked by `_wanted_macs`)."""
+        table = self._table(abi.MAP_MACS)
+        for mac, owner in list(self._mac_owner.items()):
+            if owner in slots and wanted.get(mac) != owner:
+                table.delete(abi.MacKey((ctypes.c_uint8 * 6)(*mac)))
+                del self._mac_owner[mac]
+        fresh = [(m, s) for m, s in wanted.items() if self._mac_owner.get(m) != s]
+        if not fresh:
+            return
+        keys = (abi.MacKey * len(fresh))(*(abi.MacKey((ctypes.c_uint8 * 6)(*m)) for m, _ in fresh))
+        values = (ctypes.c_uint32 * len(fresh))(*(s for _, s in fresh))
+        try:
+            table.update_batch(keys, values)
+        except Exception as err:
+            raise DatapathError(f"cannot store subscriber MACs: {err}") from err
+        self._mac_owner.update(fresh)
 
     def _write_slots(self, rows: Sequence[tuple[int, int, int, int]]) -> None:
         if not rows:
@@ -334,6 +403,7 @@ class Datapath:
         for key in [k for k, owner in self._owner.items() if owner == slot]:
             self._erase(key)
             del self._owner[key]
+        self._replace_macs({slot}, {})
         self.set_slot(slot, 0, 0, 0)
 
     def prefixes(self) -> dict[int, list[str]]:
@@ -343,12 +413,56 @@ class Datapath:
             result.setdefault(slot, []).append(str(prefix_of(key)))
         return result
 
+    def macs(self) -> dict[int, list[str]]:
+        """Slot -> the MACs that map to it, as the kernel holds them."""
+        result: dict[int, list[str]] = {}
+        for mac, slot in self._mac_owner.items():
+            result.setdefault(slot, []).append(format_mac(mac))
+        return result
+
     def _key(self, key: KeyTuple) -> abi.LpmKey:
         length, addr = key
         return abi.LpmKey(length, (ctypes.c_uint8 * 16)(*addr))
 
     def _set_settings(self, upload_ifindex: int) -> None:
-        self._table(abi.MAP_SETTINGS).update(ctypes.c_uint32(0), abi.Settings(upload_ifindex, 0))
+        flags = abi.SETTING_BLOCK_UNPROVISIONED if self.block_unprovisioned else 0
+        self._table(abi.MAP_SETTINGS).update(
+            ctypes.c_uint32(0), abi.Settings(upload_ifindex, flags)
+        )
+
+    def refresh_gateway_addresses(self) -> None:
+        """Tell the datapath the gateway's own addresses: every address of its namespace.
+
+        Traffic to them (ingress) or from them (egress) passes every rule, so
+        DHCP, DNS and the console work for any device; call again when an
+        address of the gateway changes (a new WAN lease).
+        """
+        with IPRoute() as ipr:
+            # IFA_LOCAL is the interface's own address where IFA_ADDRESS is a point-to-point peer.
+            texts = [m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS") for m in ipr.get_addr()]
+        found = {key_of(parse_prefix(str(text)))[1] for text in texts if text}
+        if len(found) > abi.GATEWAY_ADDRS_MAX:
+            raise DatapathError(
+                f"the gateway has {len(found)} addresses; the datapath knows at most "
+                f"{abi.GATEWAY_ADDRS_MAX}"
+            )
+        table = self._table(abi.MAP_GATEWAY_ADDRS)
+        held = {bytes(k.addr) for k in table.keys()}
+        for addr in held - found:
+            table.delete(abi.HostKey((ctypes.c_uint8 * 16)(*addr)))
+        for addr in found - held:
+            table.update(abi.HostKey((ctypes.c_uint8 * 16)(*addr)), ctypes.c_uint32(1))
+
+    def read_drops(self) -> dict[str, tuple[int, int]]:
+        """Drop reason name (abi.DropReason) -> (packets, IP bytes) dropped since attach."""
+        table = self._table(abi.MAP_DROPS)
+        result = {}
+        for reason in abi.DropReason:
+            value = table.lookup(ctypes.c_uint32(reason.value))
+            result[reason.name.lower()] = (
+                (int(value.packets), int(value.bytes)) if value is not None else (0, 0)
+            )
+        return result
 
     # -- reading -------------------------------------------------------------------------------
 

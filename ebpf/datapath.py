@@ -447,7 +447,7 @@ class Datapath:
                 f"{abi.GATEWAY_ADDRS_MAX}"
             )
         table = self._table(abi.MAP_GATEWAY_ADDRS)
-        held = {bytes(k.addr) for k in table.keys()}
+        held = {bytes(k.addr) for k, _ in table.items_batch()}
         for addr in held - found:
             table.delete(abi.HostKey((ctypes.c_uint8 * 16)(*addr)))
         for addr in found - held:

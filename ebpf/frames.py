@@ -114,5 +114,6 @@ def udp_frame(
 
 def arp_frame() -> bytes:
     """An ARP request (not IP: the datapath must pass it uncounted)."""
-    body = struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, 1) + _mac(SRC_MAC) + bytes(4) + bytes(6) + bytes(4)
+    sender = _mac(SRC_MAC) + bytes(4)
+    body = struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, 1) + sender + bytes(6) + bytes(4)
     return ethernet(ETH_P_ARP, body)

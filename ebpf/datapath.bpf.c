@@ -15,7 +15,9 @@
  *   3. no address match: the subscriber-side MAC (source on ingress,
  *      destination on egress) gives the slot from the `macs` hash, so a
  *      subscriber given by MAC is followed to whatever address its device
- *      picks (DHCP lease, SLAAC, privacy addresses); still no match is slot 0;
+ *      picks (DHCP lease, SLAAC, privacy addresses); link-local and
+ *      unspecified addresses (DHCP discover, ND) are not followed; still no
+ *      match is slot 0;
  *   4. the rules, each with a drop reason counted in `drops` (stable numbers,
  *      desanet_abi.h): a MAC-bound slot's address from another MAC on ingress
  *      (MAC_MISMATCH), slot 0 when the policy blocks unprovisioned traffic
@@ -220,6 +222,19 @@ static __always_inline __u32 mac_slot(struct __sk_buff *skb, int down)
 	return slot && *slot < SLOTS ? *slot : 0;
 }
 
+/* Whether the subscriber-side address (IPv4-mapped for IPv4) is one no device is
+ * reached by beyond this link: IPv6 link-local or unspecified, IPv4 0.0.0.0.
+ * Such packets (DHCP discover, ND, MLD) are the device's talk with the gateway,
+ * not its traffic: they are not followed by MAC, so not billed to its slot. */
+static __always_inline int link_scoped(const __u8 *addr)
+{
+	if (addr[0] == 0xfe && (addr[1] & 0xc0) == 0x80)
+		return 1;
+	/* IPv6 :: and IPv4 0.0.0.0 (::ffff:0.0.0.0) differ only in bytes 10 and 11 */
+	__u32 low = addr[12] | addr[13] | addr[14] | addr[15];
+	return addr[0] == 0 && low == 0;
+}
+
 /* Whether the packet is between a device and the gateway itself: on ingress
  * its destination, on egress its source, is the gateway's own or link-scoped
  * (see the top of this file). */
@@ -280,7 +295,7 @@ static __always_inline int account(struct __sk_buff *skb, int down)
 		found = subscribers.lookup(&p.key);
 	if (found && *found < SLOTS)
 		slot = *found;
-	else
+	else if (!link_scoped(p.key.addr))
 		slot = mac_slot(skb, down);
 
 	struct desanet_slot *cfg = slots.lookup(&slot);

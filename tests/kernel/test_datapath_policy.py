@@ -135,9 +135,13 @@ def test_a_mac_only_subscriber_is_followed_across_addresses(blocking: Datapath) 
     privacy = "2001:db8:5:0:8d1c:2f0e:aa41:9b03"  # a new SLAAC privacy address
     assert up(blocking, privacy, INTERNET_V6, MOBILE_MAC) == TC_ACT_OK
     assert down(blocking, INTERNET_V6, privacy, MOBILE_MAC) == TC_ACT_OK
+    # Its DHCP discover and ND from link-local are talk with the gateway: slot 0, not billed.
+    assert up(blocking, "0.0.0.0", "255.255.255.255", MOBILE_MAC, frames.BROADCAST_MAC) == TC_ACT_OK
+    assert up(blocking, "fe80::5", "ff02::2", MOBILE_MAC, "33:33:00:00:00:02") == TC_ACT_OK
     c = counters(blocking)
     assert c[5].tolist() == [3 * IP_BYTES, 3, 3 * IP_BYTES, 3]
-    assert c[0].sum() == c[1].sum() == 0
+    assert c[0].tolist() == [2 * IP_BYTES, 2, 0, 0]
+    assert c[1].sum() == 0
     assert blocking.read_drops()["unprovisioned"] == (0, 0)
 
 

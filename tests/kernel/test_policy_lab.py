@@ -17,8 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from desanet.gateway.lab import GW_LAN_V4, GW_LAN_V6, INET_V4, INET_V6, Village, in_netns
-from desanet.gateway.lab import netns_cmd, village
+from desanet.gateway.lab import (
+    GW_LAN_V4,
+    GW_LAN_V6,
+    INET_V4,
+    INET_V6,
+    Village,
+    in_netns,
+    netns_cmd,
+    village,
+)
 from desanet.gateway.status import StatusSnapshot, read_snapshot
 from desanet.meter.client import UsageClient
 

@@ -159,7 +159,8 @@ class GatewayService:
         self._poller = Poller(self.delivered, self.aggregator)
         self.seq = parts.meter.last_seq
         # Slots the kernel still steers but no subscriber holds (removed while we were down).
-        stale = set(parts.datapath.prefixes()) - set(self.slots.slots.values())
+        steered = set(parts.datapath.prefixes()) | set(parts.datapath.macs())
+        stale = steered - set(self.slots.slots.values())
         self._shape_and_provision(set(self.by_id), sorted(stale))
         if cfg.metrics_listen is not None:
             serve(self.collector, *cfg.metrics_listen)

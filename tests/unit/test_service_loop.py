@@ -123,6 +123,13 @@ class FakeDatapath:
     def read_drops(self) -> dict[str, tuple[int, int]]:
         return dict(self.drops)
 
+    def macs(self) -> dict[int, list[str]]:
+        result: dict[int, list[str]] = {}
+        for slot, entry in self.slots.items():
+            if entry.macs:
+                result[slot] = list(entry.macs)
+        return result
+
     def prefixes(self) -> dict[int, list[str]]:
         result: dict[int, list[str]] = {}
         for prefix, slot in self.steering.items():
@@ -346,6 +353,18 @@ def test_a_slot_nobody_holds_is_unprovisioned_at_start(lab: Lab) -> None:
         lab.datapath.send("10.0.0.1", up=100)
         lab.tick(service)
         assert lab.billed() == {"s1": (100, 0)}
+    finally:
+        service.close()
+
+
+def test_a_mac_only_slot_nobody_holds_is_unprovisioned_at_start(lab: Lab) -> None:
+    # The kernel still follows a removed MAC-only subscriber's device into slot 9.
+    lab.datapath.slots[9] = Provision(9, (), 0, 0, 0, ("02:00:00:00:00:09",))
+    lab.write(S1, S2)
+    service = lab.service()
+    service.start()
+    try:
+        assert 9 not in lab.datapath.macs() and 9 not in lab.datapath.slots
     finally:
         service.close()
 

@@ -230,7 +230,8 @@ static __always_inline int link_scoped(const __u8 *addr)
 {
 	if (addr[0] == 0xfe && (addr[1] & 0xc0) == 0x80)
 		return 1;
-	/* IPv6 :: and IPv4 0.0.0.0 (::ffff:0.0.0.0) differ only in bytes 10 and 11 */
+	/* A first byte of 0 and a last four of 0: IPv6 :: and IPv4 0.0.0.0 (::ffff:0.0.0.0);
+	 * nothing a device is reached by looks like that (unicast is 2000::/3, fc00::/7). */
 	__u32 low = addr[12] | addr[13] | addr[14] | addr[15];
 	return addr[0] == 0 && low == 0;
 }

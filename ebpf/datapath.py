@@ -6,6 +6,10 @@ loader finds the same counters and keeps counting; the counter summing program
 an attached datapath through those pins alone (bpf(2), no BCC, no compiler);
 `detach()` removes the tc filters, the clsact qdisc and the pins, leaving
 nothing behind.
+
+Over 400 lines because it is one class whose attach, open and provisioning
+share the maps' handles and the owner tables; the policy maps' own work
+(MACs, the gateway's addresses, drops) is in ebpf/policy_maps.py.
 """
 
 from __future__ import annotations
@@ -23,17 +27,10 @@ import numpy as np
 import numpy.typing as npt
 from pyroute2 import IPRoute
 
-from desanet.ebpf import abi, bpf_syscall, build, counter_sums, tc
+from desanet.ebpf import abi, bpf_syscall, build, counter_sums, policy_maps, tc
 from desanet.ebpf.counter_sums import CounterSums
 from desanet.ebpf.maps import BpfMap
-from desanet.ebpf.prefixes import (
-    KeyTuple,
-    format_mac,
-    key_of,
-    parse_mac,
-    parse_prefix,
-    prefix_of,
-)
+from desanet.ebpf.prefixes import KeyTuple, format_mac, key_of, parse_prefix, prefix_of
 from desanet.errors import DatapathError, ValidationError
 from desanet.validate import check_gateway_id
 
@@ -301,7 +298,7 @@ class Datapath:
         if len(slots) != len(entries):
             raise ValidationError("a slot is listed twice in one provisioning")
         wanted: dict[KeyTuple, int] = {}
-        wanted_macs = self._wanted_macs(entries, slots)
+        wanted_macs = policy_maps.wanted_macs(entries, slots, self._mac_owner)
         for entry in entries:
             self._check_slot(entry.slot)
             for text in entry.prefixes:
@@ -324,7 +321,7 @@ class Datapath:
         for key in stale:  # withdrawn first, so a prefix can move between slots in one call
             self._erase(key)
             del self._owner[key]
-        self._replace_macs(slots, wanted_macs)
+        policy_maps.replace_macs(self._table(abi.MAP_MACS), self._mac_owner, slots, wanted_macs)
         self._write_slots([(e.slot, e.down_classid, e.up_classid, e.slot_flags) for e in entries])
         fresh = [(k, s) for k, s in wanted.items() if self._owner.get(k) != s]
         written: list[KeyTuple] = []
@@ -345,42 +342,6 @@ class Datapath:
                     self._erase(key)
             raise DatapathError(f"cannot store subscriber prefixes: {err}") from err
         self._owner.update(fresh)
-
-    def _wanted_macs(self, entries: Sequence[Provision], slots: set[int]) -> dict[bytes, int]:
-        wanted: dict[bytes, int] = {}
-        for entry in entries:
-            if len(entry.macs) > abi.MACS_PER_SUBSCRIBER:
-                raise ValidationError(
-                    f"slot {entry.slot}: {len(entry.macs)} MACs, at most {abi.MACS_PER_SUBSCRIBER}"
-                )
-            for text in entry.macs:
-                mac = parse_mac(text)
-                if wanted.setdefault(mac, entry.slot) != entry.slot:
-                    raise ValidationError(
-                        f"MAC {format_mac(mac)} is listed for slots {wanted[mac]} and {entry.slot}"
-                    )
-                owner = self._mac_owner.get(mac, entry.slot)
-                if owner not in slots:
-                    raise ValidationError(f"MAC {format_mac(mac)} already belongs to slot {owner}")
-        return wanted
-
-    def _replace_macs(self, slots: set[int], wanted: dict[bytes, int]) -> None:
-        """Give `slots` exactly the MACs of `wanted` (checked by `_wanted_macs`)."""
-        table = self._table(abi.MAP_MACS)
-        for mac, owner in list(self._mac_owner.items()):
-            if owner in slots and wanted.get(mac) != owner:
-                table.delete(abi.MacKey((ctypes.c_uint8 * 6)(*mac)))
-                del self._mac_owner[mac]
-        fresh = [(m, s) for m, s in wanted.items() if self._mac_owner.get(m) != s]
-        if not fresh:
-            return
-        keys = (abi.MacKey * len(fresh))(*(abi.MacKey((ctypes.c_uint8 * 6)(*m)) for m, _ in fresh))
-        values = (ctypes.c_uint32 * len(fresh))(*(s for _, s in fresh))
-        try:
-            table.update_batch(keys, values)
-        except Exception as err:
-            raise DatapathError(f"cannot store subscriber MACs: {err}") from err
-        self._mac_owner.update(fresh)
 
     def _write_slots(self, rows: Sequence[tuple[int, int, int, int]]) -> None:
         if not rows:
@@ -403,7 +364,7 @@ class Datapath:
         for key in [k for k, owner in self._owner.items() if owner == slot]:
             self._erase(key)
             del self._owner[key]
-        self._replace_macs({slot}, {})
+        policy_maps.replace_macs(self._table(abi.MAP_MACS), self._mac_owner, {slot}, {})
         self.set_slot(slot, 0, 0, 0)
 
     def prefixes(self) -> dict[int, list[str]]:
@@ -437,32 +398,13 @@ class Datapath:
         DHCP, DNS and the console work for any device; call again when an
         address of the gateway changes (a new WAN lease).
         """
-        with IPRoute() as ipr:
-            # IFA_LOCAL is the interface's own address where IFA_ADDRESS is a point-to-point peer.
-            texts = [m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS") for m in ipr.get_addr()]
-        found = {key_of(parse_prefix(str(text)))[1] for text in texts if text}
-        if len(found) > abi.GATEWAY_ADDRS_MAX:
-            raise DatapathError(
-                f"the gateway has {len(found)} addresses; the datapath knows at most "
-                f"{abi.GATEWAY_ADDRS_MAX}"
-            )
-        table = self._table(abi.MAP_GATEWAY_ADDRS)
-        held = {bytes(k.addr) for k, _ in table.items_batch()}
-        for addr in held - found:
-            table.delete(abi.HostKey((ctypes.c_uint8 * 16)(*addr)))
-        for addr in found - held:
-            table.update(abi.HostKey((ctypes.c_uint8 * 16)(*addr)), ctypes.c_uint32(1))
+        policy_maps.store_gateway_addresses(
+            self._table(abi.MAP_GATEWAY_ADDRS), policy_maps.own_addresses()
+        )
 
     def read_drops(self) -> dict[str, tuple[int, int]]:
-        """Drop reason name (abi.DropReason) -> (packets, IP bytes) dropped since attach."""
-        table = self._table(abi.MAP_DROPS)
-        result = {}
-        for reason in abi.DropReason:
-            value = table.lookup(ctypes.c_uint32(reason.value))
-            result[reason.name.lower()] = (
-                (int(value.packets), int(value.bytes)) if value is not None else (0, 0)
-            )
-        return result
+        """Drop reason name (abi.DropReason, lower case) -> (packets, IP bytes) since attach."""
+        return policy_maps.read_drops(self._table(abi.MAP_DROPS))
 
     # -- reading -------------------------------------------------------------------------------
 

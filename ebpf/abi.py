@@ -1,6 +1,7 @@
 """Python mirror of ebpf/desanet_abi.h (tests/unit/test_abi.py checks sizes and offsets)."""
 
 import ctypes
+import enum
 from pathlib import Path
 
 HEADER = Path(__file__).with_name("desanet_abi.h")
@@ -9,6 +10,8 @@ BPFFS = Path("/sys/fs/bpf")
 SLOT_UNMATCHED = 0
 DEFAULT_CAPACITY = 65536
 PREFIXES_PER_SUBSCRIBER = 4
+MACS_PER_SUBSCRIBER = 4
+GATEWAY_ADDRS_MAX = 256
 
 MAP_SUBSCRIBERS = "subscribers"
 MAP_HOSTS = "hosts"
@@ -17,6 +20,9 @@ MAP_SLOTS = "slots"
 MAP_SETTINGS = "settings"
 MAP_COUNTER_SUMS = "counter_sums"
 PROG_SUM_COUNTERS = "sum_counters"
+MAP_MACS = "macs"
+MAP_GATEWAY_ADDRS = "gateway_addrs"
+MAP_DROPS = "drops"
 # Everything pinned in a datapath's directory, maps and program alike.
 PINNED = (
     MAP_SUBSCRIBERS,
@@ -26,9 +32,25 @@ PINNED = (
     MAP_SETTINGS,
     MAP_COUNTER_SUMS,
     PROG_SUM_COUNTERS,
+    MAP_MACS,
+    MAP_GATEWAY_ADDRS,
+    MAP_DROPS,
 )
 
 SLOT_BLOCKED = 0x1
+SLOT_MAC_BOUND = 0x2
+SETTING_BLOCK_UNPROVISIONED = 0x1
+
+
+class DropReason(enum.IntEnum):
+    """Why the datapath dropped a packet: DESANET_DROP_* of the header, the `drops` map index."""
+
+    BLOCKED = 1
+    UNPROVISIONED = 2
+    MAC_MISMATCH = 3
+
+
+DROP_REASONS = 4  # entries of the `drops` map (index 0 is unused)
 
 # Columns of struct desanet_counters, in order; the aggregator reads them by index.
 COUNTER_FIELDS = ("up_bytes", "up_pkts", "down_bytes", "down_pkts")
@@ -44,6 +66,18 @@ class HostKey(ctypes.Structure):
     """struct desanet_host_key: a whole 16-byte (IPv4-mapped for v4) address."""
 
     _fields_ = [("addr", ctypes.c_uint8 * 16)]
+
+
+class MacKey(ctypes.Structure):
+    """struct desanet_mac_key: one Ethernet address."""
+
+    _fields_ = [("addr", ctypes.c_uint8 * 6)]
+
+
+class Drops(ctypes.Structure):
+    """struct desanet_drops: packets and IP bytes dropped for one reason, all CPUs."""
+
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
 
 class Counters(ctypes.Structure):
@@ -70,9 +104,9 @@ class SumRun(ctypes.Structure):
 
 
 class Settings(ctypes.Structure):
-    """struct desanet_settings: the upload IFB ifindex."""
+    """struct desanet_settings: the upload IFB ifindex and SETTING_* flags."""
 
-    _fields_ = [("upload_ifindex", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+    _fields_ = [("upload_ifindex", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
 STRUCTS: dict[str, type[ctypes.Structure]] = {
@@ -82,6 +116,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "desanet_slot": Slot,
     "desanet_sum_run": SumRun,
     "desanet_settings": Settings,
+    "desanet_mac_key": MacKey,
+    "desanet_drops": Drops,
 }
 
 

@@ -6,22 +6,47 @@
  * Per packet, in order:
  *   1. parse Ethernet, at most one in-band 802.1Q/802.1ad tag, then IPv4 or
  *      IPv6; anything else (ARP, other ethertypes, truncated headers) returns
- *      TC_ACT_OK untouched and uncounted;
+ *      TC_ACT_OK untouched and uncounted: non-IP is link-local and always
+ *      works, whatever the policy;
  *   2. the subscriber-side address (source on ingress, destination on egress)
  *      gives the slot: first an exact-match hash of host addresses (/32,
  *      /128: the longest match there can be, at a cost flat in the number of
- *      subscribers), else one LPM-trie lookup; no match is slot 0;
- *   3. add the IP bytes (header + payload) and packets to the slot's per-CPU
+ *      subscribers), else one LPM-trie lookup;
+ *   3. no address match: the subscriber-side MAC (source on ingress,
+ *      destination on egress) gives the slot from the `macs` hash, so a
+ *      subscriber given by MAC is followed to whatever address its device
+ *      picks (DHCP lease, SLAAC, privacy addresses); link-local and
+ *      unspecified addresses (DHCP discover, ND) are not followed; still no
+ *      match is slot 0;
+ *   4. the rules, each with a drop reason counted in `drops` (stable numbers,
+ *      desanet_abi.h): a MAC-bound slot's address from another MAC on ingress
+ *      (MAC_MISMATCH), slot 0 when the policy blocks unprovisioned traffic
+ *      (UNPROVISIONED), a blocked slot (BLOCKED). Traffic between a device and
+ *      the gateway itself passes every rule (DHCP, DNS, ND, the console) and
+ *      is counted in slot 0, billed to nobody. Only these slow paths ask
+ *      whether a packet is the gateway's own, so a subscriber's packet pays
+ *      nothing for the rules but one flags test;
+ *   5. add the IP bytes (header + payload) and packets to the slot's per-CPU
  *      counters; a GSO/GRO super-packet counts as the packets it is on the wire;
- *   4. if the shaper gave the slot an HTB class, put it in skb->priority (HTB
- *      picks the class from it before any filter); a blocked slot is dropped
- *      here, before counting, so blocked traffic is never billed;
- *   5. ingress only, when an upload IFB is configured: return TC_ACT_UNSPEC,
+ *   6. if the shaper gave the slot an HTB class, put it in skb->priority (HTB
+ *      picks the class from it before any filter; slot 0's class is the
+ *      policy's wall or bounded share);
+ *   7. ingress only, when an upload IFB is configured: return TC_ACT_UNSPEC,
  *      so that the next filter, `desanet_steer` with a mirred action, moves
  *      the packet to the IFB whose HTB tree shapes upload. bpf_redirect()
  *      would be shorter, but IFB drops what is not marked as redirected, and
  *      bpf_redirect() marks packets only since Linux 6.5 (Debian 12 ships 6.1);
  *      act_mirred marks them on every kernel.
+ *
+ * "The gateway itself": on ingress the destination, on egress the source, is
+ * one of the gateway's own addresses (the `gateway_addrs` hash, which the
+ * loader fills from every interface of the gateway's namespace), or it is
+ * link-scoped (IPv6 link-local or multicast, IPv4 broadcast or multicast, a
+ * group destination MAC), which a router never forwards. Neither the packet
+ * type nor the ifindex of __sk_buff tells: a forwarded packet arrives
+ * addressed to the gateway's MAC (PACKET_HOST) on the same interface as a
+ * local one, and the routing decision is made after tc ingress; the address
+ * is what UAPI alone can see.
  *
  * Cost: benchmarks/datapath.py (BPF_PROG_TEST_RUN, ns per packet over an empty
  * program). Settings are compile-time defines set by the loader (capacity, pin
@@ -57,6 +82,13 @@ BPF_TABLE_PINNED("array", __u32, struct desanet_slot, slots, SLOTS,
 		 DESANET_PIN_DIR "/" DESANET_MAP_SLOTS);
 BPF_TABLE_PINNED("array", __u32, struct desanet_settings, settings, 1,
 		 DESANET_PIN_DIR "/" DESANET_MAP_SETTINGS);
+BPF_TABLE_PINNED("hash", struct desanet_mac_key, __u32, macs,
+		 DESANET_CAPACITY * DESANET_MACS_PER_SUBSCRIBER,
+		 DESANET_PIN_DIR "/" DESANET_MAP_MACS);
+BPF_TABLE_PINNED("hash", struct desanet_host_key, __u32, gateway_addrs, DESANET_GATEWAY_ADDRS_MAX,
+		 DESANET_PIN_DIR "/" DESANET_MAP_GATEWAY_ADDRS);
+BPF_TABLE_PINNED("array", __u32, struct desanet_drops, drops, DESANET_DROP_REASONS,
+		 DESANET_PIN_DIR "/" DESANET_MAP_DROPS);
 
 #define VLAN_HLEN 4
 #define ETH_P_8021Q_BE 0x0081  /* htons(ETH_P_8021Q) */
@@ -65,11 +97,14 @@ BPF_TABLE_PINNED("array", __u32, struct desanet_settings, settings, 1,
 #define ETH_P_IPV6_BE 0xDD86   /* htons(ETH_P_IPV6) */
 
 /* What parsing found: the subscriber-side address as a trie key, the IP bytes
- * the packet is on the wire, and how many packets that is. */
+ * the packet is on the wire, how many packets that is, and where the network
+ * header starts (for the slow paths, which read the other address again). */
 struct parsed {
 	struct desanet_lpm_key key;
 	__u64 ip_bytes;
 	__u64 packets;
+	__u32 l3_off;
+	__u32 ipv6;
 };
 
 /* Header bytes repeated in every segment of a GSO packet beyond the first:
@@ -137,6 +172,7 @@ static __always_inline int parse(struct __sk_buff *skb, int dst, struct parsed *
 			return -1;
 		p->key.prefixlen = 128;
 		__builtin_memcpy(p->key.addr, dst ? &ip6->daddr : &ip6->saddr, 16);
+		p->ipv6 = 1;
 		p->ip_bytes = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
 		l4_proto = ip6->nexthdr;
 		l4_off = l3_off + sizeof(*ip6);
@@ -147,6 +183,7 @@ static __always_inline int parse(struct __sk_buff *skb, int dst, struct parsed *
 
 	if (skb->len < l3_off + hdr_len)
 		return -1;
+	p->l3_off = l3_off;
 	__u32 l3_len = skb->len - l3_off;
 	if (skb->gso_size) {
 		/* A super-packet (its length field may be 0 or stale): the wire sees
@@ -169,10 +206,88 @@ static __always_inline int parse(struct __sk_buff *skb, int dst, struct parsed *
 	return 0;
 }
 
+/* The slot of the subscriber-side MAC (source on ingress, destination on
+ * egress), or 0 when no subscriber has it. */
+static __always_inline __u32 mac_slot(struct __sk_buff *skb, int down)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct desanet_mac_key key;
+
+	/* parse() checked the Ethernet header, but the verifier needs it again here. */
+	if (data + sizeof(struct ethhdr) > data_end)
+		return 0;
+	__builtin_memcpy(key.addr, down ? data : data + ETH_ALEN, ETH_ALEN);
+	__u32 *slot = macs.lookup(&key);
+	return slot && *slot < SLOTS ? *slot : 0;
+}
+
+/* Whether the subscriber-side address (IPv4-mapped for IPv4) is one no device is
+ * reached by beyond this link: IPv6 link-local or unspecified, IPv4 0.0.0.0.
+ * Such packets (DHCP discover, ND, MLD) are the device's talk with the gateway,
+ * not its traffic: they are not followed by MAC, so not billed to its slot. */
+static __always_inline int link_scoped(const __u8 *addr)
+{
+	if (addr[0] == 0xfe && (addr[1] & 0xc0) == 0x80)
+		return 1;
+	/* A first byte of 0 and a last four of 0: IPv6 :: and IPv4 0.0.0.0 (::ffff:0.0.0.0);
+	 * nothing a device is reached by looks like that (unicast is 2000::/3, fc00::/7). */
+	__u32 low = addr[12] | addr[13] | addr[14] | addr[15];
+	return addr[0] == 0 && low == 0;
+}
+
+/* Whether the packet is between a device and the gateway itself: on ingress
+ * its destination, on egress its source, is the gateway's own or link-scoped
+ * (see the top of this file). */
+static __always_inline int is_local(struct __sk_buff *skb, int down, struct parsed *p)
+{
+	struct desanet_host_key peer = {};
+
+	if (!down) {
+		__u8 dst_mac0;
+		/* The group bit: broadcast and multicast frames are never routed on. */
+		if (bpf_skb_load_bytes(skb, 0, &dst_mac0, 1) < 0)
+			return 0;
+		if (dst_mac0 & 1)
+			return 1;
+	}
+	if (p->ipv6) {
+		/* daddr at 24, saddr at 8 of the IPv6 header */
+		if (bpf_skb_load_bytes(skb, p->l3_off + (down ? 8 : 24), peer.addr, 16) < 0)
+			return 0;
+		if (peer.addr[0] == 0xff && !down)
+			return 1; /* multicast: ND, MLD, DHCPv6 */
+		if (peer.addr[0] == 0xfe && (peer.addr[1] & 0xc0) == 0x80)
+			return 1; /* link-local fe80::/10: the gateway's own link */
+	} else {
+		/* saddr at 12, daddr at 16 of the IPv4 header */
+		if (bpf_skb_load_bytes(skb, p->l3_off + (down ? 12 : 16), &peer.addr[12], 4) < 0)
+			return 0;
+		if (!down && ((peer.addr[12] & 0xf0) == 0xe0 ||
+			      (peer.addr[12] & peer.addr[13] & peer.addr[14] & peer.addr[15]) == 0xff))
+			return 1; /* multicast 224/4, limited broadcast (DHCP) */
+		peer.addr[10] = 0xff;
+		peer.addr[11] = 0xff;
+	}
+	return gateway_addrs.lookup(&peer) != NULL;
+}
+
+static __always_inline void count_drop(__u32 reason, struct parsed *p)
+{
+	struct desanet_drops *d = drops.lookup(&reason);
+	if (d) {
+		/* A shared (not per-CPU) array: drops are rare, an atomic add is cheap there. */
+		lock_xadd(&d->packets, p->packets);
+		lock_xadd(&d->bytes, p->ip_bytes);
+	}
+}
+
+/* Returns 0 for a counted packet, -1 for one not counted (not IP), -2 for a drop. */
 static __always_inline int account(struct __sk_buff *skb, int down)
 {
 	struct parsed p = {};
 	__u32 slot = DESANET_SLOT_UNMATCHED;
+	__u32 reason = 0;
 
 	if (parse(skb, down, &p) < 0)
 		return -1;
@@ -181,15 +296,41 @@ static __always_inline int account(struct __sk_buff *skb, int down)
 		found = subscribers.lookup(&p.key);
 	if (found && *found < SLOTS)
 		slot = *found;
+	else if (!link_scoped(p.key.addr))
+		slot = mac_slot(skb, down);
 
 	struct desanet_slot *cfg = slots.lookup(&slot);
-	if (cfg) {
+	if (!cfg)
+		return -1; /* cannot happen: slot < SLOTS; the verifier needs the check */
+	if (cfg->flags) {
 		if (cfg->flags & DESANET_SLOT_BLOCKED)
-			return -2;
-		__u32 classid = down ? cfg->down_classid : cfg->up_classid;
-		if (classid)
-			skb->priority = classid;
+			reason = DESANET_DROP_BLOCKED;
+		/* Only an address match can mismatch: a MAC match is the MAC itself. */
+		if (!down && found && (cfg->flags & DESANET_SLOT_MAC_BOUND) &&
+		    mac_slot(skb, down) != slot)
+			reason = DESANET_DROP_MAC_MISMATCH;
 	}
+	if (slot == DESANET_SLOT_UNMATCHED) {
+		__u32 zero = 0;
+		struct desanet_settings *s = settings.lookup(&zero);
+		if (s && (s->flags & DESANET_SETTING_BLOCK_UNPROVISIONED))
+			reason = DESANET_DROP_UNPROVISIONED;
+	}
+	if (reason) {
+		if (!is_local(skb, down, &p)) {
+			count_drop(reason, &p);
+			return -2;
+		}
+		/* To or from the gateway itself: carried, and billed to nobody. */
+		slot = DESANET_SLOT_UNMATCHED;
+		cfg = slots.lookup(&slot);
+		if (!cfg)
+			return -1;
+	}
+
+	__u32 classid = down ? cfg->down_classid : cfg->up_classid;
+	if (classid)
+		skb->priority = classid;
 
 	struct desanet_counters *c = counters.lookup(&slot);
 	if (c) {

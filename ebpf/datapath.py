@@ -6,6 +6,10 @@ loader finds the same counters and keeps counting; the counter summing program
 an attached datapath through those pins alone (bpf(2), no BCC, no compiler);
 `detach()` removes the tc filters, the clsact qdisc and the pins, leaving
 nothing behind.
+
+Over 400 lines because it is one class whose attach, open and provisioning
+share the maps' handles and the owner tables; the policy maps' own work
+(MACs, the gateway's addresses, drops) is in ebpf/policy_maps.py.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ import numpy as np
 import numpy.typing as npt
 from pyroute2 import IPRoute
 
-from desanet.ebpf import abi, bpf_syscall, build, counter_sums, tc
+from desanet.ebpf import abi, bpf_syscall, build, counter_sums, policy_maps, tc
 from desanet.ebpf.counter_sums import CounterSums
 from desanet.ebpf.maps import BpfMap
-from desanet.ebpf.prefixes import KeyTuple, key_of, parse_prefix, prefix_of
+from desanet.ebpf.prefixes import KeyTuple, format_mac, key_of, parse_prefix, prefix_of
 from desanet.errors import DatapathError, ValidationError
 from desanet.validate import check_gateway_id
 
@@ -62,18 +66,34 @@ MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     abi.MAP_HOSTS: (abi.HostKey, ctypes.c_uint32),
     abi.MAP_SLOTS: (ctypes.c_uint32, abi.Slot),
     abi.MAP_SETTINGS: (ctypes.c_uint32, abi.Settings),
+    abi.MAP_MACS: (abi.MacKey, ctypes.c_uint32),
+    abi.MAP_GATEWAY_ADDRS: (abi.HostKey, ctypes.c_uint32),
+    abi.MAP_DROPS: (ctypes.c_uint32, abi.Drops),
 }
 
 
 @dataclass(frozen=True)
 class Provision:
-    """One slot as the datapath should hold it: its prefixes, HTB classids and flags."""
+    """One slot as the datapath should hold it: its prefixes, MACs, HTB classids and flags.
+
+    MACs with prefixes bind the prefixes to those MACs (ingress from another
+    MAC is dropped); MACs alone make the slot follow the device to whatever
+    address it uses. Either way an address no one owns, seen from one of the
+    MACs, is the slot's.
+    """
 
     slot: int
     prefixes: tuple[str, ...]
     down_classid: int = 0
     up_classid: int = 0
     flags: int = 0
+    macs: tuple[str, ...] = ()
+
+    @property
+    def slot_flags(self) -> int:
+        """The flags as the datapath holds them: MAC_BOUND added for prefixes with MACs."""
+        bound = abi.SLOT_MAC_BOUND if self.macs and self.prefixes else 0
+        return self.flags | bound
 
 
 class Datapath:
@@ -87,6 +107,7 @@ class Datapath:
         capacity: int = abi.DEFAULT_CAPACITY,
         upload_ifb: str | None = None,
         bpffs: Path = BPFFS,
+        block_unprovisioned: bool = False,
     ) -> None:
         check_gateway_id(gateway_id)
         if not 1 <= capacity <= 4_000_000:
@@ -98,11 +119,13 @@ class Datapath:
         self.capacity = capacity
         self.upload_ifb = upload_ifb
         self.bpffs = bpffs
+        self.block_unprovisioned = block_unprovisioned
         self.pin_dir = abi.pin_dir(gateway_id, lan, bpffs)
         self._bpf: Any = None  # the BCC module, in the process that attached
         self._maps: dict[str, BpfMap] = {}
         self._sums: CounterSums | None = None
         self._owner: dict[KeyTuple, int] = {}
+        self._mac_owner: dict[bytes, int] = {}
 
     # -- attach / detach -------------------------------------------------------------------
 
@@ -134,6 +157,7 @@ class Datapath:
         self._open_maps()
         self._set_settings(upload_index)
         self._load_owners()
+        self.refresh_gateway_addresses()
         log.info(
             "datapath attached to %s (capacity %d, maps in %s)",
             self.lan,
@@ -158,6 +182,7 @@ class Datapath:
         self._close_maps()
         self._bpf = None
         self._owner.clear()
+        self._mac_owner.clear()
 
     def detach(self) -> None:
         """Remove the filters, the clsact qdisc and the pinned maps of this interface."""
@@ -231,6 +256,9 @@ class Datapath:
         self._owner.update(
             ((_HOST, bytes(k.addr)), int(v)) for k, v in self._table(abi.MAP_HOSTS).items_batch()
         )
+        self._mac_owner = {
+            bytes(k.addr): int(v) for k, v in self._table(abi.MAP_MACS).items_batch()
+        }
 
     def _host_key(self, key: KeyTuple) -> abi.HostKey:
         return abi.HostKey((ctypes.c_uint8 * 16)(*key[1]))
@@ -270,6 +298,7 @@ class Datapath:
         if len(slots) != len(entries):
             raise ValidationError("a slot is listed twice in one provisioning")
         wanted: dict[KeyTuple, int] = {}
+        wanted_macs = policy_maps.wanted_macs(entries, slots, self._mac_owner)
         for entry in entries:
             self._check_slot(entry.slot)
             for text in entry.prefixes:
@@ -292,7 +321,8 @@ class Datapath:
         for key in stale:  # withdrawn first, so a prefix can move between slots in one call
             self._erase(key)
             del self._owner[key]
-        self._write_slots([(e.slot, e.down_classid, e.up_classid, e.flags) for e in entries])
+        policy_maps.replace_macs(self._table(abi.MAP_MACS), self._mac_owner, slots, wanted_macs)
+        self._write_slots([(e.slot, e.down_classid, e.up_classid, e.slot_flags) for e in entries])
         fresh = [(k, s) for k, s in wanted.items() if self._owner.get(k) != s]
         written: list[KeyTuple] = []
         try:
@@ -334,6 +364,7 @@ class Datapath:
         for key in [k for k, owner in self._owner.items() if owner == slot]:
             self._erase(key)
             del self._owner[key]
+        policy_maps.replace_macs(self._table(abi.MAP_MACS), self._mac_owner, {slot}, {})
         self.set_slot(slot, 0, 0, 0)
 
     def prefixes(self) -> dict[int, list[str]]:
@@ -343,12 +374,37 @@ class Datapath:
             result.setdefault(slot, []).append(str(prefix_of(key)))
         return result
 
+    def macs(self) -> dict[int, list[str]]:
+        """Slot -> the MACs that map to it, as the kernel holds them."""
+        result: dict[int, list[str]] = {}
+        for mac, slot in self._mac_owner.items():
+            result.setdefault(slot, []).append(format_mac(mac))
+        return result
+
     def _key(self, key: KeyTuple) -> abi.LpmKey:
         length, addr = key
         return abi.LpmKey(length, (ctypes.c_uint8 * 16)(*addr))
 
     def _set_settings(self, upload_ifindex: int) -> None:
-        self._table(abi.MAP_SETTINGS).update(ctypes.c_uint32(0), abi.Settings(upload_ifindex, 0))
+        flags = abi.SETTING_BLOCK_UNPROVISIONED if self.block_unprovisioned else 0
+        self._table(abi.MAP_SETTINGS).update(
+            ctypes.c_uint32(0), abi.Settings(upload_ifindex, flags)
+        )
+
+    def refresh_gateway_addresses(self) -> None:
+        """Tell the datapath the gateway's own addresses: every address of its namespace.
+
+        Traffic to them (ingress) or from them (egress) passes every rule, so
+        DHCP, DNS and the console work for any device; call again when an
+        address of the gateway changes (a new WAN lease).
+        """
+        policy_maps.store_gateway_addresses(
+            self._table(abi.MAP_GATEWAY_ADDRS), policy_maps.own_addresses()
+        )
+
+    def read_drops(self) -> dict[str, tuple[int, int]]:
+        """Drop reason name (abi.DropReason, lower case) -> (packets, IP bytes) since attach."""
+        return policy_maps.read_drops(self._table(abi.MAP_DROPS))
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -24,9 +24,28 @@
 #define DESANET_MAP_SETTINGS "settings"       /* array[1]: desanet_settings */
 #define DESANET_MAP_COUNTER_SUMS "counter_sums" /* mmapable array: slot -> desanet_counters, all CPUs */
 #define DESANET_PROG_SUM_COUNTERS "sum_counters" /* counter_sums.bpf.c, run by BPF_PROG_TEST_RUN */
+#define DESANET_MAP_MACS "macs"               /* hash: desanet_mac_key -> __u32 slot */
+#define DESANET_MAP_GATEWAY_ADDRS "gateway_addrs" /* hash: desanet_host_key -> __u32 (1): the gateway's own */
+#define DESANET_MAP_DROPS "drops"             /* array: drop reason -> desanet_drops */
+
+/* MACs per subscriber the `macs` hash is sized for (capacity * this). */
+#define DESANET_MACS_PER_SUBSCRIBER 4
+/* Addresses of the gateway itself the datapath knows (all interfaces of its namespace). */
+#define DESANET_GATEWAY_ADDRS_MAX 256
 
 /* desanet_slot.flags */
 #define DESANET_SLOT_BLOCKED 0x1 /* drop the subscriber's traffic (suspended, blocked) */
+#define DESANET_SLOT_MAC_BOUND 0x2 /* its addresses are its only from its MACs (ingress) */
+
+/* desanet_settings.flags */
+#define DESANET_SETTING_BLOCK_UNPROVISIONED 0x1 /* drop forwarded traffic of no subscriber */
+
+/* Why a packet was dropped: stable numbers, the index of the `drops` map,
+ * mirrored by name in abi.py (DropReason). Never renumber; only add. */
+#define DESANET_DROP_BLOCKED 1       /* the subscriber's slot is blocked (suspended) */
+#define DESANET_DROP_UNPROVISIONED 2 /* no subscriber owns the address or MAC, policy block */
+#define DESANET_DROP_MAC_MISMATCH 3  /* a MAC-bound subscriber's address from another MAC */
+#define DESANET_DROP_REASONS 4       /* entries of the `drops` map (0 is unused) */
 
 /* IPv4 and IPv6 share one trie: an IPv4 address is stored IPv4-mapped
  * (::ffff:a.b.c.d) with prefixlen + 96. */
@@ -40,6 +59,18 @@ struct desanet_lpm_key {
  * costs the same at 1 and 65,536 subscribers where a trie walk does not. */
 struct desanet_host_key {
 	__u8 addr[16];
+};
+
+/* An Ethernet address: the subscriber's source MAC on ingress, destination on egress. */
+struct desanet_mac_key {
+	__u8 addr[6];
+};
+
+/* Dropped packets and their IP bytes, per drop reason (all CPUs, atomic adds:
+ * drops are the slow path). */
+struct desanet_drops {
+	__u64 packets;
+	__u64 bytes;
 };
 
 /* IP bytes (header + payload, no link layer) and packets, per slot and CPU.
@@ -69,7 +100,7 @@ struct desanet_sum_run {
 /* Global settings, key 0. */
 struct desanet_settings {
 	__u32 upload_ifindex; /* IFB device carrying the upload HTB tree; 0 = none */
-	__u32 reserved;
+	__u32 flags;          /* DESANET_SETTING_* */
 };
 
 #endif /* DESANET_ABI_H */

@@ -16,8 +16,13 @@ ETH_P_8021Q = 0x8100
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 
-_SRC_MAC = bytes.fromhex("020000000001")
-_DST_MAC = bytes.fromhex("020000000002")
+SRC_MAC = "02:00:00:00:00:01"
+DST_MAC = "02:00:00:00:00:02"
+BROADCAST_MAC = "ff:ff:ff:ff:ff:ff"
+
+
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
 
 
 def _checksum(data: bytes) -> int:
@@ -29,9 +34,15 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def ethernet(ethertype: int, payload: bytes, vlan: int | None = None) -> bytes:
+def ethernet(
+    ethertype: int,
+    payload: bytes,
+    vlan: int | None = None,
+    src_mac: str = SRC_MAC,
+    dst_mac: str = DST_MAC,
+) -> bytes:
     """An Ethernet frame, with one 802.1Q tag when `vlan` is given."""
-    header = _DST_MAC + _SRC_MAC
+    header = _mac(dst_mac) + _mac(src_mac)
     if vlan is not None:
         header += struct.pack("!HH", ETH_P_8021Q, vlan & 0x0FFF)
     return header + struct.pack("!H", ethertype) + payload
@@ -82,7 +93,14 @@ def ipv6(src: str, dst: str, proto: int = IPPROTO_UDP, payload_len: int = 18) ->
     return header + body
 
 
-def udp_frame(src: str, dst: str, frame_len: int, vlan: int | None = None) -> tuple[bytes, int]:
+def udp_frame(
+    src: str,
+    dst: str,
+    frame_len: int,
+    vlan: int | None = None,
+    src_mac: str = SRC_MAC,
+    dst_mac: str = DST_MAC,
+) -> tuple[bytes, int]:
     """A UDP frame of exactly `frame_len` bytes; returns (frame, IP bytes it carries)."""
     v6 = ipaddress.ip_address(src).version == 6
     overhead = 14 + (4 if vlan is not None else 0) + (40 if v6 else 20) + 8
@@ -90,10 +108,12 @@ def udp_frame(src: str, dst: str, frame_len: int, vlan: int | None = None) -> tu
         raise ValueError(f"a frame of {frame_len} bytes cannot hold the headers ({overhead})")
     payload = frame_len - overhead
     packet = ipv6(src, dst, IPPROTO_UDP, payload) if v6 else ipv4(src, dst, IPPROTO_UDP, payload)
-    return ethernet(ETH_P_IPV6 if v6 else ETH_P_IP, packet, vlan), len(packet)
+    ethertype = ETH_P_IPV6 if v6 else ETH_P_IP
+    return ethernet(ethertype, packet, vlan, src_mac, dst_mac), len(packet)
 
 
 def arp_frame() -> bytes:
     """An ARP request (not IP: the datapath must pass it uncounted)."""
-    body = struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, 1) + _SRC_MAC + bytes(4) + bytes(6) + bytes(4)
+    sender = _mac(SRC_MAC) + bytes(4)
+    body = struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, 1) + sender + bytes(6) + bytes(4)
     return ethernet(ETH_P_ARP, body)

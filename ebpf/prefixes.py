@@ -1,4 +1,4 @@
-"""Subscriber prefixes: parsing, validation and their LPM-trie keys.
+"""Subscriber prefixes and MACs: parsing, validation and their datapath keys.
 
 IPv4 and IPv6 share one trie: an IPv4 prefix a.b.c.d/n is stored as the
 IPv4-mapped IPv6 prefix ::ffff:a.b.c.d/(96 + n), so one lookup serves both.
@@ -7,6 +7,7 @@ IPv4-mapped IPv6 prefix ::ffff:a.b.c.d/(96 + n), so one lookup serves both.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 
 from desanet.errors import ValidationError
@@ -16,6 +17,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 KeyTuple = tuple[int, bytes]
 
 _V4_MAPPED = bytes(10) + b"\xff\xff"
+_MAC = re.compile(r"[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}", re.IGNORECASE)
 
 
 def parse_prefix(text: str) -> Network:
@@ -75,3 +77,25 @@ def check_unique(owners: Iterable[tuple[str, Iterable[Network]]]) -> None:
                 raise ValidationError(
                     f"subscriber {subscriber}: prefix {prefix} is already {other}'s"
                 )
+
+
+def parse_mac(text: str) -> bytes:
+    """Parse "02:00:5e:10:00:01" (or with dashes) into 6 bytes; group and zero MACs are refused.
+
+    A device's own MAC is unicast; a multicast or broadcast one can be no
+    subscriber's source, and binding one would mean a typo.
+    """
+    raw = text.strip()
+    if not _MAC.fullmatch(raw):
+        raise ValidationError(f"{raw!r} is not a MAC address (like 02:00:5e:10:00:01)")
+    mac = bytes.fromhex(raw.replace(":", "").replace("-", ""))
+    if mac[0] & 1:
+        raise ValidationError(f"MAC {raw} is a multicast/broadcast address, no device's own")
+    if mac == bytes(6):
+        raise ValidationError(f"MAC {raw} is all zeros, no device's own")
+    return mac
+
+
+def format_mac(mac: bytes) -> str:
+    """The canonical form of a MAC: lower case, colons."""
+    return ":".join(f"{b:02x}" for b in mac)

@@ -41,7 +41,13 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
         raise
     ifb = upload_ifb_name(config.lan)
     return Parts(
-        datapath=Datapath(config.lan, config.gateway_id, capacity=config.capacity, upload_ifb=ifb),
+        datapath=Datapath(
+            config.lan,
+            config.gateway_id,
+            capacity=config.capacity,
+            upload_ifb=ifb,
+            block_unprovisioned=config.policy.unprovisioned == "block",
+        ),
         shaper=Shaper(config.lan, ifb),
         meter=meter,
         endpoint=endpoint,

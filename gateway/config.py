@@ -28,6 +28,7 @@ from desanet.validate import (
 
 # What a suspended subscriber gets: a walled rate, or nothing (dropped in the datapath).
 SUSPEND_MODES = ("wall", "block")
+UNPROVISIONED_POLICIES = ("block", "wall", "allow")
 
 T = TypeVar("T")
 
@@ -79,6 +80,21 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """What happens to forwarded traffic of addresses and MACs no subscriber owns.
+
+    block: dropped in the datapath; wall: carried in one shared class at the
+    wall rates; allow: carried in that class, bounded to `allow_share` of the
+    link. Traffic with the gateway itself (DHCP, DNS, the console) always works.
+    """
+
+    unprovisioned: str = "block"
+    wall_down_bps: int = 256_000
+    wall_up_bps: int = 128_000
+    allow_share: float = 0.1
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything `desanet run` needs, checked."""
 
@@ -94,6 +110,7 @@ class Config:
     control: ControlConfig
     metrics_listen: tuple[str, int] | None
     subscribers_file: Path
+    policy: PolicyConfig = PolicyConfig()
 
 
 _SCHEMA: dict[str, tuple[set[str], set[str]]] = {
@@ -120,6 +137,7 @@ _SCHEMA: dict[str, tuple[set[str], set[str]]] = {
     ),
     "metrics": (set(), {"listen"}),
     "subscribers": ({"file"}, set()),
+    "policy": (set(), {"unprovisioned", "wall_down", "wall_up", "allow_share"}),
 }
 _REQUIRED_SECTIONS = ("gateway", "link", "publish", "subscribers")
 
@@ -305,6 +323,33 @@ def _build(doc: Mapping[str, Any], loc: _Located, path: Path) -> Config:
         ),
         metrics_listen=metrics_listen,
         subscribers_file=base / get("subscribers", "file", str),
+        policy=_policy(doc, loc, get, parsed),
+    )
+
+
+def _policy(
+    doc: Mapping[str, Any], loc: _Located, get: Callable[..., Any], parsed: Callable[..., Any]
+) -> PolicyConfig:
+    defaults = PolicyConfig()
+    unprovisioned = get("policy", "unprovisioned", str, defaults.unprovisioned)
+    if unprovisioned not in UNPROVISIONED_POLICIES:
+        raise loc.error(
+            "policy",
+            "unprovisioned",
+            f"{unprovisioned!r} is not one of {', '.join(UNPROVISIONED_POLICIES)}",
+        )
+    share = doc.get("policy", {}).get("allow_share", defaults.allow_share)
+    if isinstance(share, bool) or not isinstance(share, int | float):
+        raise loc.error("policy", "allow_share", f"expected a number, got {share!r}")
+    if not 0 < share <= 0.5:
+        raise loc.error(
+            "policy", "allow_share", f"{share} must be above 0 and at most 0.5 of the link"
+        )
+    return PolicyConfig(
+        unprovisioned=unprovisioned,
+        wall_down_bps=parsed("policy", "wall_down", parse_rate_bps, "256kbit"),
+        wall_up_bps=parsed("policy", "wall_up", parse_rate_bps, "128kbit"),
+        allow_share=float(share),
     )
 
 

@@ -113,10 +113,40 @@ class GatewayCollector(Collector):
         )
         leaf.add_metric([snap.leaf_wanted, snap.leaf_in_use], 1)
         yield leaf
+        yield from _unprovisioned(snap)
         yield GaugeMetricFamily("desanet_usage_seq", "Last published usage seq", value=snap.seq)
         yield GaugeMetricFamily(
             "desanet_subscribers", "Subscribers provisioned", value=len(snap.subscribers)
         )
+
+
+def _unprovisioned(snap: StatusSnapshot) -> Iterator[Any]:
+    u = snap.unprovisioned
+    if not u:
+        return
+    carried = CounterMetricFamily(
+        "desanet_unprovisioned_bytes",
+        "IP bytes of no subscriber carried (billed to nobody)",
+        labels=["direction"],
+    )
+    carried_pkts = CounterMetricFamily(
+        "desanet_unprovisioned_packets", "IP packets of no subscriber carried", labels=["direction"]
+    )
+    for direction in ("up", "down"):
+        carried.add_metric([direction], u[f"{direction}_total"])
+        carried_pkts.add_metric([direction], u[f"{direction}_pkts"])
+    dropped = CounterMetricFamily(
+        "desanet_dropped_packets", "Packets the datapath dropped, by reason", labels=["reason"]
+    )
+    dropped_bytes = CounterMetricFamily(
+        "desanet_dropped_bytes", "IP bytes the datapath dropped, by reason", labels=["reason"]
+    )
+    for key, value in u.items():
+        if key.startswith("drop_") and key.endswith("_pkts"):
+            reason = key[5:-5]
+            dropped.add_metric([reason], value)
+            dropped_bytes.add_metric([reason], u[f"drop_{reason}_bytes"])
+    yield from (carried, carried_pkts, dropped, dropped_bytes)
 
 
 def serve(collector: GatewayCollector, host: str, port: int) -> CollectorRegistry:

@@ -33,6 +33,10 @@ class DatapathPort(Protocol):
 
     def prefixes(self) -> dict[int, list[str]]: ...
 
+    def macs(self) -> dict[int, list[str]]: ...
+
+    def read_drops(self) -> dict[str, tuple[int, int]]: ...
+
 
 class ShaperPort(Protocol):
     """The two HTB trees: kept equal to a plan, and what each class delivered."""
@@ -60,6 +64,7 @@ class UsageStream(Protocol):
         interval: UsageInterval,
         aggregator_state: Mapping[str, Any],
         events: Sequence[UsageEvent] = (),
+        drops: Mapping[str, tuple[int, int]] | None = None,
     ) -> int: ...
 
     def close(self) -> None: ...

@@ -20,8 +20,13 @@ def shaping_plan(
     config: Config, entries: Iterable[tuple[Subscriber, int, RatePlan]]
 ) -> ShapingPlan:
     """The HTB plan for (subscriber, slot, enforced plan) triples; raises ValidationError."""
+    down_bound, up_bound = unmatched_bounds_bps(config)
     link = Link(
-        down_bps=config.link.down_bps, up_bps=config.link.up_bps, headroom=config.shaping.headroom
+        down_bps=config.link.down_bps,
+        up_bps=config.link.up_bps,
+        headroom=config.shaping.headroom,
+        unmatched_down_bps=down_bound,
+        unmatched_up_bps=up_bound,
     )
     plans = [
         SubscriberPlan(
@@ -32,7 +37,23 @@ def shaping_plan(
     return build_plan(link, plans, config.shaping.leaf, config.shaping.rtt_ms)
 
 
+def unmatched_bounds_bps(config: Config) -> tuple[int | None, int | None]:
+    """Ceilings (down, up) of the class of traffic of no subscriber, by `[policy] unprovisioned`.
+
+    block: the datapath drops that traffic, so the class carries only traffic
+    with the gateway itself, unbounded (None); wall: the wall rates; allow:
+    the configured share of the link.
+    """
+    policy = config.policy
+    if policy.unprovisioned == "wall":
+        return policy.wall_down_bps, policy.wall_up_bps
+    if policy.unprovisioned == "allow":
+        share = policy.allow_share
+        return int(config.link.down_bps * share), int(config.link.up_bps * share)
+    return None, None
+
+
 def provision_entry(sub: Subscriber, slot: int, flags: int) -> Provision:
-    """The datapath entry of `sub` in `slot`: its prefixes, its HTB classes and `flags`."""
+    """The datapath entry of `sub` in `slot`: its prefixes, MACs, HTB classes and `flags`."""
     down_classid, up_classid = classids_for_slot(slot)
-    return Provision(slot, tuple(sub.prefixes), down_classid, up_classid, flags)
+    return Provision(slot, tuple(sub.prefixes), down_classid, up_classid, flags, tuple(sub.macs))

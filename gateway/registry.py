@@ -1,5 +1,9 @@
 """The subscriber registry: the CSV file operators edit, stable slots, and the diff for hot reload.
 
+The optional ninth column, `mac`, lists a subscriber's device MACs (space
+separated): with prefixes it binds them to those MACs, alone it makes the
+datapath follow the device to whatever address it uses (DHCP, SLAAC).
+
 A subscriber keeps its datapath slot for as long as it exists, across reloads
 and restarts (the assignment is persisted in the state directory), so its
 counters, HTB classes and billing totals never move under it. Errors name the
@@ -16,13 +20,13 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from desanet.durable import replace_atomically
-from desanet.ebpf.abi import PREFIXES_PER_SUBSCRIBER
-from desanet.ebpf.prefixes import key_of, parse_prefix
+from desanet.ebpf.abi import MACS_PER_SUBSCRIBER, PREFIXES_PER_SUBSCRIBER
+from desanet.ebpf.prefixes import format_mac, key_of, parse_mac, parse_prefix
 from desanet.errors import ConfigError, StateError, ValidationError
 from desanet.gateway.config import LinkConfig, decode_utf8
 from desanet.shaper.plan import RATE_FIELDS, rate_fault
@@ -30,6 +34,7 @@ from desanet.units import format_rate, parse_bytes, parse_rate_bps
 from desanet.validate import check_subscriber_id
 
 COLUMNS = ("id", "name", "prefixes", "down_min", "down_max", "up_min", "up_max", "quota")
+MAC_COLUMN = "mac"  # optional, after COLUMNS
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class Subscriber:
     prefixes: tuple[str, ...]
     plan: RatePlan
     quota_bytes: int | None
+    macs: tuple[str, ...] = ()
     line: int = field(default=0, compare=False)
 
 
@@ -99,16 +105,20 @@ def parse_subscribers(text: str, path: Path, link: LinkConfig, capacity: int) ->
     """Check subscribers CSV text read from `path`, in file order."""
     reader = csv.reader(text.splitlines())
     rows = list(reader)
-    if not rows or tuple(c.strip() for c in rows[0]) != COLUMNS:
-        raise ConfigError(f"{path}:1: header must be exactly: {','.join(COLUMNS)}")
+    header = tuple(c.strip() for c in rows[0]) if rows else ()
+    columns = (*COLUMNS, MAC_COLUMN) if header == (*COLUMNS, MAC_COLUMN) else COLUMNS
+    if header != columns:
+        raise ConfigError(
+            f"{path}:1: header must be exactly: {','.join(COLUMNS)} (and optionally ,{MAC_COLUMN})"
+        )
     subscribers: list[Subscriber] = []
     first_line: dict[str, int] = {}
     for number, row in enumerate(rows[1:], start=2):
         if not row or all(not cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
             continue
-        if len(row) != len(COLUMNS):
-            raise ConfigError(f"{path}:{number}: expected {len(COLUMNS)} columns, found {len(row)}")
-        sub = _row(dict(zip(COLUMNS, (c.strip() for c in row), strict=True)), path, number, link)
+        if len(row) != len(columns):
+            raise ConfigError(f"{path}:{number}: expected {len(columns)} columns, found {len(row)}")
+        sub = _row(dict(zip(columns, (c.strip() for c in row), strict=True)), path, number, link)
         if sub.id in first_line:
             raise ConfigError(
                 f"{path}:{number}: id: subscriber {sub.id} already defined on line "
@@ -122,6 +132,7 @@ def parse_subscribers(text: str, path: Path, link: LinkConfig, capacity: int) ->
             "([gateway] capacity)"
         )
     _check_overlaps(subscribers, path)
+    _check_macs(subscribers, path)
     return subscribers
 
 
@@ -136,8 +147,9 @@ def _row(cells: Mapping[str, str], path: Path, number: int, link: LinkConfig) ->
     except ValidationError as err:
         raise ConfigError(f"{path}:{number}: id: {err}") from err
     prefixes = tuple(cells["prefixes"].split())
-    if not prefixes:
-        raise fail("prefixes", "no address or prefix given")
+    macs = _macs(cells.get(MAC_COLUMN, ""), fail)
+    if not prefixes and not macs:
+        raise fail("prefixes", "no address or prefix given (or give the device's MAC)")
     if len(prefixes) > PREFIXES_PER_SUBSCRIBER:
         raise fail("prefixes", f"{len(prefixes)} prefixes, at most {PREFIXES_PER_SUBSCRIBER}")
     for prefix in prefixes:
@@ -168,8 +180,36 @@ def _row(cells: Mapping[str, str], path: Path, number: int, link: LinkConfig) ->
         prefixes=prefixes,
         plan=RatePlan(rates["down_min"], rates["down_max"], rates["up_min"], rates["up_max"]),
         quota_bytes=quota,
+        macs=macs,
         line=number,
     )
+
+
+def _macs(text: str, fail: Callable[[str, str], ConfigError]) -> tuple[str, ...]:
+    macs: list[str] = []
+    for item in text.split():
+        try:
+            mac = format_mac(parse_mac(item))
+        except ValidationError as err:
+            raise fail(MAC_COLUMN, str(err)) from err
+        if mac in macs:
+            raise fail(MAC_COLUMN, f"MAC {mac} is listed twice")
+        macs.append(mac)
+    if len(macs) > MACS_PER_SUBSCRIBER:
+        raise fail(MAC_COLUMN, f"{len(macs)} MACs, at most {MACS_PER_SUBSCRIBER}")
+    return tuple(macs)
+
+
+def _check_macs(subscribers: Iterable[Subscriber], path: Path) -> None:
+    owner: dict[str, Subscriber] = {}
+    for sub in subscribers:
+        for mac in sub.macs:
+            other = owner.setdefault(mac, sub)
+            if other is not sub:
+                raise ConfigError(
+                    f"{path}:{sub.line}: {MAC_COLUMN}: subscriber {sub.id}: MAC {mac} is already "
+                    f"{other.id}'s (line {other.line})"
+                )
 
 
 def _check_overlaps(subscribers: Iterable[Subscriber], path: Path) -> None:
@@ -203,7 +243,11 @@ def diff(old: Iterable[Subscriber], new: Iterable[Subscriber]) -> RegistryDiff:
     return RegistryDiff(
         added=tuple(i for i in after if i not in before),
         removed=tuple(i for i in before if i not in after),
-        readdressed=tuple(i for i in common if before[i].prefixes != after[i].prefixes),
+        readdressed=tuple(
+            i
+            for i in common
+            if (before[i].prefixes, before[i].macs) != (after[i].prefixes, after[i].macs)
+        ),
         replanned=tuple(i for i in common if before[i].plan != after[i].plan),
         requota=tuple(i for i in common if before[i].quota_bytes != after[i].quota_bytes),
     )

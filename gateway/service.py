@@ -159,7 +159,8 @@ class GatewayService:
         self._poller = Poller(self.delivered, self.aggregator)
         self.seq = parts.meter.last_seq
         # Slots the kernel still steers but no subscriber holds (removed while we were down).
-        stale = set(parts.datapath.prefixes()) - set(self.slots.slots.values())
+        steered = set(parts.datapath.prefixes()) | set(parts.datapath.macs())
+        stale = steered - set(self.slots.slots.values())
         self._shape_and_provision(set(self.by_id), sorted(stale))
         if cfg.metrics_listen is not None:
             serve(self.collector, *cfg.metrics_listen)
@@ -329,18 +330,21 @@ class GatewayService:
         for event in events:
             self._event(event)
             self._reenforce(event.sub)
+        drops = parts.datapath.read_drops()
         if len(interval) or self._unpublished:
             state = {**self.aggregator.state(), **self.delivered.state()}
-            self.seq = parts.meter.publish(interval, state, self._unpublished)
+            self.seq = parts.meter.publish(interval, state, self._unpublished, drops)
             self._unpublished = []
         # The snapshot costs about 10 us per subscriber: a large village refreshes it less
         # often than every interval, so the status never eats the poll budget.
         status_period_ms = max(self.config.interval_ms, len(self.subscribers) // 2)
         if t - self._status_ms >= status_period_ms:
             self._status_ms = t
-            self._write_status(t, totals)
+            self._write_status(t, totals, drops)
 
-    def _write_status(self, t: int, totals: npt.NDArray[np.uint64]) -> None:
+    def _write_status(
+        self, t: int, totals: npt.NDArray[np.uint64], drops: Mapping[str, tuple[int, int]]
+    ) -> None:
         entries = [
             (sub, self.slots.slots[sub.id], self._enforce(sub), self.control.get(sub.id))
             for sub in self.subscribers
@@ -357,6 +361,7 @@ class GatewayService:
             subscribers=status.rows(entries, totals, self.aggregator.rates_bps()),
             warnings=self.warnings,
             events=self.events,
+            unprovisioned=status.unprovisioned(totals, drops),
         )
         status.write_snapshot(self.config.state_dir, snapshot)
         self.collector.update(snapshot)

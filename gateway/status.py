@@ -10,7 +10,7 @@ enforcement, so the service loop never assembles one by hand.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,8 @@ class StatusSnapshot:
     subscribers: list[SubscriberStatus]
     warnings: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    # Traffic of no subscriber, billed to nobody: see `unprovisioned`.
+    unprovisioned: dict[str, int] = field(default_factory=dict)
 
     @property
     def down_bps(self) -> float:
@@ -108,6 +110,23 @@ class StatusSnapshot:
     def up_bps(self) -> float:
         """Upload rate of the whole link."""
         return sum(s.up_bps for s in self.subscribers)
+
+
+def unprovisioned(
+    totals: npt.NDArray[np.uint64], drops: Mapping[str, tuple[int, int]]
+) -> dict[str, int]:
+    """Slot 0's carried totals and the datapath's drops by reason (all cumulative)."""
+    up_bytes, up_pkts, down_bytes, down_pkts = (int(v) for v in totals[0])
+    counters = {
+        "up_total": up_bytes,
+        "up_pkts": up_pkts,
+        "down_total": down_bytes,
+        "down_pkts": down_pkts,
+    }
+    for reason, (packets, ip_bytes) in drops.items():
+        counters[f"drop_{reason}_pkts"] = packets
+        counters[f"drop_{reason}_bytes"] = ip_bytes
+    return counters
 
 
 def write_snapshot(state_dir: Path, snapshot: StatusSnapshot) -> None:
@@ -174,6 +193,18 @@ def render(snap: StatusSnapshot, now_ms: int | None = None) -> str:
     lines.extend(
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
     )
+    u = snap.unprovisioned
+    if u:
+        dropped = sorted(k[5:-5] for k in u if k.startswith("drop_") and k.endswith("_pkts"))
+        drops = ", ".join(
+            f"{reason} {u[f'drop_{reason}_pkts']} packets / "
+            f"{format_bytes(u[f'drop_{reason}_bytes'])}"
+            for reason in dropped
+        )
+        lines.append(
+            f"no subscriber (billed to nobody): down {format_bytes(u['down_total'])}, "
+            f"up {format_bytes(u['up_total'])}; dropped: {drops or 'nothing'}"
+        )
     lines.extend(f"warning: {w}" for w in snap.warnings)
     lines.extend(
         f"event: {e.get('sub', '')} {e.get('kind', '')}: {e.get('detail', '')}"

@@ -206,8 +206,12 @@ class MeterService:
         interval: UsageInterval,
         aggregator_state: Mapping[str, Any],
         events: Sequence[wire.UsageEvent] = (),
+        drops: Mapping[str, tuple[int, int]] | None = None,
     ) -> int:
         """Journal then publish one interval and the events it saw; returns its seq.
+
+        Slot 0 (traffic of no subscriber) and the datapath's cumulative `drops`
+        (reason -> packets, IP bytes) go in the key `unprovisioned`, never in `sub`.
 
         Raises StreamError if the message could not be journaled (nothing was
         sent), or journaled but not marked published (it is not sent live, and
@@ -237,6 +241,7 @@ class MeterService:
                 columns,
                 epoch=self.epoch,
                 events=events,
+                unprovisioned=unprovisioned_counters(interval, drops),
             )
             self.journal.append(seq, message, encode_state_change(self._state, state))
             self._seq, self._state = seq, state
@@ -384,3 +389,18 @@ class MeterService:
         with contextlib.suppress(zmq.ZMQError):
             self._ctx.term()
         self.journal.close()
+
+
+def unprovisioned_counters(
+    interval: UsageInterval, drops: Mapping[str, tuple[int, int]] | None
+) -> dict[str, int]:
+    """The `unprovisioned` map of one message: slot 0's row of the interval, drops by reason."""
+    counters: dict[str, int] = {}
+    rows = np.flatnonzero(interval.slots == 0)
+    if rows.size:
+        counters = {name: int(getattr(interval, name)[rows[0]]) for name in wire.COLUMNS}
+    for reason, (packets, ip_bytes) in (drops or {}).items():
+        if packets:
+            counters[f"drop_{reason}_pkts"] = packets
+            counters[f"drop_{reason}_bytes"] = ip_bytes
+    return counters

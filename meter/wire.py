@@ -112,6 +112,7 @@ class UsageMessage:
     down_total: list[int]
     snapshot: bool = False
     events: tuple[UsageEvent, ...] = ()
+    unprovisioned: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return len(self.sub)
@@ -146,8 +147,13 @@ def encode_usage(
     epoch: str,
     snapshot: bool = False,
     events: Sequence[UsageEvent] = (),
+    unprovisioned: Mapping[str, int] | None = None,
 ) -> bytes:
-    """The msgpack body of one v1 usage message (columns are plain int lists)."""
+    """The msgpack body of one v1 usage message (columns are plain int lists).
+
+    `unprovisioned` (key `unprovisioned`): traffic of no subscriber, billed to
+    nobody, as a flat map of counters (docs/usage-stream.md).
+    """
     body: dict[str, Any] = {
         "v": VERSION,
         "gw": gw,
@@ -163,6 +169,8 @@ def encode_usage(
         body["snapshot"] = True
     if events:
         body["ev"] = [{"t": e.t, "sub": e.sub, "kind": e.kind, "detail": e.detail} for e in events]
+    if unprovisioned:
+        body["unprovisioned"] = dict(unprovisioned)
     return msgpack.packb(body)
 
 
@@ -202,7 +210,19 @@ def decode_usage(data: bytes) -> UsageMessage:
         down_total=body["down_total"],
         snapshot=bool(body.get("snapshot", False)),
         events=_decode_events(body.get("ev", [])),
+        unprovisioned=_decode_unprovisioned(body.get("unprovisioned")),
     )
+
+
+def _decode_unprovisioned(raw: object) -> dict[str, int] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in raw.items()
+    ):
+        raise StreamError("usage message: unprovisioned is not a map of counters")
+    return raw
 
 
 def _decode_events(raw: object) -> tuple[UsageEvent, ...]:

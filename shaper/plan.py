@@ -6,7 +6,9 @@ on the IFB device the datapath redirects LAN ingress to. In each tree:
 - class M:1 is the root, at the link rate less the headroom, so the queue
   forms here and not in the modem;
 - class M:f is the default, for traffic of no subscriber (slot 0): a small
-  guaranteed rate (1 % of the root, at least 16 kbit/s), ceiling the root;
+  guaranteed rate (1 % of the root, at least 16 kbit/s), ceiling the root,
+  or the link's `unmatched` ceiling when the policy bounds it (a wall rate,
+  a share of the link), so traffic of nobody never borrows the whole link;
 - subscriber slot s has class M:(s + 0xf), rate = its min, ceil = min(max,
   root), and a leaf qdisc whose handle major is that class minor.
 
@@ -61,6 +63,7 @@ BURST_EXTRA_BYTES = 1600
 BURST_MS = 1
 CEIL_BURST_MS = 10
 DEFAULT_CLASS_MIN_BPS = 16_000
+UNMATCHED_MIN_BPS = 8_000  # below this a wall class cannot pass one DHCP exchange in time
 PSCHED_TICK_NS = 64
 DEFAULT_PRIO = 1
 
@@ -83,9 +86,18 @@ class Link:
     down_bps: int
     up_bps: int
     headroom: float = 0.05
+    # Ceilings of the default class (traffic of no subscriber); None: the root's.
+    unmatched_down_bps: int | None = None
+    unmatched_up_bps: int | None = None
 
     def rate_bps(self, direction: str) -> int:
         return self.down_bps if direction == "down" else self.up_bps
+
+    def unmatched_ceil_bps(self, direction: str) -> int:
+        """The ceiling of the default class: the policy's bound, never above the root."""
+        bound = self.unmatched_down_bps if direction == "down" else self.unmatched_up_bps
+        shaped = self.shaped_bps(direction)
+        return shaped if bound is None else min(bound, shaped)
 
     def shaped_bps(self, direction: str) -> int:
         """The root class rate: the link less the headroom."""
@@ -347,6 +359,12 @@ def _check_link(link: Link) -> None:
                 f"link {_NAMES[direction]} rate {format_rate(link.rate_bps(direction))} "
                 f"is outside what the shaper supports (64 kbit/s .. 34 Gbit/s)"
             )
+        if link.unmatched_ceil_bps(direction) < UNMATCHED_MIN_BPS:
+            raise ValidationError(
+                f"the {_NAMES[direction]} rate of traffic of no subscriber "
+                f"({format_rate(link.unmatched_ceil_bps(direction))}) must be at least "
+                f"{format_rate(UNMATCHED_MIN_BPS)}"
+            )
 
 
 def _empty_tree(link: Link, direction: str, major: int, kind: str, rtt_ms: float) -> Tree:
@@ -354,8 +372,9 @@ def _empty_tree(link: Link, direction: str, major: int, kind: str, rtt_ms: float
     root_id = make_handle(major, ROOT_MINOR)
     root_cls = htb_class(root_id, make_handle(major, 0), shaped // 8, shaped // 8, 0, BURST_MS)
     default_id = make_handle(major, DEFAULT_MINOR)
+    ceil = link.unmatched_ceil_bps(direction)
     default_cls = htb_class(
-        default_id, root_id, _default_min_bps(shaped) // 8, shaped // 8, DEFAULT_PRIO
+        default_id, root_id, min(_default_min_bps(shaped), ceil) // 8, ceil // 8, DEFAULT_PRIO
     )
     return Tree(
         root=HtbRoot(handle=make_handle(major, 0), default_minor=DEFAULT_MINOR, r2q=R2Q),

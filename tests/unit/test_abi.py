@@ -63,6 +63,18 @@ def test_abi_constants_match_the_header() -> None:
     assert int(defines["DESANET_DEFAULT_CAPACITY"]) == abi.DEFAULT_CAPACITY
     assert int(defines["DESANET_PREFIXES_PER_SUBSCRIBER"]) == abi.PREFIXES_PER_SUBSCRIBER
     assert int(defines["DESANET_SLOT_BLOCKED"], 0) == abi.SLOT_BLOCKED
+    assert int(defines["DESANET_SLOT_MAC_BOUND"], 0) == abi.SLOT_MAC_BOUND
+    assert int(defines["DESANET_SETTING_BLOCK_UNPROVISIONED"], 0) == abi.SETTING_BLOCK_UNPROVISIONED
+    assert int(defines["DESANET_MACS_PER_SUBSCRIBER"]) == abi.MACS_PER_SUBSCRIBER
+    assert int(defines["DESANET_GATEWAY_ADDRS_MAX"]) == abi.GATEWAY_ADDRS_MAX
+    assert int(defines["DESANET_DROP_REASONS"]) == abi.DROP_REASONS
+    # Drop reasons are mirrored by name: the same names, the same stable numbers.
+    reasons = {
+        name: int(value)
+        for name, value in re.findall(r"#define DESANET_DROP_(\w+) (\d+)", text)
+        if name != "REASONS"
+    }
+    assert reasons == {reason.name: reason.value for reason in abi.DropReason}
     for name in (abi.MAP_SUBSCRIBERS, abi.MAP_COUNTERS, abi.MAP_SLOTS, abi.MAP_SETTINGS):
         assert f'"{name}"' in text
     assert set(re.findall(r'#define DESANET_(?:MAP|PROG)_\w+ "(\w+)"', text)) == set(abi.PINNED)

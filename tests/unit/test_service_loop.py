@@ -28,7 +28,7 @@ from desanet.gateway.parts import Parts
 from desanet.gateway.pidlock import running_pid
 from desanet.gateway.roles import Roles
 from desanet.gateway.service import GatewayService
-from desanet.gateway.status import read_snapshot
+from desanet.gateway.status import read_snapshot, render
 from desanet.meter.client import UsageClient
 from desanet.meter.keys import ClientSecurity, generate_keypair, load_keypair
 from desanet.meter.service import MeterService, StreamConfig
@@ -103,6 +103,7 @@ class FakeDatapath:
         self.steering: dict[str, int] = {p: s for s, ps in dict(steered).items() for p in ps}
         self.slots: dict[int, Provision] = {}
         self.attached = False
+        self.drops: dict[str, tuple[int, int]] = {}
 
     def attach(self) -> None:
         self.attached = True
@@ -118,6 +119,16 @@ class FakeDatapath:
     def unprovision(self, slot: int) -> None:
         self.steering = {p: s for p, s in self.steering.items() if s != slot}
         self.slots.pop(slot, None)
+
+    def read_drops(self) -> dict[str, tuple[int, int]]:
+        return dict(self.drops)
+
+    def macs(self) -> dict[int, list[str]]:
+        result: dict[int, list[str]] = {}
+        for slot, entry in self.slots.items():
+            if entry.macs:
+                result[slot] = list(entry.macs)
+        return result
 
     def prefixes(self) -> dict[int, list[str]]:
         result: dict[int, list[str]] = {}
@@ -342,6 +353,18 @@ def test_a_slot_nobody_holds_is_unprovisioned_at_start(lab: Lab) -> None:
         lab.datapath.send("10.0.0.1", up=100)
         lab.tick(service)
         assert lab.billed() == {"s1": (100, 0)}
+    finally:
+        service.close()
+
+
+def test_a_mac_only_slot_nobody_holds_is_unprovisioned_at_start(lab: Lab) -> None:
+    # The kernel still follows a removed MAC-only subscriber's device into slot 9.
+    lab.datapath.slots[9] = Provision(9, (), 0, 0, 0, ("02:00:00:00:00:09",))
+    lab.write(S1, S2)
+    service = lab.service()
+    service.start()
+    try:
+        assert 9 not in lab.datapath.macs() and 9 not in lab.datapath.slots
     finally:
         service.close()
 
@@ -580,3 +603,39 @@ def test_without_control_keys_nobody_may_control(lab: Lab, caplog: Any) -> None:
         assert lab.datapath.slots[1].flags == 0
     finally:
         service.close()
+
+
+def test_traffic_of_nobody_is_shown_and_streamed_billed_to_nobody(
+    lab: Lab, running: GatewayService
+) -> None:
+    lab.datapath.send("10.200.0.9", up=700, down=3000)  # an address no subscriber owns
+    lab.datapath.send("10.0.0.1", up=100)  # s1
+    lab.datapath.drops = {"blocked": (0, 0), "unprovisioned": (4, 2400), "mac_mismatch": (1, 80)}
+    lab.tick(running)
+    messages = lab.received()
+    assert all("-unprovisioned" not in m.sub and "" not in m.sub for m in messages)
+    assert lab.billed()["s1"] == (100, 0)
+    nobody = messages[-1].unprovisioned
+    assert nobody is not None
+    assert (nobody["up"], nobody["down"], nobody["up_pkts"], nobody["down_pkts"]) == (
+        700,
+        3000,
+        1,
+        1,
+    )
+    assert (nobody["up_total"], nobody["down_total"]) == (700, 3000)
+    assert (nobody["drop_unprovisioned_pkts"], nobody["drop_unprovisioned_bytes"]) == (4, 2400)
+    assert (nobody["drop_mac_mismatch_pkts"], nobody["drop_mac_mismatch_bytes"]) == (1, 80)
+    assert "drop_blocked_pkts" not in nobody  # nothing of that reason dropped yet
+    snap = read_snapshot(lab.folder / "state")
+    assert snap.unprovisioned["down_total"] == 3000
+    assert snap.unprovisioned["drop_unprovisioned_pkts"] == 4
+    assert "no subscriber (billed to nobody)" in render(snap)
+    metrics = {
+        (m.name, tuple(s.labels.values())): s.value
+        for m in running.collector.collect()
+        for s in m.samples
+    }
+    assert metrics[("desanet_unprovisioned_bytes", ("down",))] == 3000
+    assert metrics[("desanet_dropped_packets", ("unprovisioned",))] == 4
+    assert metrics[("desanet_dropped_bytes", ("mac_mismatch",))] == 80

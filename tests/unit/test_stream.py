@@ -107,7 +107,7 @@ def test_published_message_is_v1_exactly(service: MeterService) -> None:
         topic, body = sub.recv_multipart()
         assert topic == b"usage.gw1"
         doc = msgpack.unpackb(body)
-        # Slot 0 (unmatched traffic) is no subscriber and is not published.
+        # Slot 0 (unmatched traffic) is no subscriber: not in `sub`, under `unprovisioned`.
         assert doc == {
             "v": 1,
             "gw": "gw1",
@@ -122,6 +122,14 @@ def test_published_message_is_v1_exactly(service: MeterService) -> None:
             "down_pkts": [1, 1],
             "up_total": [1100, 3300],
             "down_total": [2200, 6600],
+            "unprovisioned": {
+                "up": 7,
+                "down": 14,
+                "up_pkts": 1,
+                "down_pkts": 1,
+                "up_total": 7,
+                "down_total": 14,
+            },
         }
     finally:
         sub.close(0)

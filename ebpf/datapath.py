@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 from pyroute2 import IPRoute
 
-from desanet.ebpf import abi, bpf_syscall, build, counter_sums, tc
+from desanet.ebpf import abi, bpf_syscall, bpffs, build, counter_sums, tc
 from desanet.ebpf.counter_sums import CounterSums
 from desanet.ebpf.maps import BpfMap
 from desanet.ebpf.prefixes import KeyTuple, key_of, parse_prefix, prefix_of
@@ -34,17 +34,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = build.EBPF_DIR / "datapath.bpf.c"
 BPFFS = abi.BPFFS
-_MS_NOCLOEXEC = 0
 _HOST = 128  # key length of a whole address: such keys live in the `hosts` hash
-
-
-def _mount_bpffs(root: Path) -> None:
-    if os.path.ismount(root):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(b"bpf", str(root).encode(), b"bpf", _MS_NOCLOEXEC, None) != 0:
-        err = ctypes.get_errno()
-        raise DatapathError(f"cannot mount bpffs at {root}: {os.strerror(err)}")
 
 
 def compile_program(capacity: int, pin_dir: Path) -> Any:
@@ -113,8 +103,9 @@ class Datapath:
         with IPRoute() as ipr:
             lan_index = self._ifindex(ipr, self.lan)
             upload_index = self._ifindex(ipr, self.upload_ifb) if self.upload_ifb else 0
-        _mount_bpffs(self.bpffs)
+        where = bpffs.durable(self.bpffs)
         created_pins = not self.pin_dir.exists()
+        adopted = self._adopt_running_maps(lan_index)
         self._check_pinned_capacity()
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -135,11 +126,60 @@ class Datapath:
         self._set_settings(upload_index)
         self._load_owners()
         log.info(
-            "datapath attached to %s (capacity %d, maps in %s)",
+            "datapath attached to %s (capacity %d, %s); pins in %s (%s)",
             self.lan,
             self.capacity,
+            (
+                f"maps {', '.join(adopted)} taken over from the running filters"
+                if adopted
+                else "new maps"
+                if created_pins
+                else "pinned maps kept"
+            ),
             self.pin_dir,
+            where.why,
         )
+
+    def _adopt_running_maps(self, lan_index: int) -> list[str]:
+        """Pin the maps of our filters still running on the LAN when their pins are gone.
+
+        The pins can vanish while tc keeps the programs and their maps (a bpffs
+        that died with a mount namespace, or removed by hand). Pinned again, they
+        are what the new program is compiled against (BPF_TABLE_PINNED reuses a
+        pinned map), so the replacement continues the very counters the running
+        program is incrementing: nothing lost, nothing counted twice.
+        """
+        if (self.pin_dir / abi.MAP_COUNTERS).exists():
+            return []
+        found: dict[str, int] = {}
+        try:
+            for prog_id in tc.attached_program_ids(lan_index):
+                prog_fd = bpf_syscall.prog_fd_by_id(prog_id)
+                try:
+                    map_ids = bpf_syscall.prog_map_ids(prog_fd)
+                finally:
+                    os.close(prog_fd)
+                for map_id in map_ids:
+                    fd = bpf_syscall.map_fd_by_id(map_id)
+                    name = bpf_syscall.map_shape(fd).name
+                    if name in MAP_TYPES or name == abi.MAP_COUNTERS:
+                        found.setdefault(name, fd)
+                    if found.get(name) != fd:
+                        os.close(fd)
+            if found:
+                self.pin_dir.mkdir(parents=True, exist_ok=True)
+            for name, fd in found.items():
+                bpf_syscall.obj_pin(fd, str(self.pin_dir / name))
+        finally:
+            for fd in found.values():
+                os.close(fd)
+        if found:
+            log.warning(
+                "the datapath on %s was running without pins: pinned its maps again in %s",
+                self.lan,
+                self.pin_dir,
+            )
+        return sorted(found)
 
     def open(self) -> None:
         """Reach the maps of an already attached datapath without touching tc (a second process)."""

@@ -78,6 +78,31 @@ def attach_filters(
             raise DatapathError(f"cannot attach the datapath to {lan}: {err}") from err
 
 
+def attached_program_ids(index: int) -> list[int]:
+    """Kernel ids of the programs in our own metering filters on ifindex `index` (none if bare).
+
+    A datapath whose pins were lost is still running in them; their maps hold its counters."""
+    ids: list[int] = []
+    with IPRoute() as ipr:
+        for parent in (PARENT_INGRESS, PARENT_EGRESS):
+            try:
+                found = ipr.get_filters(index=index, parent=parent)
+            except NetlinkError as err:
+                if err.code in (errno.EINVAL, errno.ENOENT):  # no clsact on this device
+                    continue
+                raise DatapathError(
+                    f"cannot list the tc filters of ifindex {index}: {err}"
+                ) from err
+            for msg in found:
+                options = msg.get_attr("TCA_OPTIONS")
+                if msg["info"] >> 16 != FILTER_PRIO or msg["handle"] != 1 or options is None:
+                    continue
+                prog_id = options.get_attr("TCA_BPF_ID")
+                if prog_id:
+                    ids.append(int(prog_id))
+    return ids
+
+
 def remove_clsact(lan: str) -> None:
     """Delete the clsact qdisc of `lan` and with it every filter on it; nothing if absent."""
     with IPRoute() as ipr:

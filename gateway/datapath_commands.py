@@ -1,15 +1,55 @@
-"""`desanet datapath ...`: attach, inspect and detach the datapath by hand."""
+"""`desanet datapath ...`: attach, inspect and detach the datapath by hand; the service's loader.
+
+The service attaches through `SpawnedDatapath`: the compiler (BCC and LLVM,
+some 150 MB resident) runs in a short-lived `desanet datapath attach` child,
+and the long-running process reaches the pinned maps by bpf(2) alone.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from desanet.ebpf import abi
+from desanet.ebpf import abi, bpffs
 from desanet.ebpf.datapath import Datapath
+from desanet.errors import DatapathError
 from desanet.units import format_bytes
+
+log = logging.getLogger(__name__)
+_ERROR_PREFIX = "desanet: error: "
+
+
+class SpawnedDatapath(Datapath):
+    """A datapath attached by a child process and then opened through its pins (no BCC here)."""
+
+    def loader_command(self) -> list[str]:
+        """The child that compiles, loads, pins and attaches (`desanet datapath attach`)."""
+        cmd = [sys.executable, "-m", "desanet.gateway.cli", "datapath", "attach"]
+        cmd += ["--lan", self.lan, "--gateway-id", self.gateway_id]
+        cmd += ["--capacity", str(self.capacity), "--bpffs", str(self.bpffs)]
+        return cmd + (["--upload-ifb", self.upload_ifb] if self.upload_ifb else [])
+
+    def attach(self) -> None:
+        """Attach in a child, then open the pins; the child's log lines are logged here."""
+        bpffs.durable(self.bpffs)  # refused here, before a compiler is even started
+        result = subprocess.run(self.loader_command(), capture_output=True, text=True)
+        error = ""
+        for line in result.stderr.splitlines():
+            if line.startswith(_ERROR_PREFIX):
+                error = line.removeprefix(_ERROR_PREFIX)
+            elif line.strip():
+                log.info("loader: %s", line)
+        if result.returncode != 0:
+            raise DatapathError(
+                error or f"the datapath loader exited with status {result.returncode}"
+            )
+        self.open()
 
 
 def register(subparsers: Any) -> None:
@@ -26,6 +66,7 @@ def register(subparsers: Any) -> None:
         p.add_argument(
             "--capacity", type=int, default=abi.DEFAULT_CAPACITY, help="subscriber slots"
         )
+        p.add_argument("--bpffs", type=Path, default=abi.BPFFS, help="bpffs holding the pins")
 
     attach = verbs.add_parser(
         "attach", help="compile and attach (keeps counters of a previous attach)"
@@ -54,7 +95,7 @@ def register(subparsers: Any) -> None:
 
 
 def _datapath(args: argparse.Namespace, **kwargs: Any) -> Datapath:
-    return Datapath(args.lan, args.gateway_id, capacity=args.capacity, **kwargs)
+    return Datapath(args.lan, args.gateway_id, capacity=args.capacity, bpffs=args.bpffs, **kwargs)
 
 
 def _attach(args: argparse.Namespace) -> int:

@@ -23,6 +23,8 @@ from desanet.units import format_bytes
 
 log = logging.getLogger(__name__)
 _ERROR_PREFIX = "desanet: error: "
+# Compiling both programs takes a few seconds; a loader stuck far longer is broken.
+LOADER_TIMEOUT_S = 300
 
 
 class SpawnedDatapath(Datapath):
@@ -30,7 +32,8 @@ class SpawnedDatapath(Datapath):
 
     def loader_command(self) -> list[str]:
         """The child that compiles, loads, pins and attaches (`desanet datapath attach`)."""
-        cmd = [sys.executable, "-m", "desanet.gateway.cli", "datapath", "attach"]
+        # -P: the child imports the installed desanet, never one in the working directory.
+        cmd = [sys.executable, "-P", "-m", "desanet.gateway.cli", "datapath", "attach"]
         cmd += ["--lan", self.lan, "--gateway-id", self.gateway_id]
         cmd += ["--capacity", str(self.capacity), "--bpffs", str(self.bpffs)]
         return cmd + (["--upload-ifb", self.upload_ifb] if self.upload_ifb else [])
@@ -38,7 +41,15 @@ class SpawnedDatapath(Datapath):
     def attach(self) -> None:
         """Attach in a child, then open the pins; the child's log lines are logged here."""
         bpffs.durable(self.bpffs)  # refused here, before a compiler is even started
-        result = subprocess.run(self.loader_command(), capture_output=True, text=True)
+        try:
+            result = subprocess.run(
+                self.loader_command(), capture_output=True, text=True, timeout=LOADER_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired as err:
+            raise DatapathError(
+                f"the datapath loader did not finish within {LOADER_TIMEOUT_S} s "
+                "(compiling and loading the programs)"
+            ) from err
         error = ""
         for line in result.stderr.splitlines():
             if line.startswith(_ERROR_PREFIX):

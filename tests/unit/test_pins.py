@@ -1,14 +1,18 @@
-"""Finding the program of a tc filter in raw netlink, and the refusal of a dying bpffs."""
+"""Pins that outlive the service: a filter's program in raw netlink, the refusal of a dying
+bpffs, the loader child's errors, and a service process that never imports BCC."""
 
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from desanet.ebpf import bpffs, tc
 from desanet.errors import DatapathError
+from desanet.gateway.datapath_commands import SpawnedDatapath
 
 pytestmark = pytest.mark.unit
 
@@ -51,3 +55,29 @@ def test_the_initial_namespace_is_only_checked_when_mounting_is_not_asked(
     monkeypatch.setattr(bpffs, "in_initial_mount_namespace", lambda: True)
     assert "to be mounted" in bpffs.durable(tmp_path, mount=False).why
     assert not bpffs.is_bpffs(tmp_path)
+
+
+def test_the_loader_child_error_becomes_the_service_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    datapath = SpawnedDatapath(
+        "br-lan", "gw1", capacity=16, upload_ifb="ifb-br-lan", bpffs=tmp_path
+    )
+    command = datapath.loader_command()
+    assert command[command.index("--capacity") + 1] == "16"
+    assert command[command.index("--upload-ifb") + 1] == "ifb-br-lan"
+    assert command[command.index("--bpffs") + 1] == str(tmp_path)
+    failing = "import sys; print('desanet: error: no kernel headers', file=sys.stderr); sys.exit(2)"
+    monkeypatch.setattr(bpffs, "durable", lambda root: bpffs.Bpffs(root, "test"))
+    monkeypatch.setattr(datapath, "loader_command", lambda: [sys.executable, "-c", failing])
+    with pytest.raises(DatapathError, match=r"^no kernel headers$"):
+        datapath.attach()
+
+
+def test_the_service_imports_no_compiler() -> None:
+    code = (
+        "import sys, desanet.gateway.cli, desanet.gateway.service, desanet.gateway.compose; "
+        "print(sorted(m for m in sys.modules if m == 'bcc' or m.startswith('bcc.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -54,6 +54,12 @@ class SpawnedDatapath(Datapath):
         for line in result.stderr.splitlines():
             if line.startswith(_ERROR_PREFIX):
                 error = line.removeprefix(_ERROR_PREFIX)
+                continue
+            # The child logs as `desanet` does: "date time LEVEL logger: message".
+            parts = line.split(" ", 3)
+            level = logging.getLevelName(parts[2]) if len(parts) == 4 else None
+            if isinstance(level, int):
+                log.log(level, "loader: %s", parts[3])
             elif line.strip():
                 log.info("loader: %s", line)
         if result.returncode != 0:

@@ -81,3 +81,21 @@ def test_the_service_imports_no_compiler() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_loader_child_log_lines_keep_their_level(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    datapath = SpawnedDatapath("br-lan", "gw1", capacity=16, bpffs=tmp_path)
+    lines = (
+        "2026-12-01 10:00:00,000 WARNING desanet.ebpf.datapath: pinned its maps again\n"
+        "desanet: error: interface 'br-lan' does not exist\n"
+    )
+    child = f"import sys; sys.stderr.write({lines!r}); sys.exit(2)"
+    monkeypatch.setattr(bpffs, "durable", lambda root: bpffs.Bpffs(root, "test"))
+    monkeypatch.setattr(datapath, "loader_command", lambda: [sys.executable, "-c", child])
+    with pytest.raises(DatapathError, match="does not exist"):
+        datapath.attach()
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "loader: desanet.ebpf.datapath: pinned its maps again")
+    ]

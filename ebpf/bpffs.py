@@ -12,14 +12,11 @@ there, or the service refuses to start and says how to run it instead.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from desanet.errors import DatapathError
-
-log = logging.getLogger(__name__)
 
 BPF_FS_MAGIC = 0xCAFE4A11
 # The inode of the initial mount namespace where the kernel numbers it statically (Linux 6.x).
@@ -38,6 +35,7 @@ class Bpffs:
 
     root: Path
     why: str
+    certain: bool = True  # False: it may be a namespace's own bpffs, dying with it
 
 
 def is_bpffs(path: Path) -> bool:
@@ -100,12 +98,12 @@ def durable(root: Path, *, mount: bool = True) -> Bpffs:
             return Bpffs(root, f"bpffs propagated from another mount namespace ({tag})")
         # A private namespace's copy of the host's mount, or one mounted by a process here:
         # the two look alike from inside. The pins live as long as this mount does.
-        log.warning(
-            "%s is a bpffs of a private mount namespace: the pins live as long as that mount; "
-            "if it was mounted inside this namespace they vanish with its last process",
+        return Bpffs(
             root,
+            "bpffs of a private mount namespace: if it was mounted inside that namespace, "
+            "the pins vanish with its last process (the next start takes the maps over)",
+            certain=False,
         )
-        return Bpffs(root, "bpffs of this private mount namespace")
     if not initial:
         raise DatapathError(refusal(root))
     if mount:

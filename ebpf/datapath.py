@@ -125,7 +125,8 @@ class Datapath:
         self._open_maps()
         self._set_settings(upload_index)
         self._load_owners()
-        log.info(
+        log.log(
+            logging.INFO if where.certain else logging.WARNING,
             "datapath attached to %s (capacity %d, %s); pins in %s (%s)",
             self.lan,
             self.capacity,

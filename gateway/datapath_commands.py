@@ -40,7 +40,7 @@ class SpawnedDatapath(Datapath):
 
     def attach(self) -> None:
         """Attach in a child, then open the pins; the child's log lines are logged here."""
-        bpffs.durable(self.bpffs)  # refused here, before a compiler is even started
+        bpffs.durable(self.bpffs, mount=False)  # refused here, before a compiler is started
         try:
             result = subprocess.run(
                 self.loader_command(), capture_output=True, text=True, timeout=LOADER_TIMEOUT_S

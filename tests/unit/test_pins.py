@@ -68,7 +68,7 @@ def test_the_loader_child_error_becomes_the_service_error(
     assert command[command.index("--upload-ifb") + 1] == "ifb-br-lan"
     assert command[command.index("--bpffs") + 1] == str(tmp_path)
     failing = "import sys; print('desanet: error: no kernel headers', file=sys.stderr); sys.exit(2)"
-    monkeypatch.setattr(bpffs, "durable", lambda root: bpffs.Bpffs(root, "test"))
+    monkeypatch.setattr(bpffs, "durable", lambda root, mount=True: bpffs.Bpffs(root, "test"))
     monkeypatch.setattr(datapath, "loader_command", lambda: [sys.executable, "-c", failing])
     with pytest.raises(DatapathError, match=r"^no kernel headers$"):
         datapath.attach()
@@ -92,7 +92,7 @@ def test_the_loader_child_log_lines_keep_their_level(
         "desanet: error: interface 'br-lan' does not exist\n"
     )
     child = f"import sys; sys.stderr.write({lines!r}); sys.exit(2)"
-    monkeypatch.setattr(bpffs, "durable", lambda root: bpffs.Bpffs(root, "test"))
+    monkeypatch.setattr(bpffs, "durable", lambda root, mount=True: bpffs.Bpffs(root, "test"))
     monkeypatch.setattr(datapath, "loader_command", lambda: [sys.executable, "-c", child])
     with pytest.raises(DatapathError, match="does not exist"):
         datapath.attach()

@@ -5,7 +5,8 @@ loader finds the same counters and keeps counting; the counter summing program
 (ebpf/counter_sums.py) is loaded and pinned there with them. `open()` reaches
 an attached datapath through those pins alone (bpf(2), no BCC, no compiler);
 `detach()` removes the tc filters, the clsact qdisc and the pins, leaving
-nothing behind.
+nothing behind. The bpffs must outlive the process (ebpf/bpffs.py checks);
+pins lost while our filters run are taken over from them (ebpf/takeover.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from pyroute2 import IPRoute
 
-from desanet.ebpf import abi, bpf_syscall, bpffs, build, counter_sums, tc
+from desanet.ebpf import abi, bpf_syscall, bpffs, build, counter_sums, takeover, tc
 from desanet.ebpf.counter_sums import CounterSums
 from desanet.ebpf.maps import BpfMap
 from desanet.ebpf.prefixes import KeyTuple, key_of, parse_prefix, prefix_of
@@ -105,7 +106,11 @@ class Datapath:
             upload_index = self._ifindex(ipr, self.upload_ifb) if self.upload_ifb else 0
         where = bpffs.durable(self.bpffs)
         created_pins = not self.pin_dir.exists()
-        adopted = self._adopt_running_maps(lan_index)
+        # Pins lost while our filters still run: pin their maps again, so the new program
+        # is compiled against them (BPF_TABLE_PINNED reuses a pinned map).
+        adopted: list[str] = []
+        if not (self.pin_dir / abi.MAP_COUNTERS).exists():
+            adopted = takeover.pin_running_maps(lan_index, self.pin_dir, abi.PINNED)
         self._check_pinned_capacity()
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -140,47 +145,6 @@ class Datapath:
             self.pin_dir,
             where.why,
         )
-
-    def _adopt_running_maps(self, lan_index: int) -> list[str]:
-        """Pin the maps of our filters still running on the LAN when their pins are gone.
-
-        The pins can vanish while tc keeps the programs and their maps (a bpffs
-        that died with a mount namespace, or removed by hand). Pinned again, they
-        are what the new program is compiled against (BPF_TABLE_PINNED reuses a
-        pinned map), so the replacement continues the very counters the running
-        program is incrementing: nothing lost, nothing counted twice.
-        """
-        if (self.pin_dir / abi.MAP_COUNTERS).exists():
-            return []
-        found: dict[str, int] = {}
-        try:
-            for prog_id in tc.attached_program_ids(lan_index):
-                prog_fd = bpf_syscall.prog_fd_by_id(prog_id)
-                try:
-                    map_ids = bpf_syscall.prog_map_ids(prog_fd)
-                finally:
-                    os.close(prog_fd)
-                for map_id in map_ids:
-                    fd = bpf_syscall.map_fd_by_id(map_id)
-                    name = bpf_syscall.map_shape(fd).name
-                    if name in MAP_TYPES or name == abi.MAP_COUNTERS:
-                        found.setdefault(name, fd)
-                    if found.get(name) != fd:
-                        os.close(fd)
-            if found:
-                self.pin_dir.mkdir(parents=True, exist_ok=True)
-            for name, fd in found.items():
-                bpf_syscall.obj_pin(fd, str(self.pin_dir / name))
-        finally:
-            for fd in found.values():
-                os.close(fd)
-        if found:
-            log.warning(
-                "the datapath on %s was running without pins: pinned its maps again in %s",
-                self.lan,
-                self.pin_dir,
-            )
-        return sorted(found)
 
     def open(self) -> None:
         """Reach the maps of an already attached datapath without touching tc (a second process)."""

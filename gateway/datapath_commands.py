@@ -1,7 +1,7 @@
 """`desanet datapath ...`: attach, inspect and detach the datapath by hand; the service's loader.
 
 The service attaches through `SpawnedDatapath`: the compiler (BCC and LLVM,
-some 150 MB resident) runs in a short-lived `desanet datapath attach` child,
+about 140 MB resident) runs in a short-lived `desanet datapath attach` child,
 and the long-running process reaches the pinned maps by bpf(2) alone.
 """
 

@@ -37,6 +37,8 @@ BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_UPDATE_BATCH = 26
@@ -215,6 +217,26 @@ def obj_get(path: str) -> int:
     raw = ctypes.create_string_buffer(path.encode())
     attr = _ObjGetAttr(pathname=ctypes.addressof(raw))
     return bpf(BPF_OBJ_GET, attr, f"cannot open pinned BPF object {path}")
+
+
+class _GetFdByIdAttr(ctypes.Structure):
+    _fields_ = [
+        ("id", ctypes.c_uint32),
+        ("next_id", ctypes.c_uint32),
+        ("open_flags", ctypes.c_uint32),
+    ]
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """Open the loaded program with kernel id `prog_id`; a new descriptor the caller closes."""
+    attr = _GetFdByIdAttr(id=prog_id)
+    return bpf(BPF_PROG_GET_FD_BY_ID, attr, f"cannot open BPF program {prog_id}")
+
+
+def map_fd_by_id(map_id: int) -> int:
+    """Open the map with kernel id `map_id`; a new descriptor the caller closes."""
+    attr = _GetFdByIdAttr(id=map_id)
+    return bpf(BPF_MAP_GET_FD_BY_ID, attr, f"cannot open BPF map {map_id}")
 
 
 def obj_pin(fd: int, path: str) -> None:

@@ -5,7 +5,8 @@ loader finds the same counters and keeps counting; the counter summing program
 (ebpf/counter_sums.py) is loaded and pinned there with them. `open()` reaches
 an attached datapath through those pins alone (bpf(2), no BCC, no compiler);
 `detach()` removes the tc filters, the clsact qdisc and the pins, leaving
-nothing behind.
+nothing behind. The bpffs must outlive the process (ebpf/bpffs.py checks);
+pins lost while our filters run are taken over from them (ebpf/takeover.py).
 
 Over 400 lines because it is one class whose attach, open and provisioning
 share the maps' handles and the owner tables; the policy maps' own work
@@ -27,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from pyroute2 import IPRoute
 
-from desanet.ebpf import abi, bpf_syscall, build, counter_sums, policy_maps, tc
+from desanet.ebpf import abi, bpf_syscall, bpffs, build, counter_sums, policy_maps, takeover, tc
 from desanet.ebpf.counter_sums import CounterSums
 from desanet.ebpf.maps import BpfMap
 from desanet.ebpf.prefixes import KeyTuple, format_mac, key_of, parse_prefix, prefix_of
@@ -38,17 +39,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = build.EBPF_DIR / "datapath.bpf.c"
 BPFFS = abi.BPFFS
-_MS_NOCLOEXEC = 0
 _HOST = 128  # key length of a whole address: such keys live in the `hosts` hash
-
-
-def _mount_bpffs(root: Path) -> None:
-    if os.path.ismount(root):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(b"bpf", str(root).encode(), b"bpf", _MS_NOCLOEXEC, None) != 0:
-        err = ctypes.get_errno()
-        raise DatapathError(f"cannot mount bpffs at {root}: {os.strerror(err)}")
 
 
 def compile_program(capacity: int, pin_dir: Path) -> Any:
@@ -136,8 +127,13 @@ class Datapath:
         with IPRoute() as ipr:
             lan_index = self._ifindex(ipr, self.lan)
             upload_index = self._ifindex(ipr, self.upload_ifb) if self.upload_ifb else 0
-        _mount_bpffs(self.bpffs)
+        where = bpffs.durable(self.bpffs)
         created_pins = not self.pin_dir.exists()
+        # Pins lost while our filters still run: pin their maps again, so the new program
+        # is compiled against them (BPF_TABLE_PINNED reuses a pinned map).
+        adopted: list[str] = []
+        if not (self.pin_dir / abi.MAP_COUNTERS).exists():
+            adopted = takeover.pin_running_maps(lan_index, self.pin_dir, abi.PINNED)
         self._check_pinned_capacity()
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -158,11 +154,20 @@ class Datapath:
         self._set_settings(upload_index)
         self._load_owners()
         self.refresh_gateway_addresses()
-        log.info(
-            "datapath attached to %s (capacity %d, maps in %s)",
+        log.log(
+            logging.INFO if where.certain else logging.WARNING,
+            "datapath attached to %s (capacity %d, %s); pins in %s (%s)",
             self.lan,
             self.capacity,
+            (
+                f"maps {', '.join(adopted)} taken over from the running filters"
+                if adopted
+                else "new maps"
+                if created_pins
+                else "pinned maps kept"
+            ),
             self.pin_dir,
+            where.why,
         )
 
     def open(self) -> None:

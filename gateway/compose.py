@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from desanet.clock import SystemClock
-from desanet.ebpf.datapath import Datapath
+from desanet.ebpf import abi, bpffs
 from desanet.gateway.config import Config
 from desanet.gateway.control import ControlEndpoint
+from desanet.gateway.datapath_commands import SpawnedDatapath
 from desanet.gateway.parts import Parts
 from desanet.gateway.roles import Roles
 from desanet.meter.poll import CounterReader, CounterSource
@@ -27,7 +28,10 @@ def open_counters(config: Config) -> CounterSource:
 
 
 def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str]) -> Parts:
-    """Bind the usage and control endpoints, then build the kernel parts (not yet touched)."""
+    """Bind the usage and control endpoints, then build the kernel parts (not yet touched).
+
+    A gateway whose pins would not outlive the service is refused first of all."""
+    bpffs.durable(abi.BPFFS, mount=False)
     meter = MeterService(
         config.gateway_id,
         config.state_dir,
@@ -41,7 +45,7 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
         raise
     ifb = upload_ifb_name(config.lan)
     return Parts(
-        datapath=Datapath(
+        datapath=SpawnedDatapath(
             config.lan,
             config.gateway_id,
             capacity=config.capacity,

@@ -1,15 +1,73 @@
-"""`desanet datapath ...`: attach, inspect and detach the datapath by hand."""
+"""`desanet datapath ...`: attach, inspect and detach the datapath by hand; the service's loader.
+
+The service attaches through `SpawnedDatapath`: the compiler (BCC and LLVM,
+about 140 MB resident) runs in a short-lived `desanet datapath attach` child,
+and the long-running process reaches the pinned maps by bpf(2) alone.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from desanet.ebpf import abi
+from desanet.ebpf import abi, bpffs
 from desanet.ebpf.datapath import Datapath
+from desanet.errors import DatapathError
 from desanet.units import format_bytes
+
+log = logging.getLogger(__name__)
+_ERROR_PREFIX = "desanet: error: "
+# Compiling both programs takes a few seconds; a loader stuck far longer is broken.
+LOADER_TIMEOUT_S = 300
+
+
+class SpawnedDatapath(Datapath):
+    """A datapath attached by a child process and then opened through its pins (no BCC here)."""
+
+    def loader_command(self) -> list[str]:
+        """The child that compiles, loads, pins and attaches (`desanet datapath attach`)."""
+        # -P: the child imports the installed desanet, never one in the working directory.
+        cmd = [sys.executable, "-P", "-m", "desanet.gateway.cli", "datapath", "attach"]
+        cmd += ["--lan", self.lan, "--gateway-id", self.gateway_id]
+        cmd += ["--capacity", str(self.capacity), "--bpffs", str(self.bpffs)]
+        cmd += ["--block-unprovisioned"] if self.block_unprovisioned else []
+        return cmd + (["--upload-ifb", self.upload_ifb] if self.upload_ifb else [])
+
+    def attach(self) -> None:
+        """Attach in a child, then open the pins; the child's log lines are logged here."""
+        bpffs.durable(self.bpffs, mount=False)  # refused here, before a compiler is started
+        try:
+            result = subprocess.run(
+                self.loader_command(), capture_output=True, text=True, timeout=LOADER_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired as err:
+            raise DatapathError(
+                f"the datapath loader did not finish within {LOADER_TIMEOUT_S} s "
+                "(compiling and loading the programs)"
+            ) from err
+        error = ""
+        for line in result.stderr.splitlines():
+            if line.startswith(_ERROR_PREFIX):
+                error = line.removeprefix(_ERROR_PREFIX)
+                continue
+            # The child logs as `desanet` does: "date time LEVEL logger: message".
+            parts = line.split(" ", 3)
+            level = logging.getLevelName(parts[2]) if len(parts) == 4 else None
+            if isinstance(level, int):
+                log.log(level, "loader: %s", parts[3])
+            elif line.strip():
+                log.info("loader: %s", line)
+        if result.returncode != 0:
+            raise DatapathError(
+                error or f"the datapath loader exited with status {result.returncode}"
+            )
+        self.open()
 
 
 def register(subparsers: Any) -> None:
@@ -26,12 +84,18 @@ def register(subparsers: Any) -> None:
         p.add_argument(
             "--capacity", type=int, default=abi.DEFAULT_CAPACITY, help="subscriber slots"
         )
+        p.add_argument("--bpffs", type=Path, default=abi.BPFFS, help="bpffs holding the pins")
 
     attach = verbs.add_parser(
         "attach", help="compile and attach (keeps counters of a previous attach)"
     )
     common(attach)
     attach.add_argument("--upload-ifb", help="IFB device carrying the upload HTB tree")
+    attach.add_argument(
+        "--block-unprovisioned",
+        action="store_true",
+        help="drop forwarded traffic of addresses no subscriber owns ([policy] block)",
+    )
     attach.set_defaults(func=_attach)
 
     detach = verbs.add_parser("detach", help="remove filters, clsact qdisc and pinned maps")
@@ -54,11 +118,13 @@ def register(subparsers: Any) -> None:
 
 
 def _datapath(args: argparse.Namespace, **kwargs: Any) -> Datapath:
-    return Datapath(args.lan, args.gateway_id, capacity=args.capacity, **kwargs)
+    return Datapath(args.lan, args.gateway_id, capacity=args.capacity, bpffs=args.bpffs, **kwargs)
 
 
 def _attach(args: argparse.Namespace) -> int:
-    datapath = _datapath(args, upload_ifb=args.upload_ifb)
+    datapath = _datapath(
+        args, upload_ifb=args.upload_ifb, block_unprovisioned=args.block_unprovisioned
+    )
     datapath.attach()
     print(f"datapath attached to {args.lan}; maps pinned in {datapath.pin_dir}")
     return 0

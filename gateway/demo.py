@@ -31,6 +31,8 @@ from typing import Any
 from desanet.errors import DesanetError
 from desanet.gateway import report
 from desanet.gateway.control import request
+from desanet.gateway.demo_console import USER as DEMO_USER
+from desanet.gateway.demo_console import DemoConsole
 from desanet.gateway.lab import INET_V4, INET_V6, Village, in_netns, netns_cmd, run, village
 from desanet.gateway.report import DemoRecord, DemoSubscriber, Sample
 from desanet.gateway.status import read_snapshot
@@ -61,7 +63,6 @@ FIFO_UPLOAD = {
     "capped": "250k",
     "premium": "900k",
 }
-USAGE_PORT, REPLAY_PORT, CONTROL_PORT = 7570, 7571, 7572
 IPERF_DOWN_PORT, IPERF_UP_PORT = 5200, 5300
 _PING_LINE = re.compile(r"^\[(\d+\.\d+)\].*time=([0-9.]+) ms")
 
@@ -98,7 +99,12 @@ def _arrived_from_subscribers(lab: Village) -> dict[str, int]:
     }
 
 
-def _config_text(gateway_id: str, state_dir: Path) -> str:
+def _endpoints(workdir: Path) -> dict[str, str]:
+    """The service's endpoints: ipc sockets, reachable from the host namespace (the console)."""
+    return {name: f"ipc://{workdir / name}.ipc" for name in ("usage", "replay", "control")}
+
+
+def _config_text(gateway_id: str, state_dir: Path, endpoints: dict[str, str]) -> str:
     return f"""\
 [gateway]
 id = "{gateway_id}"
@@ -118,12 +124,12 @@ rtt = "50ms"
 interval = "500ms"
 
 [publish]
-usage = "tcp://127.0.0.1:{USAGE_PORT}"
-replay = "tcp://127.0.0.1:{REPLAY_PORT}"
+usage = "{endpoints["usage"]}"
+replay = "{endpoints["replay"]}"
 plaintext = true
 
 [control]
-endpoint = "tcp://127.0.0.1:{CONTROL_PORT}"
+endpoint = "{endpoints["control"]}"
 suspend = "wall"
 
 [subscribers]
@@ -278,7 +284,8 @@ def _run(lab: Village, workdir: Path, seconds: int, print_: Printer) -> DemoReco
     state_dir = workdir / "state"
     config = workdir / "gateway.toml"
     quota_bytes = seconds * 160_000  # passed about halfway through at a standard share
-    config.write_text(_config_text(gateway_id, state_dir))
+    endpoints = _endpoints(workdir)
+    config.write_text(_config_text(gateway_id, state_dir, endpoints))
     (workdir / "subscribers.csv").write_text(_subscribers_csv(lab, quota_bytes))
     log = workdir / "service.log"
     cli = [sys.executable, "-m", "desanet.gateway.cli"]
@@ -290,9 +297,15 @@ def _run(lab: Village, workdir: Path, seconds: int, print_: Printer) -> DemoReco
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    console: DemoConsole | None = None
     try:
-        return _drive(lab, state_dir, service, log, seconds, quota_bytes, print_)
+        console = DemoConsole(config, workdir)
+        return _drive(
+            lab, state_dir, service, log, seconds, quota_bytes, endpoints, console, print_
+        )
     finally:
+        if console is not None:
+            console.close()
         # SIGTERM, then remove the datapath (and its pins in the host's bpffs) and the shaping.
         subprocess.run(
             netns_cmd(lab.gw_ns, [*cli, "stop", "--detach", "--config", str(config)]),
@@ -311,6 +324,8 @@ def _drive(
     log: Path,
     seconds: int,
     quota_bytes: int,
+    endpoints: dict[str, str],
+    console: DemoConsole,
     print_: Printer,
 ) -> DemoRecord:
     snap = _wait_for_status(state_dir, service, log)
@@ -329,6 +344,15 @@ def _drive(
         link_down_bps=snap.link_down_bps,
         link_up_bps=snap.link_up_bps,
     )
+    record.console_url = console.url
+    record.console_answered = console.answers()
+    if record.console_answered:
+        print_(
+            f"console: {console.url} (user {DEMO_USER}, password {console.password}; "
+            "self-signed certificate), open while the demo runs"
+        )
+    else:
+        print_(f"console did not answer at {console.url}; see {console.log}")
     if snap.leaf_in_use != snap.leaf_wanted:
         print_(f"note: this kernel lacks {snap.leaf_wanted}; the shaper uses {snap.leaf_in_use}")
     record.idle_ping_ms = _idle_ping(lab)
@@ -380,7 +404,7 @@ def _drive(
         if not suspended and t_s >= record.suspend_at_s:
             with in_netns(lab.gw_ns):
                 reply = request(
-                    f"tcp://127.0.0.1:{CONTROL_PORT}",
+                    endpoints["control"],
                     {"op": "suspend", "sub": "s6"},
                     ClientSecurity(),
                 )
@@ -397,14 +421,16 @@ def _drive(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    return _finish(lab, state_dir, record)
+    return _finish(lab, state_dir, endpoints, record)
 
 
-def _finish(lab: Village, state_dir: Path, record: DemoRecord) -> DemoRecord:
+def _finish(
+    lab: Village, state_dir: Path, endpoints: dict[str, str], record: DemoRecord
+) -> DemoRecord:
     time.sleep(1.5)  # three intervals: the last bytes are polled and published
     with (
         in_netns(lab.gw_ns),
-        UsageClient(f"tcp://127.0.0.1:{USAGE_PORT}", f"tcp://127.0.0.1:{REPLAY_PORT}") as client,
+        UsageClient(endpoints["usage"], endpoints["replay"]) as client,
     ):
         billed = client.snapshot()
         for msg in client.messages(1, follow=False):

@@ -62,6 +62,8 @@ class DemoRecord:
     link_down_bps: int = 0
     link_up_bps: int = 0
     elapsed_s: float = 0.0
+    console_url: str = ""  # where the operator's console was served during the run
+    console_answered: bool = False
 
 
 def jain(values: Sequence[float]) -> float:
@@ -174,6 +176,7 @@ def summarize(record: DemoRecord, warmup_s: float = 5.0) -> dict[str, Any]:
         "leaf_wanted": record.leaf_wanted,
         "leaf_in_use": record.leaf_in_use,
         "elapsed_s": record.elapsed_s,
+        "console": {"url": record.console_url, "answered": record.console_answered},
     }
 
 
@@ -194,6 +197,13 @@ def render_markdown(record: DemoRecord, summary: dict[str, Any], plot_name: str)
             f"**Leaf qdisc: {record.leaf_in_use}, not {record.leaf_wanted}**: this kernel lacks "
             f"{record.leaf_wanted}, so the shaper fell back (latency under load is higher than "
             "with an AQM; the VM tier shows fq_codel on a stock kernel).",
+            "",
+        ]
+    if record.console_url:
+        answered = "it answered" if record.console_answered else "it did not answer"
+        lines += [
+            f"The operator's console was served at {record.console_url} during the run "
+            f"({answered}); `desanet console` serves it on a real gateway.",
             "",
         ]
     lines += [f"- warning: {w}" for w in record.warnings]

@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from desanet.gateway.demo import nsenter
-from desanet.gateway.lab import INET_V4, Village, in_netns, village
+from desanet.gateway.lab import INET_V4, Village, in_netns, netns_cmd, village
 from desanet.gateway.status import SubscriberStatus, read_snapshot
 from tests.kernel.test_gateway import Service, row
 
@@ -87,7 +86,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         log_path = folder / "console.log"
         with open(log_path, "ab") as log:
             console = subprocess.Popen(
-                nsenter(
+                netns_cmd(
                     lab.gw_ns,
                     [
                         *CLI,

@@ -32,6 +32,9 @@ def test_demo_report_meets_its_checks_and_cleans_up(tmp_path: Path) -> None:
     if summary["leaf_in_use"] != summary["leaf_wanted"]:
         assert f"this kernel lacks {summary['leaf_wanted']}" in report
     assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+    # The console was served on the demo village, and the report says where.
+    assert summary["console"]["answered"], summary["console"]
+    assert summary["console"]["url"] in report
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert summary["lab_tag"] not in namespaces
     assert not Path(f"/sys/fs/bpf/desanet/demo-{summary['lab_tag'].lower()}").exists()

@@ -16,6 +16,7 @@ scrape never races the service loop. Names (see docs/operations.md):
   desanet_usage_seq                                       last published usage seq
   desanet_subscribers                                     subscribers provisioned
   desanet_control_requests_total{result}                  control requests by ok / refused
+  desanet_loop_failures_total{step}                       failed, retried steps of the service loop
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ class GatewayCollector(Collector):
         snap = self.snapshot
         if snap is None:
             return
+        failures = CounterMetricFamily(
+            "desanet_loop_failures",
+            "Failed (and retried) steps of the service loop",
+            labels=["step"],
+        )
+        for step, count in sorted(snap.failures.items()):
+            failures.add_metric([step], count)
+        yield failures
         sub_labels = ["subscriber", "direction"]
         byte_total = CounterMetricFamily(
             "desanet_subscriber_bytes", "Delivered IP bytes since provisioning", labels=sub_labels

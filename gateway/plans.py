@@ -23,13 +23,15 @@ def shaping_plan(
     link = Link(
         down_bps=config.link.down_bps, up_bps=config.link.up_bps, headroom=config.shaping.headroom
     )
-    plans = [
-        SubscriberPlan(
-            sub.id, slot, plan.down_min_bps, plan.down_max_bps, plan.up_min_bps, plan.up_max_bps
-        )
-        for sub, slot, plan in entries
-    ]
+    plans = [subscriber_plan(sub.id, slot, plan) for sub, slot, plan in entries]
     return build_plan(link, plans, config.shaping.leaf, config.shaping.rtt_ms)
+
+
+def subscriber_plan(sub_id: str, slot: int, plan: RatePlan) -> SubscriberPlan:
+    """The shaper's view of one subscriber in `slot` with the enforced `plan`."""
+    return SubscriberPlan(
+        sub_id, slot, plan.down_min_bps, plan.down_max_bps, plan.up_min_bps, plan.up_max_bps
+    )
 
 
 def provision_entry(sub: Subscriber, slot: int, flags: int) -> Provision:

@@ -98,6 +98,8 @@ class StatusSnapshot:
     subscribers: list[SubscriberStatus]
     warnings: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    # Failed attempts of the service loop's steps since start, by step (each retried).
+    failures: dict[str, int] = field(default_factory=dict)
 
     @property
     def down_bps(self) -> float:

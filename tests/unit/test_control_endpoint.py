@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -11,7 +12,7 @@ import pytest
 import zmq
 
 from desanet.errors import ControlError
-from desanet.gateway.control import ControlEndpoint, request
+from desanet.gateway.control import ControlEndpoint, request, request_many
 from desanet.meter.keys import ClientSecurity, KeyPair, ServerSecurity
 
 pytestmark = pytest.mark.unit
@@ -23,6 +24,7 @@ def keypair() -> KeyPair:
 
 
 SERVER, BILLING, STRANGER = keypair(), keypair(), keypair()
+BATCHES: list[int] = []  # sizes of the batches the handler got
 
 
 @pytest.fixture
@@ -40,10 +42,15 @@ def endpoint() -> Iterator[ControlEndpoint]:
             return {"ok": True, "echo": req}
         return {"ok": False, "error": f"refused {type(req).__name__}"}
 
+    def echo_all(requests: Sequence[object]) -> list[dict[str, Any]]:
+        BATCHES.append(len(requests))
+        return [echo(r) for r in requests]
+
     def serve() -> None:
         while not stop.is_set():
             if ep.sock.poll(50):
-                ep.serve_pending(echo)
+                time.sleep(0.05)  # let a pipelined burst arrive whole
+                ep.serve_pending(echo_all, max_requests=100)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -90,3 +97,12 @@ def test_any_failure_inside_is_an_error_reply(endpoint: ControlEndpoint) -> None
         reply = request(endpoint.endpoint, {"op": op}, billing)
         assert reply == {"ok": False, "error": f"internal error ({kind}); see the log"}
     assert request(endpoint.endpoint, {"op": "show"}, billing)["ok"] is True
+
+
+def test_pipelined_requests_are_served_in_batches_in_order(endpoint: ControlEndpoint) -> None:
+    BATCHES.clear()
+    bodies = [{"op": "show", "sub": f"s{i}"} for i in range(250)]
+    replies = request_many(endpoint.endpoint, bodies, ClientSecurity(SERVER.public, BILLING))
+    assert [r["echo"]["sub"] for r in replies] == [f"s{i}" for i in range(250)]
+    # Together, but never more than max_requests at a time.
+    assert sum(BATCHES) == 250 and max(BATCHES) == 100 and len(BATCHES) < 250

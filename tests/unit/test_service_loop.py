@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ suspend = "block"
 
 [subscribers]
 file = "subscribers.csv"
+settle = "1s"
 """
 HEADER = "id,name,prefixes,down_min,down_max,up_min,up_max,quota\n"
 S1 = "s1,A,10.0.0.1,1mbit,10mbit,256kbit,2mbit,1MB"
@@ -170,7 +171,9 @@ class FakeShaper:
     def ensure_ifb(self) -> int:
         return 42
 
-    def apply(self, plan: ShapingPlan) -> ApplyResult:
+    def apply(
+        self, plan: ShapingPlan, *, before_removing: Callable[[], None] | None = None
+    ) -> ApplyResult:
         if self.refuse is not None:
             raise ShaperError(self.refuse)
         self.applied.append(plan)
@@ -225,6 +228,11 @@ class Lab:
         self.clock.advance(seconds)
         service.step()
 
+    def settle(self, service: GatewayService) -> None:
+        """Two passes a settle period apart: a changed file is seen, then applied."""
+        self.tick(service)
+        self.tick(service)
+
     def received(self) -> list[UsageMessage]:
         """Every usage message billing can fetch, in seq order."""
         assert self.meter is not None
@@ -264,8 +272,7 @@ def test_reload_applies_added_removed_and_readdressed(lab: Lab, running: Gateway
     assert {lab.datapath.slot_of(f"10.0.0.{i}") for i in (1, 2, 3)} == {1, 2, 3}
     # s1 moves to 10.0.1.1, s3 leaves, s4 arrives.
     lab.write(S1.replace("10.0.0.1", "10.0.1.1"), S2, "s4,D,10.0.0.4,1mbit,4mbit,256kbit,1mbit,")
-    running.request_reload()
-    lab.tick(running)
+    lab.settle(running)
     assert lab.datapath.slot_of("10.0.0.1") == 0 and lab.datapath.slot_of("10.0.1.1") == 1
     assert lab.datapath.slot_of("10.0.0.3") == lab.datapath.slot_of("fd00::3") == 0
     s4 = lab.datapath.slot_of("10.0.0.4")
@@ -286,25 +293,30 @@ def test_a_bad_file_changes_nothing_and_the_service_keeps_running(
 ) -> None:
     steering, applied = dict(lab.datapath.steering), len(lab.shaper.applied)
     slots_file = (lab.folder / "state" / "slots.json").read_bytes()
-    for rows in (
-        (S1, S1.replace("10.0.0.1", "10.0.0.9")),  # s1 twice
+    for rows, error in (
+        ((S1, S1.replace("10.0.0.1", "10.0.0.9")), "subscriber s1 already defined on line 2"),
         # s5's guarantee does not fit the link beside everyone else's: the slot table,
         # computed for s5, must not be kept.
-        (S1, S2, S3, "s5,E,10.0.0.5,17mbit,20mbit,256kbit,1mbit,"),
+        (
+            (S1, S2, S3, "s5,E,10.0.0.5,17mbit,20mbit,256kbit,1mbit,"),
+            "subscriber s5: its download min 17.0 Mbit/s brings the sum",
+        ),
     ):
         lab.write(*rows)
-        running.request_reload()
-        lab.tick(running)
+        lab.settle(running)
         assert lab.datapath.steering == steering and len(lab.shaper.applied) == applied
         assert (lab.folder / "state" / "slots.json").read_bytes() == slots_file
-        assert [s.id for s in read_snapshot(lab.folder / "state").subscribers] == ["s1", "s2", "s3"]
+        snap = read_snapshot(lab.folder / "state")
+        assert [s.id for s in snap.subscribers] == ["s1", "s2", "s3"]
+        assert [w for w in snap.warnings if error in w and "not applied" in w], snap.warnings
     lab.datapath.send("10.0.0.2", up=10, down=20)
     lab.tick(running)
     assert lab.billed()["s2"] == (10, 20)
     # The refused files left no trace: the next subscriber gets the next slot.
     lab.write(S1, S2, S3, "s6,F,10.0.0.6,1mbit,2mbit,256kbit,1mbit,")
-    lab.tick(running)
+    lab.settle(running)
     assert lab.datapath.slot_of("10.0.0.6") == 4 and lab.datapath.slot_of("10.0.0.3") == 3
+    assert read_snapshot(lab.folder / "state").warnings == []
 
 
 def test_quota_throttles_and_a_new_month_lifts_it(lab: Lab, running: GatewayService) -> None:
@@ -520,8 +532,10 @@ def test_a_subscribers_file_that_is_not_utf8_is_refused_on_reload(
         (HEADER + S1.replace(",A,", ",Andr\xe9,") + "\n").encode("latin-1")
     )
     running.request_reload()
-    lab.tick(running)
-    assert [s.id for s in read_snapshot(lab.folder / "state").subscribers] == ["s1", "s2", "s3"]
+    lab.settle(running)
+    snap = read_snapshot(lab.folder / "state")
+    assert [s.id for s in snap.subscribers] == ["s1", "s2", "s3"]
+    assert any("subscribers.csv:2: byte 62 is not UTF-8" in w for w in snap.warnings), snap.warnings
     assert control(running, lab, {"op": "show", "sub": "s3"})["ok"] is True
 
 

@@ -86,8 +86,8 @@ class GatewayService:
         self._parts: Parts | None = None
         self._poller: Poller | None = None
         self._applier: Applier | None = None
-        self.collector = GatewayCollector()
         self.faults = LoopFaults()
+        self.collector = GatewayCollector(self.faults.counts)
         self.events: list[dict[str, Any]] = []
         self.outbox = Outbox()
         self._reload_error: str | None = None
@@ -321,10 +321,11 @@ class GatewayService:
         t = self.parts.clock.now_ms()
         guard = self.faults.guard
         interval = guard("counters", lambda: self._roll_up(t))
+        shaped: bool | None = False  # whether the quota step tried the kernel (None: failed)
         if interval is not None:
-            guard("quota", lambda: self._quota(t))
+            shaped = guard("quota", lambda: self._quota(t))
             guard("publish", lambda: self.outbox.publish(self.parts.meter, interval, self._state))
-        if self.applier.not_applied:
+        if self.applier.not_applied and shaped is False:
             guard("shaper", self._retry_not_applied)
         if self.roster.slots.retired:
             guard("state", lambda: self._expire_retired(t))
@@ -335,7 +336,7 @@ class GatewayService:
         interval: UsageInterval = self.aggregator.rollup(t)
         return interval
 
-    def _quota(self, t: int) -> None:
+    def _quota(self, t: int) -> bool:
         roster = self.roster
         changed, events = quota_pass(
             roster.by_id,
@@ -355,6 +356,7 @@ class GatewayService:
             refusal = self.applier.enforce(working, set(changed), roster.steered(changed, flags))
             if refusal is not None:
                 raise ShaperError(f"quota changes recorded, not applied: {refusal}")
+        return bool(changed)
 
     def _retry_not_applied(self) -> None:
         refusal = self.applier.enforce(self.applier.derive(), set(), set())

@@ -75,7 +75,9 @@ class ControlPort(Protocol):
     def wait(self, timeout_ms: int) -> bool: ...
 
     def serve_pending(
-        self, handler: Callable[[Sequence[object]], Sequence[dict[str, Any]]]
+        self,
+        handler: Callable[[Sequence[object]], Sequence[dict[str, Any]]],
+        max_requests: int = ...,
     ) -> int: ...
 
     def close(self) -> None: ...

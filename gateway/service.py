@@ -32,6 +32,7 @@ from desanet.gateway import control_batch, status
 from desanet.gateway.applier import Applier
 from desanet.gateway.compose import Compose, production_parts
 from desanet.gateway.config import load_config, require_lan
+from desanet.gateway.control import MAX_BATCH
 from desanet.gateway.control_record import SubscriberControl
 from desanet.gateway.control_requests import Context
 from desanet.gateway.control_state import ControlState
@@ -94,6 +95,7 @@ class GatewayService:
         self.started_ms = 0
         self._status_ms = 0
         self._next_tick_s = 0.0
+        self._request_cost_s = 0.001  # seconds per control request, measured as they come
         self._stop = False
 
     @property
@@ -422,13 +424,26 @@ class GatewayService:
         while not self._stop:
             self.step()
 
+    def _batch_room(self, before_tick_s: float) -> int:
+        # As many requests as the time before the next tick holds (a batch is never split),
+        # so a storm of requests never makes the meter late by more than one request.
+        if before_tick_s <= 0:
+            return 0
+        return max(1, min(MAX_BATCH, int(before_tick_s / max(self._request_cost_s, 1e-6))))
+
     def step(self) -> None:
         """One pass: wait for requests until the next tick, serve one batch, reload, tick."""
         parts = self.parts
         clock = parts.clock
         wait_ms = max(0, int((self._next_tick_s - clock.monotonic_s()) * 1000))
         if parts.endpoint.wait(min(wait_ms, _MAX_WAIT_MS)):
-            parts.endpoint.serve_pending(self.handle_requests)
+            room = self._batch_room(self._next_tick_s - clock.monotonic_s())
+            if room:
+                started = clock.monotonic_s()
+                served = parts.endpoint.serve_pending(self.handle_requests, room)
+                if served:
+                    cost = (clock.monotonic_s() - started) / served
+                    self._request_cost_s = (self._request_cost_s + cost) / 2
         try:
             raw = self._file.poll(clock.monotonic_s())
         except DesanetError as err:

@@ -63,6 +63,16 @@ class Applier:
         if working.subscribers.get(sub.id) != sub:
             working.put(sub)
 
+    def enforce_subscribers(self, sub_ids: Iterable[str], steer: set[str]) -> str | None:
+        """Stage and apply the enforcement of `sub_ids` now (and retry earlier refusals)."""
+        working = self.derive()
+        changed = set(sub_ids)
+        for sub_id in changed:
+            plan = self.plan_of(sub_id)
+            if plan is not None:
+                self.stage(working, plan)
+        return self.enforce(working, changed, steer)
+
     def enforce(self, working: ShapingPlan, changed: set[str], steer: set[str]) -> str | None:
         """Apply a staged batch, retrying the subscribers refused before; the refusal or None.
 

@@ -8,6 +8,7 @@ polls never race on the control state; what a request means is decided in
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -27,9 +28,8 @@ from desanet.meter.keys import (
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 4096
-# Requests answered as one batch at most: a batch is applied between two meter
-# ticks, so this bounds how late a tick can be (about 30 ms of work at 10,000
-# subscribers; benchmarks/control.py).
+# Requests answered as one batch at most (one transaction, one shaper apply:
+# about 50 ms of work at 10,000 subscribers, benchmarks/control.py).
 MAX_BATCH = 256
 
 BatchHandler = Callable[[Sequence[object]], Sequence[dict[str, Any]]]
@@ -57,20 +57,30 @@ class ControlEndpoint:
             self.close()
             raise ControlError(f"cannot bind the control endpoint {endpoint}: {err}") from err
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._request_cost_s = 0.001  # seconds per request, measured batch by batch
 
     def wait(self, timeout_ms: int) -> bool:
         """Wait up to `timeout_ms` for a request; True when one is waiting."""
         return bool(self.sock.poll(timeout_ms))
 
-    def serve_pending(self, handler: BatchHandler, max_requests: int = MAX_BATCH) -> int:
-        """Answer up to `max_requests` waiting requests as one batch; returns how many.
+    def serve_pending(self, handler: BatchHandler, budget_s: float | None = None) -> int:
+        """Answer the waiting requests as one batch; returns how many.
 
         `handler` gets the decoded requests in arrival order and returns one
         reply per request: requests that arrive together are applied together.
-        The boundary of every request: whatever goes wrong (the handler, or
-        packing a reply) becomes an error reply and one log line; the next
-        request is served as usual.
+        A batch holds at most MAX_BATCH requests, and with `budget_s` only as
+        many as that time allows at the cost measured so far (none when it is
+        spent), so the service loop's next tick is never late by more than one
+        request. The boundary of every request: whatever goes wrong (the
+        handler, or packing a reply) becomes an error reply and one log line;
+        the next request is served as usual.
         """
+        max_requests = MAX_BATCH
+        if budget_s is not None:
+            if budget_s <= 0:
+                return 0
+            max_requests = max(1, min(MAX_BATCH, int(budget_s / self._request_cost_s)))
+        started = time.monotonic()
         envelopes: list[list[bytes]] = []
         bodies: list[object] = []
         framing: dict[int, dict[str, Any]] = {}
@@ -94,6 +104,8 @@ class ControlEndpoint:
         for index, envelope in enumerate(envelopes):
             reply = framing[index] if index in framing else next(answers)
             self.sock.send_multipart([*envelope, _pack(reply)])
+        cost = (time.monotonic() - started) / len(envelopes)
+        self._request_cost_s = (self._request_cost_s + cost) / 2
         return len(envelopes)
 
     def _answers(self, handler: BatchHandler, bodies: list[object]) -> Iterator[Any]:

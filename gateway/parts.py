@@ -77,7 +77,7 @@ class ControlPort(Protocol):
     def serve_pending(
         self,
         handler: Callable[[Sequence[object]], Sequence[dict[str, Any]]],
-        max_requests: int = ...,
+        budget_s: float | None = None,
     ) -> int: ...
 
     def close(self) -> None: ...

@@ -12,7 +12,8 @@ on the IFB device the datapath redirects LAN ingress to. In each tree:
 
 Class ids depend only on the slot, so they are stable across reloads.
 Validation happens here, before anything touches the kernel, and every error
-names the subscriber.
+names the subscriber. (Over 400 lines: the trees and the rules that validate
+them change together.)
 """
 
 from __future__ import annotations

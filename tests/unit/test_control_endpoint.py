@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from desanet.errors import ControlError
-from desanet.gateway.control import ControlEndpoint, request, request_many
+from desanet.gateway.control import MAX_BATCH, ControlEndpoint, request, request_many
 from desanet.meter.keys import ClientSecurity, KeyPair, ServerSecurity
 
 pytestmark = pytest.mark.unit
@@ -50,7 +50,7 @@ def endpoint() -> Iterator[ControlEndpoint]:
         while not stop.is_set():
             if ep.sock.poll(50):
                 time.sleep(0.05)  # let a pipelined burst arrive whole
-                ep.serve_pending(echo_all, max_requests=100)
+                ep.serve_pending(echo_all)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -101,8 +101,39 @@ def test_any_failure_inside_is_an_error_reply(endpoint: ControlEndpoint) -> None
 
 def test_pipelined_requests_are_served_in_batches_in_order(endpoint: ControlEndpoint) -> None:
     BATCHES.clear()
-    bodies = [{"op": "show", "sub": f"s{i}"} for i in range(250)]
+    bodies = [{"op": "show", "sub": f"s{i}"} for i in range(600)]
     replies = request_many(endpoint.endpoint, bodies, ClientSecurity(SERVER.public, BILLING))
-    assert [r["echo"]["sub"] for r in replies] == [f"s{i}" for i in range(250)]
-    # Together, but never more than max_requests at a time.
-    assert sum(BATCHES) == 250 and max(BATCHES) == 100 and len(BATCHES) < 250
+    assert [r["echo"]["sub"] for r in replies] == [f"s{i}" for i in range(600)]
+    # Together, but never more than MAX_BATCH at a time.
+    assert sum(BATCHES) == 600 and max(BATCHES) == MAX_BATCH and len(BATCHES) < 100
+
+
+def test_a_spent_budget_serves_nothing_and_a_short_one_little() -> None:
+    security = ServerSecurity(server=SERVER, allowed_clients=frozenset({BILLING.public}))
+    ep = ControlEndpoint("tcp://127.0.0.1:0", security)
+    sizes: list[int] = []
+
+    def handler(requests: Sequence[object]) -> list[dict[str, Any]]:
+        sizes.append(len(requests))
+        return [{"ok": True} for _ in requests]
+
+    bodies = [msgpack.packb({"op": "show", "sub": "s1"})] * 20
+    try:
+        with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+            sock.linger = 0
+            sock.curve_serverkey = SERVER.public
+            sock.curve_publickey, sock.curve_secretkey = BILLING.public, BILLING.secret
+            sock.connect(ep.endpoint)
+            for body in bodies:
+                sock.send_multipart([b"", body])
+            assert ep.wait(2000)
+            time.sleep(0.2)
+            assert ep.serve_pending(handler, budget_s=0.0) == 0  # the tick is due first
+            assert ep.serve_pending(handler, budget_s=1e-9) == 1  # one request at least
+            served = 1
+            while served < 20:
+                assert ep.wait(2000)
+                served += ep.serve_pending(handler)
+            assert sizes[0] == 1 and sum(sizes) == 20
+    finally:
+        ep.close()

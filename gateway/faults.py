@@ -43,11 +43,15 @@ class LoopFaults:
         except Exception as err:
             self._failed(step, err)
             return None
+        self.recovered(step)
+        return result
+
+    def recovered(self, step: str) -> None:
+        """`step` works again (or what it failed to do is done another way)."""
         streak = self._streak.pop(step, 0)
         if streak:
             self.failing.pop(step, None)
             log.warning("%s works again after %d failed attempts", step, streak)
-        return result
 
     def _failed(self, step: str, err: Exception) -> None:
         self.counts[step] = self.counts.get(step, 0) + 1

@@ -94,6 +94,7 @@ class GatewayService:
         self.events: list[dict[str, Any]] = []
         self.outbox = Outbox()
         self._reload_error: str | None = None
+        self._resync_due = False
         self.started_ms = 0
         self._status_ms = 0
         self._next_tick_s = 0.0
@@ -163,9 +164,7 @@ class GatewayService:
             if delivered_state:
                 self.delivered.restore(delivered_state)
         self._poller = Poller(self.delivered, self.aggregator)
-        # Slots the kernel still steers but no subscriber holds (removed while we were down).
-        stale = set(parts.datapath.prefixes()) - set(slots.slots.values())
-        self._shape_and_provision(self._initial_plan, set(roster.by_id), sorted(stale))
+        self._resync(self._initial_plan)
         if cfg.metrics_listen is not None:
             serve(self.collector, *cfg.metrics_listen)
         self._next_tick_s = parts.clock.monotonic_s() + cfg.interval_ms / 1000
@@ -197,6 +196,16 @@ class GatewayService:
         self.control.close()
 
     # -- applying subscribers ------------------------------------------------------------------
+
+    def _resync(self, plan: ShapingPlan | None = None) -> None:
+        # The whole roster into the kernel; slots it still steers but nobody holds (removed
+        # while the service was down, or by a reload that failed midway) stop first.
+        roster = self.roster
+        stale = set(self.parts.datapath.prefixes()) - set(roster.slots.slots.values())
+        whole = plan if plan is not None else roster.whole_plan()
+        self._shape_and_provision(whole, set(roster.by_id), sorted(stale))
+        self._resync_due = False
+        self.faults.recovered("reload")  # what a failed reload left undone is done
 
     def _shape_and_provision(
         self, plan: ShapingPlan, touched: set[str], freed_slots: Iterable[int] = ()
@@ -244,7 +253,11 @@ class GatewayService:
         self.control.forget(slots.expired)
         self._reload_error, self._status_ms = None, 0  # the status shows it at once
         touched = set(change.added) | set(change.readdressed)
-        self._shape_and_provision(working, touched, slots.retired.values())
+        try:
+            self._shape_and_provision(working, touched, slots.retired.values())
+        except Exception:
+            self._resync_due = True  # the next tick makes the kernel hold the whole file
+            raise
         log.info(
             "reload: %s (added %s, removed %s)", change.summary(), change.added, change.removed
         )
@@ -322,7 +335,9 @@ class GatewayService:
         if interval is not None:
             shaped = guard("quota", lambda: self._quota(t))
             guard("publish", lambda: self.outbox.publish(self.parts.meter, interval, self._state))
-        if self.applier.not_applied and shaped is False:
+        if self._resync_due:
+            guard("shaper", self._resync)
+        elif self.applier.not_applied and shaped is False:
             guard("shaper", self._retry_not_applied)
         if self.roster.slots.retired:
             guard("state", lambda: self._expire_retired(t))

@@ -176,3 +176,22 @@ def test_a_wrong_boot_date_starts_no_new_quota_month(lab: Lab) -> None:
         assert [e for e in lab.events() if e[1] == "period" and e[0] == "s1"] == []
     finally:
         again.close()
+
+
+def test_a_reload_the_kernel_refuses_is_retried_until_it_holds(
+    lab: Lab, running: GatewayService
+) -> None:
+    lab.shaper.refuse = "RTM_NEWTCLASS: No buffer space available"
+    lab.write(S1, S2, "s4,D,10.0.0.4,1mbit,4mbit,256kbit,1mbit,")
+    lab.settle(running)
+    lab.tick(running)
+    snap = read_snapshot(lab.folder / "state")
+    assert snap.failures["reload"] == 1 and snap.failures["shaper"] >= 1
+    lab.shaper.refuse = None
+    lab.tick(running)
+    assert lab.datapath.slot_of("10.0.0.4") == 4 and lab.datapath.slot_of("10.0.0.3") == 0
+    assert set(lab.shaper.applied[-1].subscribers) == {"s1", "s2", "s4"}
+    lab.datapath.send("10.0.0.4", up=5)
+    lab.tick(running)
+    assert lab.billed()["s4"] == (5, 0)
+    assert read_snapshot(lab.folder / "state").warnings == []

@@ -25,7 +25,14 @@ _SIZE_UNITS = {
     "gib": 1 << 30,
     "tib": 1 << 40,
 }
-_TIME_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_TIME_UNITS = {
+    "us": 0.001,
+    "ms": 1.0,
+    "s": 1000.0,
+    "m": 60_000.0,
+    "h": 3_600_000.0,
+    "d": 86_400_000.0,
+}
 _NUMBER = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 # Bounds on what an operator or a billing system can mean, so that a value that
 # parses is one every part can store, pack and compute with (no float overflow,
@@ -75,10 +82,10 @@ def parse_bytes(text: str) -> int:
 
 
 def parse_duration_ms(text: str) -> float:
-    """Parse a duration ("600ms", "1s", "250us") into milliseconds."""
+    """Parse a duration ("600ms", "1s", "250us", "7d") into milliseconds."""
     value, unit = _split(text, "duration")
     if unit not in _TIME_UNITS:
-        raise ValidationError(f"duration {text!r}: unknown unit {unit!r} (use us, ms, s)")
+        raise ValidationError(f"duration {text!r}: unknown unit {unit!r} (use us, ms, s, m, h, d)")
     duration = value * _TIME_UNITS[unit]
     if duration <= 0:
         raise ValidationError(f"duration {text!r} must be above zero")

@@ -8,9 +8,10 @@ taken is refused first.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from desanet.clock import SystemClock
+from desanet.clock import SteadyClock
 from desanet.ebpf import abi, bpffs
 from desanet.gateway.config import Config
 from desanet.gateway.control import ControlEndpoint
@@ -20,6 +21,9 @@ from desanet.gateway.roles import Roles
 from desanet.meter.poll import CounterReader, CounterSource
 from desanet.meter.service import MeterService, StreamConfig
 from desanet.shaper.apply import Shaper, upload_ifb_name
+
+# What builds the parts: `production_parts`, or a test's fakes.
+Compose = Callable[[Config, Roles, Mapping[int, str]], Parts]
 
 
 def open_counters(config: Config) -> CounterSource:
@@ -56,5 +60,16 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
         meter=meter,
         endpoint=endpoint,
         open_counters=lambda: open_counters(config),
-        clock=SystemClock(),
+        clock=steady_clock(meter),
     )
+
+
+def steady_clock(meter: MeterService, **sources: Any) -> SteadyClock:
+    """The service's clock: never earlier than the last interval the journal holds.
+
+    A gateway without a real-time clock may boot in the wrong year; stamps
+    (and with them quota months) follow the system clock only once the kernel
+    reports it synchronized. `sources` replaces the system's clocks in tests
+    (`SteadyClock`'s wall_ms, mono_ms, synchronized).
+    """
+    return SteadyClock(floor_ms=meter.last_t1_ms, **sources)

@@ -31,6 +31,7 @@ SUSPEND_MODES = ("wall", "block")
 UNPROVISIONED_POLICIES = ("block", "wall", "allow")
 
 T = TypeVar("T")
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,10 @@ class Config:
     metrics_listen: tuple[str, int] | None
     subscribers_file: Path
     policy: PolicyConfig = PolicyConfig()
+    # A changed subscribers file is applied once unchanged for this long (see reload).
+    settle_ms: int = 2_000
+    # A subscriber gone from the file keeps its slot and control state this long.
+    grace_ms: int = 7 * 86_400_000
 
 
 _SCHEMA: dict[str, tuple[set[str], set[str]]] = {
@@ -135,8 +140,8 @@ _SCHEMA: dict[str, tuple[set[str], set[str]]] = {
             "allowed_keys",
         },
     ),
-    "metrics": (set(), {"listen"}),
-    "subscribers": ({"file"}, set()),
+    "metrics": (set(), {"listen", "allow_remote"}),
+    "subscribers": ({"file"}, {"settle", "grace"}),
     "policy": (set(), {"unprovisioned", "wall_down", "wall_up", "allow_share"}),
 }
 _REQUIRED_SECTIONS = ("gateway", "link", "publish", "subscribers")
@@ -185,13 +190,18 @@ def load_config(path: str | Path) -> Config:
 
 
 def decode_utf8(raw: bytes, path: Path) -> str:
-    """The text of a file operators edit; ConfigError naming the line if it is not UTF-8."""
+    """The text of a file operators edit; ConfigError naming the line if it is not UTF-8.
+
+    A leading byte-order mark is skipped: spreadsheets save "CSV UTF-8" with one.
+    """
+    skip = len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0
     try:
-        return raw.decode("utf-8")
+        return raw[skip:].decode("utf-8")
     except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
+        offset = skip + err.start
+        line = raw[:offset].count(b"\n") + 1
         raise ConfigError(
-            f"{path}:{line}: byte {err.start} is not UTF-8: save the file as UTF-8"
+            f"{path}:{line}: byte {offset} is not UTF-8: save the file as UTF-8"
         ) from None
 
 
@@ -290,11 +300,13 @@ def _build(doc: Mapping[str, Any], loc: _Located, path: Path) -> Config:
             raise loc.error(
                 "control", "allowed_keys", "needs CURVE: remove it, or plaintext from [publish]"
             )
-    metrics = doc.get("metrics", {}).get("listen")
-    metrics_listen = None
-    if metrics is not None:
-        listen = parsed("metrics", "listen", parse_host_port)
-        metrics_listen = (listen.host, listen.port)
+    metrics_listen = _metrics_listen(doc, loc, get, parsed)
+    settle_ms = parsed("subscribers", "settle", parse_duration_ms, "2s")
+    if not 100 <= settle_ms <= 600_000:
+        raise loc.error("subscribers", "settle", f"{settle_ms:g} ms must be between 100ms and 10m")
+    grace_ms = parsed("subscribers", "grace", parse_duration_ms, "7d")
+    if grace_ms < 60_000:
+        raise loc.error("subscribers", "grace", f"{grace_ms:g} ms is under a minute")
     return Config(
         path=path,
         gateway_id=gateway_id,
@@ -323,6 +335,8 @@ def _build(doc: Mapping[str, Any], loc: _Located, path: Path) -> Config:
         ),
         metrics_listen=metrics_listen,
         subscribers_file=base / get("subscribers", "file", str),
+        settle_ms=int(settle_ms),
+        grace_ms=int(grace_ms),
         policy=_policy(doc, loc, get, parsed),
     )
 
@@ -351,6 +365,26 @@ def _policy(
         wall_up_bps=parsed("policy", "wall_up", parse_rate_bps, "128kbit"),
         allow_share=float(share),
     )
+
+
+def _metrics_listen(
+    doc: Mapping[str, Any], loc: _Located, get: Callable[..., Any], parsed: Callable[..., Any]
+) -> tuple[str, int] | None:
+    section = doc.get("metrics", {})
+    allow_remote = get("metrics", "allow_remote", bool, False)
+    if section.get("listen") is None:
+        return None
+    listen = parsed("metrics", "listen", parse_host_port)
+    # Metrics have no authentication and name every subscriber with its usage.
+    if not listen.is_loopback and not allow_remote:
+        raise loc.error(
+            "metrics",
+            "listen",
+            f"{listen} is reachable from other machines and metrics are not authenticated: "
+            "listen on 127.0.0.1 (scrape through an SSH tunnel or a reverse proxy with "
+            "authentication), or set allow_remote = true to expose them",
+        )
+    return (listen.host, listen.port)
 
 
 def _publish(

@@ -8,7 +8,8 @@ polls never race on the control state; what a request means is decided in
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -27,6 +28,11 @@ from desanet.meter.keys import (
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 4096
+# Requests answered as one batch at most (one transaction, one shaper apply:
+# about 50 ms of work at 10,000 subscribers, benchmarks/control.py).
+MAX_BATCH = 256
+
+BatchHandler = Callable[[Sequence[object]], Sequence[dict[str, Any]]]
 
 
 class ControlEndpoint:
@@ -51,44 +57,68 @@ class ControlEndpoint:
             self.close()
             raise ControlError(f"cannot bind the control endpoint {endpoint}: {err}") from err
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._request_cost_s = 0.001  # seconds per request, measured batch by batch
 
     def wait(self, timeout_ms: int) -> bool:
         """Wait up to `timeout_ms` for a request; True when one is waiting."""
         return bool(self.sock.poll(timeout_ms))
 
-    def serve_pending(self, handler: Callable[[object], dict[str, Any]]) -> int:
-        """Answer every request waiting on the socket; returns how many were answered.
+    def serve_pending(self, handler: BatchHandler, budget_s: float | None = None) -> int:
+        """Answer the waiting requests as one batch; returns how many.
 
-        The boundary of every request: whatever goes wrong while handling one
-        (the handler, or packing its reply) becomes an error reply and one log
-        line; the next request is served as usual.
+        `handler` gets the decoded requests in arrival order and returns one
+        reply per request: requests that arrive together are applied together.
+        A batch holds at most MAX_BATCH requests, and with `budget_s` only as
+        many as that time allows at the cost measured so far (none when it is
+        spent), so the service loop's next tick is never late by more than one
+        request. The boundary of every request: whatever goes wrong (the
+        handler, or packing a reply) becomes an error reply and one log line;
+        the next request is served as usual.
         """
-        served = 0
-        while True:
+        max_requests = MAX_BATCH
+        if budget_s is not None:
+            if budget_s <= 0:
+                return 0
+            max_requests = max(1, min(MAX_BATCH, int(budget_s / self._request_cost_s)))
+        started = time.monotonic()
+        envelopes: list[list[bytes]] = []
+        bodies: list[object] = []
+        framing: dict[int, dict[str, Any]] = {}
+        while len(envelopes) < max_requests:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return served
+                break
             # REQ peers send [identity, "", body], DEALER peers [identity, body].
-            envelope, body = frames[:-1], frames[-1]
-            try:
-                if len(frames) not in (2, 3) or (len(frames) == 3 and frames[1] != b""):
-                    reply: dict[str, Any] = {
-                        "ok": False,
-                        "error": "malformed: one body frame expected",
-                    }
-                else:
-                    reply = handler(_unpack(body))
-                data = msgpack.packb(reply)
-            except Exception as err:
-                log.error(
-                    "control request failed inside the gateway: %s: %s", type(err).__name__, err
-                )
-                data = msgpack.packb(
-                    {"ok": False, "error": f"internal error ({type(err).__name__}); see the log"}
-                )
-            self.sock.send_multipart([*envelope, data])
-            served += 1
+            envelopes.append(frames[:-1])
+            if len(frames) not in (2, 3) or (len(frames) == 3 and frames[1] != b""):
+                framing[len(envelopes) - 1] = {
+                    "ok": False,
+                    "error": "malformed: one body frame expected",
+                }
+            else:
+                bodies.append(_unpack(frames[-1]))
+        if not envelopes:
+            return 0
+        answers = self._answers(handler, bodies)
+        for index, envelope in enumerate(envelopes):
+            reply = framing[index] if index in framing else next(answers)
+            self.sock.send_multipart([*envelope, _pack(reply)])
+        cost = (time.monotonic() - started) / len(envelopes)
+        self._request_cost_s = (self._request_cost_s + cost) / 2
+        return len(envelopes)
+
+    def _answers(self, handler: BatchHandler, bodies: list[object]) -> Iterator[Any]:
+        if not bodies:
+            return iter(())
+        try:
+            replies = list(handler(bodies))
+            if len(replies) != len(bodies):
+                raise ControlError(f"{len(replies)} replies for {len(bodies)} requests")
+        except Exception as err:
+            log.error("control request failed inside the gateway: %s: %s", type(err).__name__, err)
+            replies = [_internal_error(err)] * len(bodies)
+        return iter(replies)
 
     def close(self) -> None:
         """Close the socket and stop the authenticator."""
@@ -96,6 +126,18 @@ class ControlEndpoint:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+
+
+def _internal_error(err: Exception) -> dict[str, Any]:
+    return {"ok": False, "error": f"internal error ({type(err).__name__}); see the log"}
+
+
+def _pack(reply: Any) -> bytes:
+    try:
+        return bytes(msgpack.packb(reply))
+    except Exception as err:
+        log.error("control reply could not be packed: %s: %s", type(err).__name__, err)
+        return bytes(msgpack.packb(_internal_error(err)))
 
 
 def _unpack(body: bytes) -> object:
@@ -123,3 +165,37 @@ def request(
     if not isinstance(reply, dict):
         raise ControlError(f"{endpoint} sent a reply that is not a map")
     return reply
+
+
+def request_many(
+    endpoint: str,
+    bodies: Sequence[dict[str, Any]],
+    security: ClientSecurity,
+    timeout_ms: int = 30_000,
+) -> list[dict[str, Any]]:
+    """Send many control requests at once and return their replies, in order.
+
+    The requests are pipelined on one DEALER socket, so the gateway receives
+    them together and applies them in batches (one transaction and one shaper
+    apply each) instead of one round trip per change. `timeout_ms` bounds the
+    wait for each next reply.
+    """
+    replies: list[dict[str, Any]] = []
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        sock.linger = 0
+        sock.sndhwm = sock.rcvhwm = 0  # all of them in flight; replies are as many
+        secure_client(sock, security)
+        sock.connect(endpoint)
+        for body in bodies:
+            sock.send_multipart([b"", msgpack.packb(body)])
+        while len(replies) < len(bodies):
+            if not sock.poll(timeout_ms):
+                raise ControlError(
+                    f"{endpoint}: {len(replies)} of {len(bodies)} replies within {timeout_ms} ms "
+                    "each (gateway down, or this client's key is not in allowed_keys)"
+                )
+            reply = msgpack.unpackb(sock.recv_multipart()[-1], raw=False)
+            if not isinstance(reply, dict):
+                raise ControlError(f"{endpoint} sent a reply that is not a map")
+            replies.append(reply)
+    return replies

@@ -6,9 +6,11 @@ A request is a msgpack map with `op` and `sub` and only the keys its op takes
   plan {down_min, down_max, up_min, up_max} | plan_reset | suspend {mode?} |
   resume | quota {bytes: int|str|None} | quota_reset | show
 
-`handle` checks the request in full, stores the new record (durable before
-the reply), and answers with the subscriber's state; a refused request changes
-nothing and gets `{ok: false, error}`.
+`decide` checks the request in full and computes the new record and the
+reply (the subscriber's state after it); the caller stores a batch of them in
+one transaction before any reply leaves. `handle` is `decide` and the store
+for one request. A refused request changes nothing and gets `{ok: false,
+error}`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from desanet.errors import ControlError, ValidationError
 from desanet.gateway.config import SUSPEND_MODES, ControlConfig, LinkConfig
-from desanet.gateway.control_record import SubscriberControl
+from desanet.gateway.control_record import UNTOUCHED, SubscriberControl
 from desanet.gateway.control_state import ControlState
 from desanet.gateway.enforcement import enforce, quota_in_force
 from desanet.gateway.quota import used_in_period
@@ -72,19 +74,38 @@ class Context:
 
 def handle(request: object, state: ControlState, ctx: Context) -> tuple[dict[str, Any], str | None]:
     """Check and apply one request; returns (reply, subscriber whose record changed)."""
+    decision = decide(request, state.records, ctx)
+    if decision.changed:
+        state.update({decision.sub_id: decision.record})
+    return decision.reply, (decision.sub_id if decision.changed else None)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one request asks: its reply, and the record to store when `changed`."""
+
+    reply: dict[str, Any]
+    sub_id: str = ""
+    record: SubscriberControl = UNTOUCHED
+    changed: bool = False
+    op: str = ""
+
+
+def decide(request: object, records: Mapping[str, SubscriberControl], ctx: Context) -> Decision:
+    """Check one request against `records` and compute what it changes; stores nothing.
+
+    The reply is built before anything is stored: whatever fails after this
+    (storing, a refusal by the caller) must turn it into a failure reply, so
+    a reply is always the truth.
+    """
     try:
         op, sub_id, args = parse(request, ctx.subscribers)
-        record = state.get(sub_id)
+        record = records.get(sub_id, UNTOUCHED)
         new = changed_record(op, sub_id, args, record, ctx)
     except (ControlError, ValidationError) as err:
-        return {"ok": False, "error": str(err)}, None
-    # The reply is built before the record is stored: whatever fails after this point
-    # (storing it) leaves nothing recorded, so a failure reply is the truth.
+        return Decision({"ok": False, "error": str(err)})
     reply = reply_for(ctx.subscribers[sub_id], new, ctx)
-    changed = new != record
-    if changed:
-        state.update({sub_id: new})
-    return reply, (sub_id if changed else None)
+    return Decision(reply, sub_id, new, new != record, op)
 
 
 def reply_for(sub: Subscriber, record: SubscriberControl, ctx: Context) -> dict[str, Any]:

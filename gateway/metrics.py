@@ -16,11 +16,12 @@ scrape never races the service loop. Names (see docs/operations.md):
   desanet_usage_seq                                       last published usage seq
   desanet_subscribers                                     subscribers provisioned
   desanet_control_requests_total{result}                  control requests by ok / refused
+  desanet_loop_failures_total{step}                       failed, retried steps of the service loop
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -31,11 +32,13 @@ from desanet.gateway.status import StatusSnapshot
 
 
 class GatewayCollector(Collector):
-    """Yields the metrics of the latest snapshot and the control request counts."""
+    """Yields the metrics of the latest snapshot, the control request and loop failure counts."""
 
-    def __init__(self) -> None:
+    def __init__(self, failures: Mapping[str, int] | None = None) -> None:
         self.snapshot: StatusSnapshot | None = None
         self.control_requests = {"ok": 0, "refused": 0}
+        # The service loop's live failure counts by step (read at every scrape).
+        self.failures: Mapping[str, int] = failures if failures is not None else {}
 
     def update(self, snapshot: StatusSnapshot) -> None:
         """Take a new snapshot."""
@@ -52,6 +55,14 @@ class GatewayCollector(Collector):
         for result, count in self.control_requests.items():
             requests.add_metric([result], count)
         yield requests
+        failures = CounterMetricFamily(
+            "desanet_loop_failures",
+            "Failed (and retried) steps of the service loop",
+            labels=["step"],
+        )
+        for step, count in sorted(self.failures.items()):
+            failures.add_metric([step], count)
+        yield failures
         snap = self.snapshot
         if snap is None:
             return

@@ -28,12 +28,7 @@ def shaping_plan(
         unmatched_down_bps=down_bound,
         unmatched_up_bps=up_bound,
     )
-    plans = [
-        SubscriberPlan(
-            sub.id, slot, plan.down_min_bps, plan.down_max_bps, plan.up_min_bps, plan.up_max_bps
-        )
-        for sub, slot, plan in entries
-    ]
+    plans = [subscriber_plan(sub.id, slot, plan) for sub, slot, plan in entries]
     return build_plan(link, plans, config.shaping.leaf, config.shaping.rtt_ms)
 
 
@@ -51,6 +46,13 @@ def unmatched_bounds_bps(config: Config) -> tuple[int | None, int | None]:
         share = policy.allow_share
         return int(config.link.down_bps * share), int(config.link.up_bps * share)
     return None, None
+
+
+def subscriber_plan(sub_id: str, slot: int, plan: RatePlan) -> SubscriberPlan:
+    """The shaper's view of one subscriber in `slot` with the enforced `plan`."""
+    return SubscriberPlan(
+        sub_id, slot, plan.down_min_bps, plan.down_max_bps, plan.up_min_bps, plan.up_max_bps
+    )
 
 
 def provision_entry(sub: Subscriber, slot: int, flags: int) -> Provision:

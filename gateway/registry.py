@@ -97,13 +97,32 @@ def load_subscribers(path: str | Path, link: LinkConfig, capacity: int) -> list[
         raw = path.read_bytes()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the subscribers file: {err.strerror}") from err
-    text = decode_utf8(raw, path)
-    return parse_subscribers(text, path, link, capacity)
+    return parse_subscribers_file(raw, path, link, capacity)
+
+
+def parse_subscribers_file(
+    raw: bytes, path: Path, link: LinkConfig, capacity: int
+) -> list[Subscriber]:
+    """Check the bytes of a subscribers file: complete (ends with a newline), UTF-8, valid.
+
+    A file cut short by a writer still at work (an editor or scp writing in
+    place) usually ends inside a line, and may still parse: the newline rule
+    refuses it before a single subscriber is read.
+    """
+    if raw and not raw.endswith(b"\n"):
+        line = raw.count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: the file does not end with a newline, so it may be incomplete "
+            "(still being written): end the last line with a newline, and write the file "
+            "atomically (a temporary file renamed over it)"
+        )
+    return parse_subscribers(decode_utf8(raw, path), path, link, capacity)
 
 
 def parse_subscribers(text: str, path: Path, link: LinkConfig, capacity: int) -> list[Subscriber]:
     """Check subscribers CSV text read from `path`, in file order."""
-    reader = csv.reader(text.splitlines())
+    # A spreadsheet's "CSV UTF-8" starts with a byte-order mark, not part of the header.
+    reader = csv.reader(text.removeprefix("\ufeff").splitlines())
     rows = list(reader)
     header = tuple(c.strip() for c in rows[0]) if rows else ()
     columns = (*COLUMNS, MAC_COLUMN) if header == (*COLUMNS, MAC_COLUMN) else COLUMNS
@@ -255,11 +274,20 @@ def diff(old: Iterable[Subscriber], new: Iterable[Subscriber]) -> RegistryDiff:
 
 @dataclass(frozen=True)
 class SlotChange:
-    """A proposed slot table and what it changes: new assignments and freed ones."""
+    """A proposed slot table and what it changes.
+
+    `added`: new assignments (a reused slot's counters must be reset);
+    `retired`: subscribers gone from the file, whose slots stop being steered
+    but stay theirs for the grace period; `returned`: retired subscribers back
+    in their own slot; `expired`: retired subscribers whose slot is free now
+    (their control state is forgotten).
+    """
 
     table: SlotTable
-    added: dict[str, int]
-    freed: dict[str, int]
+    added: dict[str, int] = field(default_factory=dict)
+    retired: dict[str, int] = field(default_factory=dict)
+    returned: dict[str, int] = field(default_factory=dict)
+    expired: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -268,14 +296,20 @@ class SlotTable:
 
     A table never changes in place: `assign` computes the next one, which the
     caller adopts only once everything else about the change checked out (a
-    refused reload then leaves nothing to undo). A freed slot is reused only
-    after every never-used slot is taken, so a slot's counters rarely change
-    hands (the aggregator resets them when they do).
+    refused reload then leaves nothing to undo). A subscriber removed from the
+    file is retired, not forgotten: its slot (and with it its totals) stays
+    reserved until `expire` ends its grace period, so a mistaken file followed
+    by the right one loses nothing. A free slot is reused only after every
+    never-used slot is taken, so a slot's counters rarely change hands (the
+    aggregator resets them when they do); when every slot is taken, the
+    longest-retired subscriber's slot goes first.
     """
 
     capacity: int
     slots: Mapping[str, int] = field(default_factory=dict)
     high_water: int = 0
+    # id -> (slot, Unix ms when it left the file)
+    retired: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path, capacity: int) -> SlotTable:
@@ -285,26 +319,35 @@ class SlotTable:
         try:
             doc = json.loads(path.read_text())
             slots = {str(k): int(v) for k, v in doc["slots"].items()}
-            return cls(capacity, slots, int(doc["high_water"]))
+            retired = {
+                str(k): (int(slot), int(since))
+                for k, (slot, since) in doc.get("retired", {}).items()
+            }
+            return cls(capacity, slots, int(doc["high_water"]), retired)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise StateError(
                 f"{path}: slot table unreadable ({err}); restore it from backup, "
                 "deleting it re-numbers every subscriber"
             ) from err
 
-    def assign(self, ids: Iterable[str]) -> SlotChange:
-        """The table giving every id a slot and freeing the slots of ids no longer present.
+    def assign(self, ids: Iterable[str], now_ms: int) -> SlotChange:
+        """The table giving every id a slot, retiring (at `now_ms`) the ids no longer present.
 
         Raises ConfigError when the ids do not fit; this table is unchanged either way.
         """
         wanted = list(ids)
         keep = set(wanted)
         slots = {i: s for i, s in self.slots.items() if i in keep}
-        freed = {i: s for i, s in self.slots.items() if i not in keep}
-        used = set(slots.values())
+        retired = dict(self.retired)
+        newly_retired = {i: s for i, s in self.slots.items() if i not in keep}
+        retired.update((i, (s, now_ms)) for i, s in newly_retired.items())
+        returned = {i: retired.pop(i)[0] for i in wanted if i not in slots and i in retired}
+        slots.update(returned)
+        used = set(slots.values()) | {slot for slot, _ in retired.values()}
         reusable = sorted(set(range(1, self.high_water + 1)) - used, reverse=True)
         high_water = self.high_water
         added: dict[str, int] = {}
+        expired: dict[str, int] = {}
         for sub_id in wanted:
             if sub_id in slots:
                 continue
@@ -313,11 +356,23 @@ class SlotTable:
                 slot = high_water
             elif reusable:
                 slot = reusable.pop()
+            elif retired:
+                oldest = min(retired, key=lambda i: retired[i][1])
+                slot = retired.pop(oldest)[0]
+                expired[oldest] = slot
             else:
                 raise ConfigError(f"no free slot for subscriber {sub_id}: capacity {self.capacity}")
             slots[sub_id] = slot
             added[sub_id] = slot
-        return SlotChange(SlotTable(self.capacity, slots, high_water), added, freed)
+        table = SlotTable(self.capacity, slots, high_water, retired)
+        return SlotChange(table, added, newly_retired, returned, expired)
+
+    def expire(self, now_ms: int, grace_ms: int) -> SlotChange:
+        """The table without the retired subscribers whose grace period ended by `now_ms`."""
+        expired = {i: s for i, (s, since) in self.retired.items() if now_ms - since >= grace_ms}
+        retired = {i: r for i, r in self.retired.items() if i not in expired}
+        table = SlotTable(self.capacity, self.slots, self.high_water, retired)
+        return SlotChange(table, expired=expired)
 
     def owners(self) -> dict[int, str]:
         """Slot -> subscriber id."""
@@ -326,5 +381,9 @@ class SlotTable:
     def save(self, path: Path) -> None:
         """Write the table atomically (a crash leaves the old or the new file, never half)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        table = {"high_water": self.high_water, "slots": dict(self.slots)}
+        table = {
+            "high_water": self.high_water,
+            "slots": dict(self.slots),
+            "retired": {i: list(r) for i, r in self.retired.items()},
+        }
         replace_atomically(path, json.dumps(table).encode())

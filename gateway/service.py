@@ -1,43 +1,52 @@
 """`desanet run`: the service loop that sequences datapath, shaper, aggregator, stream and control.
 
 It only sequences steps; every decision lives in a module of its own
-(enforcement, quota, control_requests, plans, status) and every kernel or
-network part comes in through `desanet.gateway.parts`. Start: check the
-configuration, the subscribers file, the keys and the shaping plan before
+(enforcement, quota, control_batch, applier, reload, plans, status) and every
+kernel or network part comes in through `desanet.gateway.parts`. Start: check
+the configuration, the subscribers file, the keys and the shaping plan before
 touching anything; then lock the state directory, bind the endpoints, shape,
 attach, provision. Every interval: read the counters, roll up, journal and
-publish, check quotas, write the status. SIGHUP or a changed subscribers file:
-re-read and apply only the difference. SIGTERM: flush the last usage, close
-the journals, leave the datapath and the shaping in place.
+publish, check quotas, write the status; a step that fails is logged, counted
+and retried at the next interval (`faults`). Between intervals: control
+requests, a batch at a time, each batch one transaction and one incremental
+shaper apply. SIGHUP or a changed subscribers file: once the file is complete
+and settled, re-read it and apply only the difference. SIGTERM: flush the last
+usage, close the journals, leave the datapath and the shaping in place.
+(A little over 400 lines: every step the service takes is ordered here, and
+nowhere else.)
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from desanet.cython_ext import load_backend
-from desanet.ebpf.datapath import Provision
-from desanet.errors import ConfigError, DesanetError, ValidationError
-from desanet.gateway import control_requests, status
-from desanet.gateway.compose import production_parts
-from desanet.gateway.config import Config, load_config, require_lan
+from desanet.cython_ext.usage import UsageInterval
+from desanet.errors import DesanetError, ShaperError
+from desanet.gateway import control_batch, status
+from desanet.gateway.applier import Applier
+from desanet.gateway.compose import Compose, production_parts
+from desanet.gateway.config import load_config, require_lan
+from desanet.gateway.control_record import SubscriberControl
+from desanet.gateway.control_requests import Context
 from desanet.gateway.control_state import ControlState
-from desanet.gateway.enforcement import Enforced, enforce
+from desanet.gateway.faults import LoopFaults, Outbox
 from desanet.gateway.metrics import GatewayCollector, serve
 from desanet.gateway.parts import Parts
 from desanet.gateway.pidlock import StateLock
-from desanet.gateway.plans import provision_entry, shaping_plan
 from desanet.gateway.quota import quota_pass, usage_bytes
-from desanet.gateway.registry import RatePlan, SlotTable, Subscriber, diff, load_subscribers
-from desanet.gateway.roles import Roles, load_roles
+from desanet.gateway.registry import SlotTable, Subscriber, diff, parse_subscribers_file
+from desanet.gateway.reload import SettledFile
+from desanet.gateway.roles import load_roles
+from desanet.gateway.roster import Roster
 from desanet.meter.delivered import DeliveredReader, split_state
 from desanet.meter.poll import Poller
 from desanet.meter.wire import UsageEvent
@@ -45,12 +54,11 @@ from desanet.shaper.plan import ShapingPlan
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 SLOTS_FILE = "slots.json"
 _MAX_EVENTS = 50
 # The loop wakes at least this often to notice signals and a changed subscribers file.
 _MAX_WAIT_MS = 200
-
-Compose = Callable[[Config, Roles, Mapping[int, str]], Parts]
 
 
 class GatewayService:
@@ -64,66 +72,54 @@ class GatewayService:
         self.config_path = Path(config_path)
         self.config = cfg = load_config(self.config_path)
         require_lan(cfg)
-        self.subscribers = load_subscribers(cfg.subscribers_file, cfg.link, cfg.capacity)
-        self.by_id = {s.id: s for s in self.subscribers}
+        self._file = SettledFile(cfg.subscribers_file, cfg.settle_ms / 1000)
+        raw = self._file.read_now()
+        subscribers = parse_subscribers_file(raw, cfg.subscribers_file, cfg.link, cfg.capacity)
         self.roles = load_roles(cfg)
         self.slots_path = cfg.state_dir / SLOTS_FILE
-        self.slots = SlotTable.load(self.slots_path, cfg.capacity).assign(self.by_id).table
+        self._saved_slots = SlotTable.load(self.slots_path, cfg.capacity)
         self.control = ControlState(cfg.state_dir)
-        try:
-            shaping_plan(cfg, self._enforced(self.subscribers, self.slots))
-        except ValidationError as err:
-            raise ConfigError(f"{cfg.subscribers_file}: {err}") from err
+        # Its slot table is adopted at start, when the clock can stamp who left the file.
+        ids = [s.id for s in subscribers]
+        slots = self._saved_slots.assign(ids, 0).table
+        self.roster = Roster(cfg, subscribers, slots, self.control)
+        self._initial_plan = self.roster.whole_plan()
         self._compose = compose
         self._lock = StateLock(cfg.state_dir)
         self._parts: Parts | None = None
         self._poller: Poller | None = None
-        # Subscribers whose recorded control change the kernel refused (applied at start).
-        self._not_applied: set[str] = set()
-        self.collector = GatewayCollector()
+        self._applier: Applier | None = None
+        self.faults = LoopFaults()
+        self.collector = GatewayCollector(self.faults.counts)
         self.events: list[dict[str, Any]] = []
-        self._unpublished: list[UsageEvent] = []
-        self.leaf_in_use = cfg.shaping.leaf
-        self.warnings: list[str] = []
-        self.seq = 0
+        self.outbox = Outbox()
+        self._drops: dict[str, tuple[int, int]] = {}  # the datapath's drops, read each tick
+        self._reload_error: str | None = None
+        self._resync_due = False
         self.started_ms = 0
         self._status_ms = 0
         self._next_tick_s = 0.0
         self._stop = False
-        self._reload = False
-        self._file_stamp = self._stamp()
 
     @property
     def parts(self) -> Parts:
         """The parts driven since `start()`."""
-        if self._parts is None:
-            raise DesanetError("the gateway service is not started")
-        return self._parts
+        return _started(self._parts)
+
+    @property
+    def subscribers(self) -> list[Subscriber]:
+        """The subscribers running now, in file order."""
+        return self.roster.subscribers
 
     @property
     def poller(self) -> Poller:
         """The counter poller built by `start()`."""
-        if self._poller is None:
-            raise DesanetError("the gateway service is not started")
-        return self._poller
+        return _started(self._poller)
 
-    def _enforce(self, sub: Subscriber) -> Enforced:
-        return enforce(sub, self.control.get(sub.id), self.config.control)
-
-    def _enforced(
-        self, subscribers: Iterable[Subscriber], slots: SlotTable
-    ) -> list[tuple[Subscriber, int, RatePlan]]:
-        return [(s, slots.slots[s.id], self._enforce(s).plan) for s in subscribers]
-
-    def _plan(self) -> ShapingPlan:
-        return shaping_plan(self.config, self._enforced(self.subscribers, self.slots))
-
-    def _stamp(self) -> tuple[float, int]:
-        try:
-            st = self.config.subscribers_file.stat()
-        except OSError:
-            return (0.0, 0)
-        return (st.st_mtime, st.st_size)
+    @property
+    def applier(self) -> Applier:
+        """What keeps the kernel equal to the enforcement, built by `start()`."""
+        return _started(self._applier)
 
     # -- start and stop ----------------------------------------------------------------------
 
@@ -142,10 +138,22 @@ class GatewayService:
     def _start(self) -> None:
         cfg = self.config
         self.control.open()
-        # Removed from the file while the service was down.
-        self.control.forget([i for i in self.control.records if i not in self.by_id])
-        self._parts = parts = self._compose(cfg, self.roles, self.slots.owners())
-        self.started_ms = parts.clock.now_ms()
+        self._parts = parts = self._compose(cfg, self.roles, self.roster.slots.owners())
+        self.started_ms = now = parts.clock.now_ms()
+        roster = self.roster
+        change = self._saved_slots.assign(roster.by_id, now)
+        roster.slots = slots = change.table.expire(now, cfg.grace_ms).table
+        # Kept: present subscribers and those in their grace period (gone while we were down).
+        self.control.forget(
+            [i for i in self.control.records if i not in roster.by_id and i not in slots.retired]
+        )
+        self._applier = Applier(
+            parts.shaper,
+            parts.datapath,
+            self._poll_before_removing,
+            lambda s: self.roster.plan_of(s) if s in self.roster.by_id else None,
+            lambda s: self.roster.entry_of(s),
+        )
         parts.shaper.ensure_ifb()
         parts.datapath.attach()
         # Billed bytes are what left each subscriber's class, not what entered the queue.
@@ -157,18 +165,14 @@ class GatewayService:
             if delivered_state:
                 self.delivered.restore(delivered_state)
         self._poller = Poller(self.delivered, self.aggregator)
-        self.seq = parts.meter.last_seq
-        # Slots the kernel still steers but no subscriber holds (removed while we were down).
-        steered = set(parts.datapath.prefixes()) | set(parts.datapath.macs())
-        stale = steered - set(self.slots.slots.values())
-        self._shape_and_provision(set(self.by_id), sorted(stale))
+        self._resync(self._initial_plan)
         if cfg.metrics_listen is not None:
             serve(self.collector, *cfg.metrics_listen)
         self._next_tick_s = parts.clock.monotonic_s() + cfg.interval_ms / 1000
         log.info(
             "gateway %s running: %d subscribers on %s, usage on %s, control on %s",
             cfg.gateway_id,
-            len(self.subscribers),
+            len(roster.subscribers),
             cfg.lan,
             parts.meter.usage_endpoint,
             parts.endpoint.endpoint,
@@ -180,9 +184,8 @@ class GatewayService:
         self.tick()
         self._close_parts()
         self._lock.release()
-        log.info(
-            "gateway %s stopped at seq %d; shaping left in place", self.config.gateway_id, self.seq
-        )
+        seq = self.parts.meter.last_seq
+        log.info("gateway %s stopped at seq %d; shaping left in place", self.config.gateway_id, seq)
 
     def _close_parts(self) -> None:
         if self._parts is not None:
@@ -195,160 +198,212 @@ class GatewayService:
 
     # -- applying subscribers ------------------------------------------------------------------
 
-    def _shape_and_provision(self, touched: set[str], freed_slots: Iterable[int] = ()) -> None:
-        # Order keeps every packet in a class: stop steering removed subscribers, shape
-        # (classes exist before anyone is steered to them), then provision.
-        parts = self.parts
-        for slot in freed_slots:
-            parts.datapath.unprovision(slot)
-        result = parts.shaper.apply(self._plan())
-        self.leaf_in_use = result.leaf_in_use
-        self.warnings = list(result.warnings)
-        # One call for every touched subscriber: the datapath withdraws the prefixes
-        # they lose before it stores the ones they gain, so prefixes may change hands.
-        parts.datapath.provision_many(
-            [self._provision_entry(self.by_id[s]) for s in sorted(touched)]
-        )
-        self.slots.save(self.slots_path)
-        parts.meter.set_subscribers(self.slots.owners())
-        log.info("applied: %d shaper operations, %d provisioned", result.operations, len(touched))
+    def _resync(self, plan: ShapingPlan | None = None) -> None:
+        # The whole roster into the kernel; slots it still steers but nobody holds (removed
+        # while the service was down, or by a reload that failed midway) stop first.
+        roster = self.roster
+        steered = set(self.parts.datapath.prefixes()) | set(self.parts.datapath.macs())
+        stale = steered - set(roster.slots.slots.values())
+        whole = plan if plan is not None else roster.whole_plan()
+        self._shape_and_provision(whole, set(roster.by_id), sorted(stale))
+        self._resync_due = False
+        self.faults.recovered("reload")  # what a failed reload left undone is done
 
-    def _provision_entry(self, sub: Subscriber) -> Provision:
-        return provision_entry(sub, self.slots.slots[sub.id], self._enforce(sub).flags)
+    def _shape_and_provision(
+        self, plan: ShapingPlan, touched: set[str], freed_slots: Iterable[int] = ()
+    ) -> None:
+        provisions = [self.roster.entry_of(s) for s in sorted(touched)]
+        operations = self.applier.apply(plan, provisions, touched, freed_slots)
+        self.roster.slots.save(self.slots_path)
+        self.parts.meter.set_subscribers(self.roster.slots.owners())
+        log.info("applied: %d shaper operations, %d provisioned", operations, len(touched))
+
+    def _poll_before_removing(self) -> None:
+        # A class or leaf about to go takes its counters with it: account them first.
+        self.faults.guard("counters", lambda: self.poller.poll(self.parts.clock.now_ms()))
 
     def request_reload(self) -> None:
-        """Re-read the subscribers file at the next pass of the loop (what SIGHUP does)."""
-        self._reload = True
+        """Re-read the subscribers file once it has settled (what SIGHUP does)."""
+        self._file.force()
 
-    def reload(self) -> None:
-        """Re-read the subscribers file and apply only what changed; a bad file changes nothing."""
-        cfg = self.config
+    def reload(self, raw: bytes) -> None:
+        """Apply a settled subscribers file: only what changed; a bad file changes nothing."""
+        cfg, old = self.config, self.roster
         try:
-            new = load_subscribers(cfg.subscribers_file, cfg.link, cfg.capacity)
+            subscribers = parse_subscribers_file(raw, cfg.subscribers_file, cfg.link, cfg.capacity)
+            change = diff(old.subscribers, subscribers)
+            if change.empty:
+                log.info("reload: no change")
+                self._reload_error = None
+                return
+            # Bill everyone up to now under the old slot map before any slot changes hands.
+            self.tick()
+            slots = old.slots.assign((s.id for s in subscribers), self.parts.clock.now_ms())
+            new = Roster(cfg, subscribers, slots.table, self.control)
+            working = self.applier.for_reload(
+                change.removed,
+                [new.plan_of(s) for s in (*change.added, *change.replanned)],
+                new.whole_plan,
+            )
         except DesanetError as err:
-            log.error("reload refused, still running the previous subscribers: %s", err)
+            self._refuse_reload(err)
             return
-        change = diff(self.subscribers, new)
-        if change.empty:
-            log.info("reload: no change")
-            return
-        # Bill everyone up to now under the old slot map before any slot changes hands.
-        self.tick()
-        try:
-            slots = self.slots.assign(s.id for s in new)
-            shaping_plan(cfg, self._enforced(new, slots.table))
-        except (ConfigError, ValidationError) as err:
-            log.error("reload refused, still running the previous subscribers: %s", err)
-            return
-        old_high = self.slots.high_water
-        self.subscribers, self.by_id, self.slots = new, {s.id: s for s in new}, slots.table
+        self.roster = new
         for slot in slots.added.values():
-            if slot <= old_high:
+            if slot <= old.slots.high_water:
                 self.aggregator.reset_slot(slot)
-        self.control.forget(change.removed)
+        self.control.forget(slots.expired)
+        self._reload_error, self._status_ms = None, 0  # the status shows it at once
         touched = set(change.added) | set(change.readdressed)
-        self._shape_and_provision(touched, slots.freed.values())
+        try:
+            self._shape_and_provision(working, touched, slots.retired.values())
+        except Exception:
+            self._resync_due = True  # the next tick makes the kernel hold the whole file
+            raise
         log.info(
             "reload: %s (added %s, removed %s)", change.summary(), change.added, change.removed
         )
 
-    def _reenforce(self, sub_id: str) -> None:
-        # A new ceiling can replace the subscriber's leaf qdisc, whose counters then start
-        # from zero: account what it delivered so far first, so no delivered byte is lost.
-        parts = self.parts
-        self.poller.poll(parts.clock.now_ms())
-        parts.shaper.apply(self._plan())
-        parts.datapath.provision_many([self._provision_entry(self.by_id[sub_id])])
+    def _refuse_reload(self, err: Exception) -> None:
+        log.error("reload refused, still running the previous subscribers: %s", err)
+        self._reload_error = f"subscribers file not applied, the previous one runs: {err}"
+        self._status_ms = 0  # show it now
 
     # -- control ---------------------------------------------------------------------------------
 
-    def _total_of(self, sub_id: str) -> int:
-        return usage_bytes(self.aggregator.totals(), self.slots.slots[sub_id])
+    def handle_requests(self, requests: Sequence[object]) -> list[dict[str, Any]]:
+        """Answer control requests that arrived together: one transaction, one shaper apply.
 
-    def _check_plan(self, sub_id: str, plan: RatePlan) -> None:
-        # The shaper's validation names the subscriber when the plan does not fit the link.
-        trial = [
-            (s, slot, plan if s.id == sub_id else p)
-            for s, slot, p in self._enforced(self.subscribers, self.slots)
-        ]
-        shaping_plan(self.config, trial)
-
-    def handle_request(self, request: object) -> dict[str, Any]:
-        """Answer one control request, re-enforcing the subscriber it changed.
-
-        The reply tells what happened: refused (`ok` false, nothing changed), or
-        recorded (`ok` true) and `applied` when the kernel enforces it now; a
-        change recorded but refused by the kernel is enforced at the next start.
+        Each reply tells what happened: refused (`ok` false, nothing changed),
+        or recorded (`ok` true) and `applied` when the kernel enforces it now;
+        a change recorded but refused by the kernel is retried every interval
+        and at the next start.
         """
-        cfg = self.config
-        ctx = control_requests.Context(
-            self.by_id, cfg.control, cfg.link, self._total_of, self._check_plan
+        cfg, roster = self.config, self.roster
+        working = self.applier.derive()
+        totals = self.aggregator.totals()
+        ctx = Context(
+            roster.by_id,
+            cfg.control,
+            cfg.link,
+            lambda sub_id: usage_bytes(totals, roster.slots.slots[sub_id]),
+            lambda sub_id, plan: working.check(roster.fitted(sub_id, plan)),
         )
-        try:
-            reply, changed = control_requests.handle(request, self.control, ctx)
-        except Exception as err:
-            # Nothing is recorded unless `handle` returns (storing is its last step).
-            log.error("control request refused by an error: %s: %s", type(err).__name__, err)
-            reply, changed = {"ok": False, "error": f"nothing changed: {err}"}, None
-        self.collector.count_request(bool(reply.get("ok")))
-        if not reply.get("ok"):
-            return reply
-        if changed is not None:
+
+        def stage(sub_id: str, record: SubscriberControl) -> None:
+            self.applier.stage(working, roster.plan_of(sub_id, record))
+
+        batch = control_batch.decide_batch(requests, self.control.records, ctx, stage)
+        refusal = None
+        if batch.changes:
+            flags_before = roster.flags(batch.changes)
             try:
-                self._reenforce(changed)
+                self.control.update(batch.changes)
             except Exception as err:
-                # Recorded but not in the kernel: say so, and apply it at the next start.
-                log.error("subscriber %s: control change recorded, not applied: %s", changed, err)
-                self._not_applied.add(changed)
-                return {**reply, "applied": False, "error": f"recorded, not applied: {err}"}
-            self._not_applied.discard(changed)
-            op = request.get("op") if isinstance(request, dict) else "control"
-            t_ms = self.parts.clock.now_ms()
-            self._event(UsageEvent(t_ms, changed, str(op), f"now {reply['state']}"))
-        return {**reply, "applied": reply["sub"] not in self._not_applied}
+                log.error("control changes not stored, nothing changed: %s", err)
+                return self._counted(batch.not_stored(err))
+            steer = roster.steered(batch.changes, flags_before)
+            refusal = self.applier.enforce(working, set(batch.changes), steer)
+            if refusal is None:
+                t_ms = self.parts.clock.now_ms()
+                for d in batch.decisions:
+                    if d.changed:
+                        self._event(UsageEvent(t_ms, d.sub_id, d.op, f"now {d.reply['state']}"))
+        return self._counted(batch.replies(refusal, self.applier.not_applied))
+
+    def _counted(self, replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for reply in replies:
+            self.collector.count_request(bool(reply.get("ok")))
+        return replies
 
     def _event(self, event: UsageEvent) -> None:
         log.info("subscriber %s: %s %s", event.sub, event.kind, event.detail)
         self.events = [*self.events[-_MAX_EVENTS + 1 :], event._asdict()]
         # Billing hears of it in the next usage message (key `ev`), journaled like the usage.
-        self._unpublished.append(event)
+        self.outbox.events.append(event)
 
     # -- the loop --------------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """One interval: read counters, publish the usage, check quotas, write the status."""
-        parts = self.parts
-        t = parts.clock.now_ms()
+        """One interval: read counters, check quotas, publish, write the status; never raises.
+
+        A failing step (a reader error, the shaper's netlink, the journal, the
+        status file) is logged and counted, and tried again next interval.
+        """
+        t = self.parts.clock.now_ms()
+        guard = self.faults.guard
+        interval = guard("counters", lambda: self._roll_up(t))
+        drops = guard("drops", self.parts.datapath.read_drops)
+        if drops is not None:
+            self._drops = drops
+        shaped: bool | None = False  # whether the quota step tried the kernel (None: failed)
+        if interval is not None:
+            shaped = guard("quota", lambda: self._quota(t))
+            guard(
+                "publish",
+                lambda: self.outbox.publish(self.parts.meter, interval, self._state, self._drops),
+            )
+        if self._resync_due:
+            guard("shaper", self._resync)
+        elif self.applier.not_applied and shaped is False:
+            guard("shaper", self._retry_not_applied)
+        if self.roster.slots.retired:
+            guard("state", lambda: self._expire_retired(t))
+        guard("status", lambda: self._status(t))
+
+    def _roll_up(self, t: int) -> UsageInterval:
         self.poller.poll(t)
-        interval = self.aggregator.rollup(t)
-        totals = self.aggregator.totals()
-        per_sub = {sub_id: usage_bytes(totals, slot) for sub_id, slot in self.slots.slots.items()}
+        interval: UsageInterval = self.aggregator.rollup(t)
+        return interval
+
+    def _quota(self, t: int) -> bool:
+        roster = self.roster
         changed, events = quota_pass(
-            self.by_id, self.control.records, per_sub, t, self.config.control
+            roster.by_id,
+            self.control.records,
+            roster.usage_of(self.aggregator.totals()),
+            t,
+            self.config.control,
         )
+        flags = roster.flags(changed)
         self.control.update(changed)
         for event in events:
             self._event(event)
-            self._reenforce(event.sub)
-        drops = parts.datapath.read_drops()
-        if len(interval) or self._unpublished:
-            state = {**self.aggregator.state(), **self.delivered.state()}
-            self.seq = parts.meter.publish(interval, state, self._unpublished, drops)
-            self._unpublished = []
+        if changed:
+            refusal = self.applier.enforce_subscribers(changed, roster.steered(changed, flags))
+            if refusal is not None:
+                raise ShaperError(f"quota changes recorded, not applied: {refusal}")
+        return bool(changed)
+
+    def _retry_not_applied(self) -> None:
+        refusal = self.applier.enforce_subscribers((), set())
+        if refusal is not None:
+            raise ShaperError(refusal)
+
+    def _state(self) -> dict[str, Any]:
+        return {**self.aggregator.state(), **self.delivered.state()}
+
+    def _expire_retired(self, t: int) -> None:
+        change = self.roster.slots.expire(t, self.config.grace_ms)
+        if change.expired:
+            change.table.save(self.slots_path)
+            self.roster.slots = change.table
+            self.control.forget(change.expired)
+            log.info("grace period over, forgotten: %s", sorted(change.expired))
+
+    def _status(self, t: int) -> None:
         # The snapshot costs about 10 us per subscriber: a large village refreshes it less
         # often than every interval, so the status never eats the poll budget.
-        status_period_ms = max(self.config.interval_ms, len(self.subscribers) // 2)
+        status_period_ms = max(self.config.interval_ms, len(self.roster.subscribers) // 2)
         if t - self._status_ms >= status_period_ms:
+            self._write_status(t, self.aggregator.totals())
             self._status_ms = t
-            self._write_status(t, totals, drops)
 
-    def _write_status(
-        self, t: int, totals: npt.NDArray[np.uint64], drops: Mapping[str, tuple[int, int]]
-    ) -> None:
-        entries = [
-            (sub, self.slots.slots[sub.id], self._enforce(sub), self.control.get(sub.id))
-            for sub in self.subscribers
-        ]
+    def _write_status(self, t: int, totals: npt.NDArray[np.uint64]) -> None:
+        entries = self.roster.status_entries()
+        warnings = [*self.applier.warnings, *self.faults.warnings()]
+        if self._reload_error is not None:
+            warnings.append(self._reload_error)
         snapshot = status.StatusSnapshot(
             gateway=self.config.gateway_id,
             t_ms=t,
@@ -356,15 +411,17 @@ class GatewayService:
             link_down_bps=self.config.link.down_bps,
             link_up_bps=self.config.link.up_bps,
             leaf_wanted=self.config.shaping.leaf,
-            leaf_in_use=self.leaf_in_use,
-            seq=self.seq,
+            leaf_in_use=self.applier.leaf_in_use,
+            seq=self.parts.meter.last_seq,
             subscribers=status.rows(entries, totals, self.aggregator.rates_bps()),
-            warnings=self.warnings,
+            warnings=warnings,
             events=self.events,
-            unprovisioned=status.unprovisioned(totals, drops),
+            unprovisioned=status.unprovisioned(totals, self._drops),
+            failures=dict(self.faults.counts),
         )
-        status.write_snapshot(self.config.state_dir, snapshot)
+        # Metrics first: they still see the snapshot when the status file cannot be written.
         self.collector.update(snapshot)
+        status.write_snapshot(self.config.state_dir, snapshot)
 
     def _signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -384,18 +441,29 @@ class GatewayService:
             self.step()
 
     def step(self) -> None:
-        """One pass of the loop: wait for requests until the next tick, reload if due, tick."""
+        """One pass: wait for requests until the next tick, serve one batch, reload, tick."""
         parts = self.parts
         clock = parts.clock
         wait_ms = max(0, int((self._next_tick_s - clock.monotonic_s()) * 1000))
         if parts.endpoint.wait(min(wait_ms, _MAX_WAIT_MS)):
-            parts.endpoint.serve_pending(self.handle_request)
-        stamp = self._stamp()
-        if self._reload or stamp != self._file_stamp:
-            self._reload, self._file_stamp = False, stamp
-            self.reload()
+            # Only what fits before the next tick: a storm of requests never starves the meter.
+            before_tick_s = self._next_tick_s - clock.monotonic_s()
+            parts.endpoint.serve_pending(self.handle_requests, before_tick_s)
+        try:
+            raw = self._file.poll(clock.monotonic_s())
+        except DesanetError as err:
+            self._refuse_reload(err)
+            raw = None
+        if raw is not None:
+            self.faults.guard("reload", lambda: self.reload(raw))
         if clock.monotonic_s() >= self._next_tick_s:
             self.tick()
             # A slow tick skips the missed ones instead of bursting to catch up.
             interval_s = self.config.interval_ms / 1000
             self._next_tick_s = max(self._next_tick_s + interval_s, clock.monotonic_s())
+
+
+def _started(part: T | None) -> T:
+    if part is None:
+        raise DesanetError("the gateway service is not started")
+    return part

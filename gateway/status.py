@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,8 @@ class StatusSnapshot:
     events: list[dict[str, Any]] = field(default_factory=list)
     # Traffic of no subscriber, billed to nobody: see `unprovisioned`.
     unprovisioned: dict[str, int] = field(default_factory=dict)
+    # Failed attempts of the service loop's steps since start, by step (each retried).
+    failures: dict[str, int] = field(default_factory=dict)
 
     @property
     def down_bps(self) -> float:
@@ -131,8 +133,10 @@ def unprovisioned(
 
 def write_snapshot(state_dir: Path, snapshot: StatusSnapshot) -> None:
     """Replace status.json atomically (readers never see half a file)."""
-    # Rewritten every interval and worthless after a crash: no fsync.
-    data = json.dumps(asdict(snapshot)).encode()
+    # Rewritten every interval and worthless after a crash: no fsync. The fields are
+    # plain values: `vars` instead of `asdict`, whose deep copies cost 50 ms a 1,000 rows.
+    doc = {**vars(snapshot), "subscribers": [vars(row) for row in snapshot.subscribers]}
+    data = json.dumps(doc).encode()
     replace_atomically(state_dir / STATUS_FILE, data, mode=0o640, sync=False)
 
 

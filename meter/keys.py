@@ -19,6 +19,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from desanet.durable import create_private, replace_atomically
 from desanet.errors import ConfigError
 from desanet.validate import is_loopback
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 ZAP_DOMAIN = "desanet"
 # A server socket without its own frame size limit gets this one.
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024
+PUBLIC = 0o644  # a public key file is meant to be handed out
 
 
 @dataclass(frozen=True)
@@ -66,15 +68,38 @@ class ClientSecurity:
 
 
 def generate_keypair(directory: Path, name: str) -> tuple[Path, Path]:
-    """Write `<name>.key` (public) and `<name>.key_secret` (secret, mode 0600) in `directory`."""
+    """Write `<name>.key` (public) and `<name>.key_secret` (secret, mode 0600) in `directory`.
+
+    The secret file is created 0600 (never with wider permissions, not even
+    for a moment) and an existing one is never overwritten: a new pair would
+    lock out every client that trusts the old one.
+    """
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(
             f"key name {name!r}: use a plain file name such as 'gateway' or 'billing'"
         )
     directory.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(directory), name)
-    Path(secret).chmod(0o600)
-    return Path(public), Path(secret)
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    public_key, secret_key = zmq.curve_keypair()
+    try:
+        create_private(secret, _certificate(public_key, secret_key))
+    except FileExistsError:
+        raise ConfigError(
+            f"{secret} exists: keep it, or move it aside first (clients that trust its "
+            "public key would be locked out by a new one)"
+        ) from None
+    replace_atomically(public, _certificate(public_key, None), mode=PUBLIC)
+    return public, secret
+
+
+def _certificate(public_key: bytes, secret_key: bytes | None) -> bytes:
+    """A ZeroMQ certificate file, as `zmq.auth.load_certificate` reads it."""
+    kind = "Public" if secret_key is None else "**Secret**"
+    lines = [f"#   ZeroMQ CURVE {kind} Certificate", "", "metadata", "curve"]
+    lines.append(f'    public-key = "{public_key.decode()}"')
+    if secret_key is not None:
+        lines.append(f'    secret-key = "{secret_key.decode()}"')
+    return ("\n".join(lines) + "\n").encode()
 
 
 def load_keypair(path: Path) -> KeyPair:

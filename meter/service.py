@@ -180,6 +180,11 @@ class MeterService:
         """The seq of the newest journaled message of this epoch (0 before the first)."""
         return self._seq
 
+    @property
+    def last_t1_ms(self) -> int:
+        """The end stamp of the newest journaled interval (0 before the first)."""
+        return self._t1
+
     def set_subscribers(self, subscribers: Mapping[int, str]) -> None:
         """Replace the slot -> subscriber id mapping (after a provisioning change)."""
         size = max(subscribers, default=-1) + 1

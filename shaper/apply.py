@@ -21,6 +21,7 @@ import os
 import socket
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
@@ -33,7 +34,14 @@ from desanet.shaper.leaf import choose_leaf
 from desanet.shaper.netlink import TcSocket, encode_root_delete, encode_root_probe
 from desanet.shaper.plan import DIRECTIONS, ShapingPlan
 from desanet.shaper.readback import ClassStats, leaf_stats, parse_qdiscs_of, tree_from_parts
-from desanet.shaper.tree import DOWN_MAJOR, UP_MAJOR, Tree, make_handle, slot_of_minor
+from desanet.shaper.tree import (
+    DOWN_MAJOR,
+    UP_MAJOR,
+    LeafQdisc,
+    Tree,
+    make_handle,
+    slot_of_minor,
+)
 
 log = logging.getLogger("desanet.shaper")
 
@@ -113,6 +121,15 @@ def available_leaves() -> set[str]:
     return set(_available)
 
 
+def _removes(op: Operation, actual: Tree) -> bool:
+    """True when `op` destroys a class or a leaf qdisc (and with it what it counted)."""
+    if op.verb.startswith("delete"):
+        return True
+    # Creating a leaf where one is grafted already replaces it.
+    leaf = op.subject
+    return op.creating and isinstance(leaf, LeafQdisc) and leaf.parent in actual.leaves
+
+
 class Shaper:
     """The download tree on `lan` and the upload tree on `upload_ifb`, kept equal to a plan."""
 
@@ -166,14 +183,23 @@ class Shaper:
             for d, index in indexes.items()
         }
 
-    def apply(self, plan: ShapingPlan, *, full_read_back: bool = False) -> ApplyResult:
+    def apply(
+        self,
+        plan: ShapingPlan,
+        *,
+        full_read_back: bool = False,
+        before_removing: Callable[[], None] | None = None,
+    ) -> ApplyResult:
         """Make the kernel's trees equal to `plan` with only the requests that differ.
 
         The leaf kind falls back when the kernel lacks the planned one (one
         warning, also in the result). `full_read_back` diffs against a fresh
         read-back instead of the trees this shaper last wrote; when the kernel
         refuses a change computed from those, the shaper reads back and tries once
-        more by itself.
+        more by itself. A plan derived from the last applied one costs requests
+        for the classes it touched only. `before_removing` is called before any
+        request that deletes a class, a leaf or a root (whose counters then
+        vanish), so the caller can read what they delivered first.
         """
         kind, warning = choose_leaf(plan.leaf, available_leaves())
         if kind != plan.leaf_in_plan():
@@ -183,7 +209,7 @@ class Shaper:
             log.warning("%s", warning)
         cached = self._known is not None and not full_read_back and _is_up(self.upload_ifb)
         try:
-            counts = self._apply_trees(plan, fresh=not cached)
+            counts = self._apply_trees(plan, not cached, before_removing)
         except ShaperError as err:
             if not cached:
                 raise
@@ -191,7 +217,7 @@ class Shaper:
             # wrote (and the trees were put back): someone changed them behind its back.
             # Read them back and try once more.
             log.warning("%s; trying again against a fresh read-back", err)
-            counts = self._apply_trees(plan, fresh=True)
+            counts = self._apply_trees(plan, True, before_removing)
         self._known = {d: plan.tree(d) for d in DIRECTIONS}
         self._known_plan = plan
         # The history is no longer needed: cutting it lets older plans be freed.
@@ -207,7 +233,9 @@ class Shaper:
             per_direction=counts,
         )
 
-    def _apply_trees(self, plan: ShapingPlan, fresh: bool) -> dict[str, int]:
+    def _apply_trees(
+        self, plan: ShapingPlan, fresh: bool, before_removing: Callable[[], None] | None
+    ) -> dict[str, int]:
         if fresh:
             _ifindex(self.lan, "LAN")  # before creating an IFB for a LAN that is not there
             self.ensure_ifb()
@@ -216,16 +244,18 @@ class Shaper:
         try:
             before = self._read(sock, indexes) if fresh or self._known is None else self._known
             only = None if fresh else self._touched_since_known(plan)
-            counts: dict[str, int] = {}
+            ops = {d: diff(plan.tree(d), before[d], only) for d in DIRECTIONS}
+            if before_removing is not None and any(
+                _removes(op, before[d]) for d in DIRECTIONS for op in ops[d]
+            ):
+                before_removing()
             done: list[str] = []
             for direction in DIRECTIONS:
-                ops = diff(plan.tree(direction), before[direction], only)
                 done.append(direction)
-                self._run(sock, indexes, direction, ops, before, done)
-                counts[direction] = len(ops)
+                self._run(sock, indexes, direction, ops[direction], before, done)
         finally:
             sock.close()
-        return counts
+        return {d: len(ops[d]) for d in DIRECTIONS}
 
     def _touched_since_known(self, plan: ShapingPlan) -> set[int] | None:
         """Class ids changed between the plan last applied and `plan`, None if unrelated."""

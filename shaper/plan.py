@@ -14,7 +14,8 @@ on the IFB device the datapath redirects LAN ingress to. In each tree:
 
 Class ids depend only on the slot, so they are stable across reloads.
 Validation happens here, before anything touches the kernel, and every error
-names the subscriber.
+names the subscriber. (Over 400 lines: the trees and the rules that validate
+them change together.)
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ class ShapingPlan:
 
     `with_subscriber`/`without_subscriber` derive a new plan in time flat in
     the number of subscribers (beyond copying dicts), sharing the untouched
-    classes, which lets the shaper diff a one-subscriber change cheaply.
+    classes, which lets the shaper diff a one-subscriber change cheaply;
+    `derive` then `put`/`remove` does the same for a batch of changes.
     """
 
     link: Link
@@ -235,23 +237,46 @@ class ShapingPlan:
 
     def with_subscriber(self, sub: SubscriberPlan) -> ShapingPlan:
         """A copy of this plan where `sub` is added or replaces the subscriber of the same id."""
-        new = self._copy()
-        old = new.subscribers.get(sub.id)
-        if old is not None:
-            new._drop(old)
-        holder = new.slot_owner.get(sub.slot)
-        if holder is not None:
-            raise ValidationError(f"subscriber {sub.id}: slot {sub.slot} is already {holder}'s")
-        new._add(sub)
+        new = self.derive()
+        new.put(sub)
         return new
 
     def without_subscriber(self, sub_id: str) -> ShapingPlan:
         """A copy of this plan without subscriber `sub_id`."""
-        if sub_id not in self.subscribers:
-            raise ValidationError(f"subscriber {sub_id}: not in the plan")
-        new = self._copy()
-        new._drop(new.subscribers[sub_id])
+        new = self.derive()
+        new.remove(sub_id)
         return new
+
+    def derive(self) -> ShapingPlan:
+        """A copy to change with `put` and `remove`, sharing every class they do not touch.
+
+        Many changes on one derived plan cost one copy, and the shaper still
+        diffs only the classes they touched. Never change in place a plan the
+        shaper has applied: derive one.
+        """
+        return self._copy()
+
+    def put(self, sub: SubscriberPlan) -> None:
+        """Add `sub`, or replace the subscriber of its id, in place; unchanged if it raises."""
+        self.check(sub)
+        old = self.subscribers.get(sub.id)
+        if old is not None:
+            self._drop(old)
+        self._add(sub)
+
+    def remove(self, sub_id: str) -> None:
+        """Remove subscriber `sub_id` in place."""
+        old = self.subscribers.get(sub_id)
+        if old is None:
+            raise ValidationError(f"subscriber {sub_id}: not in the plan")
+        self._drop(old)
+
+    def check(self, sub: SubscriberPlan) -> None:
+        """Raise ValidationError, naming the subscriber, if `put(sub)` would be refused."""
+        holder = self.slot_owner.get(sub.slot)
+        if holder is not None and holder != sub.id:
+            raise ValidationError(f"subscriber {sub.id}: slot {sub.slot} is already {holder}'s")
+        self._check_fits(sub, self.subscribers.get(sub.id))
 
     def with_leaf(self, kind: str) -> ShapingPlan:
         """The same classes with `kind` leaves (used when the kernel lacks the requested kind)."""
@@ -284,13 +309,14 @@ class ShapingPlan:
             return leaf.kind
         return self.leaf
 
-    def _add(self, sub: SubscriberPlan) -> None:
+    def _check_fits(self, sub: SubscriberPlan, replacing: SubscriberPlan | None) -> None:
+        # Both directions are checked before anything changes, so a refusal leaves no trace.
         _check_subscriber(sub, self.link)
-        kind = self.leaf_in_plan()
-        for direction, major in (("down", DOWN_MAJOR), ("up", UP_MAJOR)):
-            lo, hi = sub.rates_bps(direction)
+        for direction in DIRECTIONS:
+            lo = sub.rates_bps(direction)[0]
+            freed = replacing.rates_bps(direction)[0] if replacing is not None else 0
             shaped = self.link.shaped_bps(direction)
-            total = self.min_sum_bps[direction] + lo
+            total = self.min_sum_bps[direction] - freed + lo
             if total > shaped - _default_min_bps(shaped):
                 raise ValidationError(
                     f"subscriber {sub.id}: its {_NAMES[direction]} min {format_rate(lo)} brings "
@@ -299,7 +325,14 @@ class ShapingPlan:
                     f"({format_rate(self.link.rate_bps(direction))} less "
                     f"{self.link.headroom:.0%} headroom and the unmatched-traffic class)"
                 )
-            self.min_sum_bps[direction] = total
+
+    def _add(self, sub: SubscriberPlan) -> None:
+        self._check_fits(sub, None)
+        kind = self.leaf_in_plan()
+        for direction, major in (("down", DOWN_MAJOR), ("up", UP_MAJOR)):
+            lo, hi = sub.rates_bps(direction)
+            shaped = self.link.shaped_bps(direction)
+            self.min_sum_bps[direction] += lo
             tree = self.tree(direction)
             classid = make_handle(major, sub.slot + SLOT_MINOR_OFFSET)
             cls = htb_class(

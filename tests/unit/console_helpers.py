@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,10 +86,13 @@ class RecordingEndpoint:
     requests: list[dict[str, Any]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
-    def handle(self, request: object) -> dict[str, Any]:
-        assert isinstance(request, dict)
-        self.requests.append(request)
-        return {"ok": True, "sub": request.get("sub"), "state": "active"}
+    def handle(self, batch: Sequence[object]) -> list[dict[str, Any]]:
+        replies = []
+        for request in batch:
+            assert isinstance(request, dict)
+            self.requests.append(request)
+            replies.append({"ok": True, "sub": request.get("sub"), "state": "active"})
+        return replies
 
 
 @dataclass

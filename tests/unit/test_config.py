@@ -128,3 +128,45 @@ def test_control_keys_are_their_own_list_and_need_curve() -> None:
         ConfigError, match=r"gateway.toml:\d+: \[control\] allowed_keys: needs CURVE"
     ):
         parse(GOOD + '[control]\nallowed_keys = "keys/controllers"\n')
+
+
+def test_metrics_listen_on_loopback_unless_remote_is_allowed() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r":26: \[metrics\] listen: 0.0.0.0:9570 is reachable from other machines and "
+        r"metrics are not authenticated: listen on 127.0.0.1 .* or set allow_remote = true",
+    ):
+        parse(GOOD + '\n[metrics]\nlisten = "0.0.0.0:9570"\n')
+    for host in ("192.168.1.1:9570", "[::]:9570"):
+        with pytest.raises(ConfigError, match="metrics are not authenticated"):
+            parse(GOOD + f'\n[metrics]\nlisten = "{host}"\n')
+    for local in ("127.0.0.1:9570", "[::1]:9570", "localhost:9570"):
+        assert parse_config(GOOD + f'\n[metrics]\nlisten = "{local}"\n', Path("g.toml"))
+    cfg = parse_config(
+        GOOD + '\n[metrics]\nlisten = "0.0.0.0:9570"\nallow_remote = true\n', Path("g.toml")
+    )
+    assert cfg.metrics_listen == ("0.0.0.0", 9570)
+    with pytest.raises(ConfigError, match=r"\[metrics\] allow_remote: expected a bool"):
+        parse(GOOD + '\n[metrics]\nlisten = "0.0.0.0:9570"\nallow_remote = "yes"\n')
+
+
+def test_reload_settle_and_grace_periods() -> None:
+    cfg = parse_config(GOOD, Path("g.toml"))
+    assert cfg.settle_ms == 2_000 and cfg.grace_ms == 7 * 86_400_000
+    text = GOOD.replace('file = "subscribers.csv"', 'file = "s.csv"\nsettle = "5s"\ngrace = "30d"')
+    cfg = parse_config(text, Path("g.toml"))
+    assert cfg.settle_ms == 5_000 and cfg.grace_ms == 30 * 86_400_000
+    for field, value, message in (
+        ("settle", "50ms", r"\[subscribers\] settle: 50 ms must be between 100ms and 10m"),
+        ("grace", "30s", r"\[subscribers\] grace: 30000 ms is under a minute"),
+        ("grace", "7 days", r"\[subscribers\] grace: .*'days' \(use us, ms, s, m, h, d"),
+    ):
+        text = GOOD.replace('file = "subscribers.csv"', f'file = "s.csv"\n{field} = "{value}"')
+        with pytest.raises(ConfigError, match=rf":24: {message}"):
+            parse(text)
+
+
+def test_a_configuration_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
+    assert load_config(path).gateway_id == "desa-sukamaju"

@@ -7,14 +7,16 @@ the line and the field, and no state directory created.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from desanet.gateway.cli import main
 from desanet.gateway.service import GatewayService
-from desanet.meter.keys import generate_keypair
+from desanet.meter.keys import generate_keypair, load_keypair
 
 pytestmark = pytest.mark.unit
 
@@ -135,3 +137,32 @@ def test_check_accepts_the_good_files(tmp_path: Path, capsys: pytest.CaptureFixt
     (tmp_path / "subscribers.csv").write_text(SUBSCRIBERS)
     assert main(["run", "--check", "--config", str(tmp_path / "gateway.toml")]) == 0
     assert "ok, 2 subscribers" in capsys.readouterr().out
+
+
+def test_keygen_creates_the_secret_key_private_from_the_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created: list[tuple[str, int, int]] = []
+    real_open = os.open
+
+    def recording_open(path: Any, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
+        if flags & os.O_CREAT:
+            created.append((os.fspath(path), flags, mode))
+        return real_open(path, flags, mode, **kwargs)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    old_umask = os.umask(0)  # the widest: nothing but the mode given at creation protects it
+    try:
+        assert main(["keygen", "gateway", "--dir", str(tmp_path)]) == 0
+    finally:
+        os.umask(old_umask)
+    secret = tmp_path / "gateway.key_secret"
+    [(_, flags, mode)] = [c for c in created if c[0] == str(secret)]
+    assert flags & os.O_EXCL and mode == 0o600
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert load_keypair(secret).secret is not None
+    assert load_keypair(tmp_path / "gateway.key").public == load_keypair(secret).public
+    before = secret.read_bytes()
+    assert main(["keygen", "gateway", "--dir", str(tmp_path)]) == 2
+    assert "gateway.key_secret exists: keep it" in capsys.readouterr().err
+    assert secret.read_bytes() == before

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -11,7 +12,7 @@ import pytest
 import zmq
 
 from desanet.errors import ControlError
-from desanet.gateway.control import ControlEndpoint, request
+from desanet.gateway.control import MAX_BATCH, ControlEndpoint, request, request_many
 from desanet.meter.keys import ClientSecurity, KeyPair, ServerSecurity
 
 pytestmark = pytest.mark.unit
@@ -23,6 +24,7 @@ def keypair() -> KeyPair:
 
 
 SERVER, BILLING, STRANGER = keypair(), keypair(), keypair()
+BATCHES: list[int] = []  # sizes of the batches the handler got
 
 
 @pytest.fixture
@@ -40,10 +42,15 @@ def endpoint() -> Iterator[ControlEndpoint]:
             return {"ok": True, "echo": req}
         return {"ok": False, "error": f"refused {type(req).__name__}"}
 
+    def echo_all(requests: Sequence[object]) -> list[dict[str, Any]]:
+        BATCHES.append(len(requests))
+        return [echo(r) for r in requests]
+
     def serve() -> None:
         while not stop.is_set():
             if ep.sock.poll(50):
-                ep.serve_pending(echo)
+                time.sleep(0.05)  # let a pipelined burst arrive whole
+                ep.serve_pending(echo_all)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -90,3 +97,43 @@ def test_any_failure_inside_is_an_error_reply(endpoint: ControlEndpoint) -> None
         reply = request(endpoint.endpoint, {"op": op}, billing)
         assert reply == {"ok": False, "error": f"internal error ({kind}); see the log"}
     assert request(endpoint.endpoint, {"op": "show"}, billing)["ok"] is True
+
+
+def test_pipelined_requests_are_served_in_batches_in_order(endpoint: ControlEndpoint) -> None:
+    BATCHES.clear()
+    bodies = [{"op": "show", "sub": f"s{i}"} for i in range(600)]
+    replies = request_many(endpoint.endpoint, bodies, ClientSecurity(SERVER.public, BILLING))
+    assert [r["echo"]["sub"] for r in replies] == [f"s{i}" for i in range(600)]
+    # Together, but never more than MAX_BATCH at a time.
+    assert sum(BATCHES) == 600 and max(BATCHES) == MAX_BATCH and len(BATCHES) < 100
+
+
+def test_a_spent_budget_serves_nothing_and_a_short_one_little() -> None:
+    security = ServerSecurity(server=SERVER, allowed_clients=frozenset({BILLING.public}))
+    ep = ControlEndpoint("tcp://127.0.0.1:0", security)
+    sizes: list[int] = []
+
+    def handler(requests: Sequence[object]) -> list[dict[str, Any]]:
+        sizes.append(len(requests))
+        return [{"ok": True} for _ in requests]
+
+    bodies = [msgpack.packb({"op": "show", "sub": "s1"})] * 20
+    try:
+        with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+            sock.linger = 0
+            sock.curve_serverkey = SERVER.public
+            sock.curve_publickey, sock.curve_secretkey = BILLING.public, BILLING.secret
+            sock.connect(ep.endpoint)
+            for body in bodies:
+                sock.send_multipart([b"", body])
+            assert ep.wait(2000)
+            time.sleep(0.2)
+            assert ep.serve_pending(handler, budget_s=0.0) == 0  # the tick is due first
+            assert ep.serve_pending(handler, budget_s=1e-9) == 1  # one request at least
+            served = 1
+            while served < 20:
+                assert ep.wait(2000)
+                served += ep.serve_pending(handler)
+            assert sizes[0] == 1 and sum(sizes) == 20
+    finally:
+        ep.close()

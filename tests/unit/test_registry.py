@@ -107,24 +107,48 @@ def test_diff_names_each_kind_of_change() -> None:
     assert diff(old, old).empty
 
 
+T0 = 1_779_000_000_000
+DAY_MS = 86_400_000
+
+
 def test_slots_are_stable_persisted_and_reused_last(tmp_path: Path) -> None:
     path = tmp_path / "slots.json"
     table = SlotTable.load(path, capacity=4)
-    change = table.assign(["a", "b", "c"])
-    assert change.added == {"a": 1, "b": 2, "c": 3} and change.freed == {}
+    change = table.assign(["a", "b", "c"], T0)
+    assert change.added == {"a": 1, "b": 2, "c": 3} and change.retired == {}
     change.table.save(path)
     again = SlotTable.load(path, capacity=4)
-    change = again.assign(["c", "a", "d"])
-    assert change.added == {"d": 4} and change.freed == {"b": 2}
+    change = again.assign(["c", "a", "d"], T0 + 1000)
+    assert change.added == {"d": 4} and change.retired == {"b": 2}
     assert change.table.slots == {"a": 1, "c": 3, "d": 4}
-    change = change.table.assign(["c", "a", "d", "e"])
-    assert change.added == {"e": 2}
+    assert change.table.retired == {"b": (2, T0 + 1000)}
+    # Every slot is taken: the longest-retired subscriber's slot goes to the newcomer.
+    change = change.table.assign(["c", "a", "d", "e"], T0 + 2000)
+    assert change.added == {"e": 2} and change.expired == {"b": 2}
     with pytest.raises(ConfigError, match="no free slot for subscriber f"):
-        change.table.assign(["a", "c", "d", "e", "f"])
+        change.table.assign(["a", "c", "d", "e", "f"], T0 + 3000)
     # A table never changes in place: a refused or abandoned change leaves nothing to undo.
     assert change.table.slots == {"a": 1, "c": 3, "d": 4, "e": 2}
     assert again.slots == {"a": 1, "b": 2, "c": 3} and again.high_water == 3
     assert SlotTable.load(path, capacity=4) == again
+
+
+def test_a_removed_subscriber_keeps_its_slot_for_the_grace_period(tmp_path: Path) -> None:
+    path = tmp_path / "slots.json"
+    table = SlotTable.load(path, capacity=8).assign(["a", "b", "c"], T0).table
+    gone = table.assign(["a", "c"], T0 + DAY_MS)
+    gone.table.save(path)
+    kept = SlotTable.load(path, capacity=8)
+    assert kept.retired == {"b": (2, T0 + DAY_MS)} and kept.slots == {"a": 1, "c": 3}
+    # A newcomer never takes a retired slot while others are free; b comes back to its own.
+    back = kept.assign(["a", "b", "c", "d"], T0 + 2 * DAY_MS)
+    assert back.added == {"d": 4} and back.returned == {"b": 2} and back.table.retired == {}
+    # Seven days after it left, b is forgotten and its slot free (reused after new ones).
+    assert kept.expire(T0 + 8 * DAY_MS - 1, 7 * DAY_MS).expired == {}
+    expired = kept.expire(T0 + 8 * DAY_MS, 7 * DAY_MS)
+    assert expired.expired == {"b": 2} and expired.table.retired == {}
+    later = expired.table.assign(["a", "c", "b"], T0 + 9 * DAY_MS)
+    assert later.added == {"b": 4} and later.returned == {}
 
 
 def test_an_unreadable_slot_table_stops_with_the_file_named(tmp_path: Path) -> None:
@@ -132,6 +156,29 @@ def test_an_unreadable_slot_table_stops_with_the_file_named(tmp_path: Path) -> N
     path.write_text('{"high_water": 3, "slots": {"a": 1')
     with pytest.raises(StateError, match=rf"{path}: slot table unreadable"):
         SlotTable.load(path, capacity=4)
+
+
+def test_a_spreadsheets_byte_order_mark_is_read_as_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "subs.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + (HEADER + ROWS[0] + "\n").encode())
+    assert [s.id for s in load_subscribers(path, LINK, 10)] == ["s1"]
+    path.write_bytes(b"\xef\xbb\xbf" + HEADER.encode() + "s1,Andr\xe9".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"{path}:2: the file does not end with a newline"):
+        load_subscribers(path, LINK, 10)
+    path.write_bytes(b"\xef\xbb\xbf" + (HEADER + "s1,Andr\xe9\n").encode("latin-1"))
+    offset = 3 + len(HEADER) + len("s1,Andr")  # counted in the file, mark included
+    with pytest.raises(ConfigError, match=rf"{path}:2: byte {offset} is not UTF-8"):
+        load_subscribers(path, LINK, 10)
+
+
+def test_a_file_cut_inside_its_last_line_is_refused(tmp_path: Path) -> None:
+    # 50GB cut to 5 still parses as a quota: only the missing newline tells.
+    path = tmp_path / "subs.csv"
+    path.write_text(HEADER + ROWS[1] + "\n" + ROWS[0][:-3])
+    with pytest.raises(ConfigError, match=rf"{path}:3: the file does not end with a newline"):
+        load_subscribers(path, LINK, 10)
+    path.write_text(HEADER + ROWS[1] + "\r\n" + ROWS[0] + "\r\n")
+    assert [s.id for s in load_subscribers(path, LINK, 10)] == ["s2", "s1"]
 
 
 def test_a_file_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:

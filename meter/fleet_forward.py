@@ -15,7 +15,8 @@ Async beside a sync loop: one nats-py client whose event loop runs in this
 object's own thread. The service loop only calls `notify()` after it journals
 (a non-blocking wake-up), reads `status()`, and calls `stop()`; nothing else
 crosses the thread boundary. Where to resume in the journal is
-fleet_outbox's job.
+fleet_outbox's job. (Over 400 lines: the window, the acks and the reconnects
+share one event loop's state; split, each part would reach into the others.)
 """
 
 from __future__ import annotations

@@ -89,15 +89,18 @@ class ControlEndpoint:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            # REQ peers send [identity, "", body], DEALER peers [identity, body].
-            envelopes.append(frames[:-1])
-            if len(frames) not in (2, 3) or (len(frames) == 3 and frames[1] != b""):
+            # REQ peers send [identity, "", body], DEALER peers [identity, body]: the
+            # reply goes back under the same envelope, whatever follows it.
+            envelope = frames[:2] if len(frames) > 1 and frames[1] == b"" else frames[:1]
+            body = frames[len(envelope) :]
+            envelopes.append(envelope)
+            if len(body) != 1:
                 framing[len(envelopes) - 1] = {
                     "ok": False,
                     "error": "malformed: one body frame expected",
                 }
             else:
-                bodies.append(_unpack(frames[-1]))
+                bodies.append(_unpack(body[0]))
         if not envelopes:
             return 0
         answers = self._answers(handler, bodies)

@@ -24,6 +24,7 @@ from desanet.meter.keys import (
     secure_server,
     start_authenticator,
 )
+from desanet.meter.limits import ConnectionLimiter, EndpointLimits, apply_limits
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ MAX_REQUEST_BYTES = 4096
 # Requests answered as one batch at most (one transaction, one shaper apply:
 # about 50 ms of work at 10,000 subscribers, benchmarks/control.py).
 MAX_BATCH = 256
+LIMITS = EndpointLimits(MAX_REQUEST_BYTES, max_connections=64, receive_hwm=MAX_BATCH)
 
 BatchHandler = Callable[[Sequence[object]], Sequence[dict[str, Any]]]
 
@@ -48,8 +50,11 @@ class ControlEndpoint:
         self.auth = start_authenticator(self.ctx, security)
         self.sock: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
         self.sock.linger = 0
-        # libzmq drops a peer sending a bigger frame before it reaches Python.
-        self.sock.maxmsgsize = MAX_REQUEST_BYTES
+        # Before authentication: libzmq drops a peer sending a bigger frame before it reaches
+        # Python, ends a handshake that takes too long, and a batch's worth is queued per peer.
+        apply_limits(self.sock, LIMITS)
+        # Each connection holds a descriptor: those beyond the limit are shut down.
+        self.limiter = ConnectionLimiter(self.sock, "control", LIMITS.max_connections)
         try:
             secure_server(self.sock, security, endpoint)
             self.sock.bind(endpoint)
@@ -57,11 +62,24 @@ class ControlEndpoint:
             self.close()
             raise ControlError(f"cannot bind the control endpoint {endpoint}: {err}") from err
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.limiter.bound(self.endpoint)
         self._request_cost_s = 0.001  # seconds per request, measured batch by batch
 
     def wait(self, timeout_ms: int) -> bool:
         """Wait up to `timeout_ms` for a request; True when one is waiting."""
-        return bool(self.sock.poll(timeout_ms))
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.limiter.monitor, zmq.POLLIN)
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            ready = dict(poller.poll(left_ms))
+            if self.limiter.monitor in ready:
+                self.limiter.handle()  # connections come and go: keep waiting for a request
+            if self.sock in ready:
+                return True
+            if left_ms == 0:
+                return False
 
     def serve_pending(self, handler: BatchHandler, budget_s: float | None = None) -> int:
         """Answer the waiting requests as one batch; returns how many.
@@ -75,6 +93,7 @@ class ControlEndpoint:
         handler, or packing a reply) becomes an error reply and one log line;
         the next request is served as usual.
         """
+        self.limiter.handle()
         max_requests = MAX_BATCH
         if budget_s is not None:
             if budget_s <= 0:
@@ -125,6 +144,9 @@ class ControlEndpoint:
 
     def close(self) -> None:
         """Close the socket and stop the authenticator."""
+        if hasattr(self, "limiter"):
+            self.sock.disable_monitor()
+            self.limiter.close()
         self.sock.close(linger=0)
         if self.auth is not None:
             self.auth.stop()

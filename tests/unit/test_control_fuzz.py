@@ -165,3 +165,29 @@ def test_ten_thousand_hostile_requests_and_raw_junk(
     lab.tick(service)
     assert lab.billed()["s1"][1] >= 5_000
     assert _rss_mib() - before < 50
+
+
+def test_idle_connections_beyond_the_limit_are_shut_and_the_endpoint_answers(
+    running: tuple[Lab, GatewayService],
+) -> None:
+    lab, service = running
+    endpoint = service.parts.endpoint.endpoint
+    hp = parse_host_port(endpoint.removeprefix("tcp://"))
+    limit = service.parts.endpoint.limiter.max_connections
+    idle: list[socket.socket] = []
+
+    def connect_many() -> None:
+        for _ in range(limit * 4):
+            idle.append(socket.create_connection((hp.host, hp.port), timeout=5))
+
+    try:
+        _serve_while(service, threading.Thread(target=connect_many))
+        for _ in range(50):  # let the loop take the monitor's events
+            service.step()
+        limiter = service.parts.endpoint.limiter
+        assert limiter.refused >= limit * 2, (limiter.accepted, limiter.refused)
+        assert limiter.connections <= limit
+        assert control(service, lab, {"op": "show", "sub": "s2"})["ok"] is True
+    finally:
+        for sock in idle:
+            sock.close()

@@ -117,16 +117,9 @@ def add_nats_collect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _dsn(args: argparse.Namespace) -> str:
-    from desanet.meter.fleet_store import check_dsn
+    from desanet.meter.dsn import read_dsn
 
-    if (args.dsn is None) == (args.dsn_file is None):
-        raise ConfigError("give --dsn (password in PGPASSFILE) or --dsn-file, one of them")
-    if args.dsn is not None:
-        return check_dsn(args.dsn)
-    try:
-        return str(args.dsn_file.read_text().strip())
-    except OSError as err:
-        raise ConfigError(f"--dsn-file {args.dsn_file}: {err.strerror}") from None
+    return read_dsn(args.dsn, args.dsn_file)
 
 
 def cmd_hub_collect(args: argparse.Namespace) -> int:

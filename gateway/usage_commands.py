@@ -9,6 +9,7 @@ from pathlib import Path
 
 from desanet.meter.client import UsageClient
 from desanet.meter.collector import UsageStore, collect, month_bounds_ms
+from desanet.meter.dsn import read_dsn
 from desanet.meter.keys import ClientSecurity, generate_keypair, load_keypair
 from desanet.meter.wire import UsageMessage
 from desanet.units import format_bytes
@@ -33,7 +34,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     _client_args(coll, required=False)
     coll.add_argument("--db", type=Path, default=Path("usage.sqlite"), help="SQLite file")
-    coll.add_argument("--dsn", help="PostgreSQL DSN (instead of --db)")
+    coll.add_argument(
+        "--dsn", help="PostgreSQL DSN instead of --db (no password here: PGPASSFILE holds it)"
+    )
+    coll.add_argument("--dsn-file", type=Path, help="a file holding the DSN, password included")
     coll.add_argument(
         "--idle-exit", type=float, help="exit after this many seconds without a message"
     )
@@ -125,7 +129,10 @@ def _print_message(msg: UsageMessage, as_json: bool) -> None:
 
 
 def _collect(args: argparse.Namespace) -> int:
-    store = UsageStore.postgres(args.dsn) if args.dsn else UsageStore.sqlite(args.db)
+    if args.dsn is not None or args.dsn_file is not None:
+        store = UsageStore.postgres(read_dsn(args.dsn, args.dsn_file))
+    else:
+        store = UsageStore.sqlite(args.db)
     try:
         if args.report:
             start, end = month_bounds_ms(args.report)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import calendar
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any, NamedTuple
 
 from desanet.errors import ConfigError, StreamError
 from desanet.meter.client import ReplayGone, UsageClient
+from desanet.meter.dsn import redacted, scrub
 from desanet.meter.wire import TotalsSnapshot, UsageMessage
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,17 @@ _UPSERT_SNAPSHOT_TOTALS = (
     f"{_UPSERT} WHERE excluded.epoch = totals.epoch AND excluded.seq > totals.seq"
 )
 _IN_CHUNK = 500
+_SCHEMA_LOCK = 0x6465_7361  # the advisory lock collectors hold while creating tables
+_GATEWAY_LOCK = 0x6465_7362  # with hashtext(gw): one gateway's messages stored one at a time
+_ATTEMPTS = 5  # a store PostgreSQL ends for a deadlock or a conflict is tried this often
+
+
+def _pg_retryable() -> tuple[type[Exception], ...]:
+    from psycopg import errors
+
+    return (errors.DeadlockDetected, errors.SerializationFailure)
+
+
 _SAME, _NEW, _LEFT = "same", "new", "left"
 
 
@@ -110,14 +123,25 @@ class UsageStore:
     """Idempotent storage of usage messages in SQLite or PostgreSQL."""
 
     def __init__(
-        self, conn: Any, placeholder: str, transaction: Callable[[], Any], columns_sql: str
+        self,
+        conn: Any,
+        placeholder: str,
+        transaction: Callable[[], Any],
+        columns_sql: str,
+        schema_lock: str | None = None,
+        retryable: tuple[type[Exception], ...] = (),
+        gateway_lock: str | None = None,
     ) -> None:
         self._conn = conn
         self._ph = placeholder
         self._transaction = transaction
         self._columns_sql = columns_sql
+        self._retryable = retryable
+        self._gateway_lock = gateway_lock
         with self._transaction():
             cur = self._conn.cursor()
+            if schema_lock is not None:
+                cur.execute(schema_lock)
             old = self._columns(cur, "usage")
             if old and "epoch" not in old:
                 self._migrate_v1(cur)
@@ -143,10 +167,18 @@ class UsageStore:
         try:
             conn = psycopg.connect(dsn, autocommit=True)
         except psycopg.Error as err:
-            raise ConfigError(f"cannot connect to PostgreSQL ({dsn}): {err}") from err
+            raise ConfigError(
+                f"cannot connect to PostgreSQL ({redacted(dsn)}): {scrub(str(err), dsn)}"
+            ) from None
         columns = """SELECT column_name FROM information_schema.columns
             WHERE table_schema = current_schema() AND table_name = %s"""
-        return cls(conn, "%s", conn.transaction, columns)
+        # Collectors started together on one database create its tables one at a time
+        # (concurrent CREATE ... IF NOT EXISTS can fail on PostgreSQL's catalog).
+        schema_lock = f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})"
+        gateway_lock = f"SELECT pg_advisory_xact_lock({_GATEWAY_LOCK}, hashtext(%s))"
+        return cls(
+            conn, "%s", conn.transaction, columns, schema_lock, _pg_retryable(), gateway_lock
+        )
 
     def _sql(self, statement: str) -> str:
         return statement.replace("?", self._ph)
@@ -203,12 +235,35 @@ class UsageStore:
     def store(self, msg: UsageMessage) -> None:
         """Store one message (one transaction); storing it twice changes nothing.
 
+        Collectors sharing a database may meet on the same rows: a transaction
+        PostgreSQL ends for a deadlock or a serialization conflict is run again.
+        """
+        for attempt in range(_ATTEMPTS):
+            try:
+                self._store(msg)
+                return
+            except self._retryable as err:
+                if attempt == _ATTEMPTS - 1:
+                    raise StreamError(
+                        f"gateway {msg.gw} seq {msg.seq}: not stored after {_ATTEMPTS} "
+                        f"attempts ({type(err).__name__})"
+                    ) from err
+                log.info("seq %d of %s met another collector; storing again", msg.seq, msg.gw)
+                time.sleep(0.05 * (attempt + 1))
+
+    def _store(self, msg: UsageMessage) -> None:
+        """Store one message in one transaction (see `store`).
+
         Messages of one epoch must come in seq order (UsageClient.messages gives
         them so). A message of an epoch that was left for a newer one is refused,
         unless it was stored already or holds no usage (a snapshot).
         """
         with self._transaction():
             cur = self._conn.cursor()
+            if self._gateway_lock is not None:
+                # Collectors sharing the database take a gateway's messages one at a time:
+                # its progress is read, then written, in the same transaction.
+                cur.execute(self._gateway_lock, (msg.gw,))
             if self._advance(cur, msg.gw, msg.epoch, msg.seq) == _LEFT:
                 cur.execute(
                     self._sql("SELECT 1 FROM usage WHERE gw = ? AND epoch = ? AND seq = ?"),

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import conninfo, sql
+from psycopg import sql
 
 from desanet.errors import ConfigError, StreamError
 from desanet.meter.collector import PeriodUsage, month_bounds_ms
+from desanet.meter.dsn import redacted, scrub
 from desanet.meter.wire import UsageMessage
 
 log = logging.getLogger(__name__)
@@ -106,50 +107,23 @@ def partition_bounds(period: str) -> tuple[int, int]:
     return start + 1, end + 1
 
 
-def _params(dsn: str) -> dict[str, str]:
-    try:
-        params = conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        # psycopg's message quotes the DSN, which may hold a password: say less.
-        raise ConfigError("the PostgreSQL DSN is malformed (key=value pairs or a URI)") from None
-    return {k: str(v) for k, v in params.items() if v is not None}
-
-
-def check_dsn(dsn: str) -> str:
-    """`dsn` if it holds no password: one on the command line is readable by every local user."""
-    if _params(dsn).get("password"):
-        raise ConfigError(
-            "the PostgreSQL DSN holds a password: put it in PGPASSFILE (~/.pgpass) or in a "
-            "file given with --dsn-file (mode 0600), not on the command line"
-        )
-    return dsn
-
-
-def redacted(dsn: str) -> str:
-    """`dsn` without its password, fit for logs and error messages."""
-    params = _params(dsn)
-    params.pop("password", None)
-    return conninfo.make_conninfo("", **params)
-
-
 class HubStore:
     """The hub's PostgreSQL database, written by one collector process (async psycopg)."""
 
     def __init__(self, conn: psycopg.AsyncConnection[Any], dsn: str) -> None:
         self._conn = conn
         self._dsn = redacted(dsn)
-        self._password = _params(dsn).get("password")
+        self._dsn_full = dsn
         self._months: set[str] = set()
 
     @classmethod
     async def connect(cls, dsn: str) -> HubStore:
         """Connect and create the schema if missing; errors never show a password."""
-        password = _params(dsn).get("password")
         try:
             conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
         except psycopg.Error as err:
             raise ConfigError(
-                f"cannot connect to PostgreSQL ({redacted(dsn)}): {_scrub(str(err), password)}"
+                f"cannot connect to PostgreSQL ({redacted(dsn)}): {scrub(str(err), dsn)}"
             ) from None
         store = cls(conn, dsn)
         async with conn.transaction():
@@ -211,8 +185,7 @@ class HubStore:
                     await cur.executemany(_EVENT, events)
         except psycopg.Error as err:
             raise StreamError(
-                f"PostgreSQL ({self._dsn}) did not store a batch: "
-                f"{_scrub(str(err), self._password)}"
+                f"PostgreSQL ({self._dsn}) did not store a batch: {scrub(str(err), self._dsn_full)}"
             ) from err
         return new_rows
 
@@ -227,7 +200,3 @@ class HubStore:
         """The newest seq stored per (gateway, epoch)."""
         cur = await self._conn.execute(f"SELECT gw, epoch, seq FROM {SCHEMA}.progress")
         return {(str(r[0]), str(r[1])): int(r[2]) for r in await cur.fetchall()}
-
-
-def _scrub(text: str, password: str | None) -> str:
-    return text.replace(password, "***") if password else text

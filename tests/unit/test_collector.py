@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -275,3 +276,69 @@ def test_a_collector_database_from_before_epochs_is_carried_over(
         assert st.epochs("gw1") == ["", "E1"]
     finally:
         st.close()
+
+
+def test_collectors_started_together_on_one_database_store_everything_once(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    import psycopg
+    from psycopg import conninfo
+
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute("CREATE DATABASE together")
+    dsn = conninfo.make_conninfo(postgres_dsn, dbname="together")
+    svc = loopback_service(tmp_path / "state", snapshot_every=1000)
+    expected = {"s1": 0, "s2": 0}
+    for _ in range(40):
+        expected["s1"] += 3
+        expected["s2"] += 5
+        svc.publish(
+            interval(svc.last_seq * 1000 + 1000, [1, 2], [3, 5], list(expected.values())), {}
+        )
+    start = threading.Barrier(4)
+    failures: list[BaseException] = []
+
+    def collector() -> None:
+        try:
+            start.wait()
+            store = UsageStore.postgres(dsn)  # all four create the tables at once
+            try:
+                with UsageClient(svc.usage_endpoint, svc.replay_endpoint, gateway_id="gw1") as c:
+                    collect(c, store, idle_timeout_ms=500)
+            finally:
+                store.close()
+        except BaseException as err:
+            failures.append(err)
+
+    threads = [threading.Thread(target=collector) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        svc.close()
+    assert failures == []
+    check = UsageStore.postgres(dsn)
+    try:
+        assert check.last_seq("gw1") == 40
+        assert check.totals("gw1") == {k: (v, 2 * v) for k, v in expected.items()}
+        (s1,) = [r for r in check.report(0, 10**12) if r.sub == "s1"]
+        assert s1.up == expected["s1"]  # every interval once, whichever collector stored it
+    finally:
+        check.close()
+
+
+def test_a_password_never_goes_on_the_command_line_nor_into_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from desanet.gateway.cli import main
+
+    assert main(["collect", "--dsn", "host=/nowhere password=hunter2", "--report", "2026-11"]) == 2
+    err = capsys.readouterr().err
+    assert "PGPASSFILE" in err and "hunter2" not in err
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text("host=/nowhere port=1 dbname=x user=billing password=hunter2\n")
+    assert main(["collect", "--dsn-file", str(dsn_file), "--report", "2026-11"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot connect to PostgreSQL" in err and "hunter2" not in err

@@ -24,12 +24,12 @@ from desanet.errors import ConfigError, StreamError
 from desanet.gateway.cli import main
 from desanet.meter import fleet
 from desanet.meter.collector import month_bounds_ms
+from desanet.meter.dsn import check_no_password
 from desanet.meter.fleet_collect import decode_stored
 from desanet.meter.fleet_store import (
     REPORT_SQL,
     HubStore,
     StoredUsage,
-    check_dsn,
     partition_bounds,
 )
 from desanet.meter.wire import decode_usage, encode_usage
@@ -149,7 +149,7 @@ def test_the_dsn_password_is_never_in_argv_or_errors(
 ) -> None:
     app = pg.dsn_for("hubapp", "hub")
     with pytest.raises(ConfigError, match="PGPASSFILE") as refused:
-        check_dsn(f"{app} password={PASSWORD}")
+        check_no_password(f"{app} password={PASSWORD}")
     assert PASSWORD not in str(refused.value)
     argv = ["hub", "collect", "--dsn", f"{app} password={PASSWORD}", "--report", "2026-11"]
     assert main(argv) == 2

@@ -16,11 +16,15 @@ from desanet.ebpf import abi, bpffs
 from desanet.gateway.config import Config
 from desanet.gateway.control import ControlEndpoint
 from desanet.gateway.datapath_commands import SpawnedDatapath
-from desanet.gateway.parts import Parts
+from desanet.gateway.parts import OutboundPort, Parts
 from desanet.gateway.roles import Roles
+from desanet.meter.fleet import FleetConnection, gateway_inbox
+from desanet.meter.fleet_forward import Forwarder, ForwarderConfig
 from desanet.meter.poll import CounterReader, CounterSource
 from desanet.meter.service import MeterService, StreamConfig
 from desanet.shaper.apply import Shaper, upload_ifb_name
+
+FLEET_CURSOR = "fleet-cursor.json"  # the last seq the hub acknowledged, in state_dir
 
 # What builds the parts: `production_parts`, or a test's fakes.
 Compose = Callable[[Config, Roles, Mapping[int, str]], Parts]
@@ -44,6 +48,7 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
     )
     try:
         endpoint = ControlEndpoint(config.control.endpoint, roles.control)
+        outbound = outbound_parts(config, meter)
     except BaseException:
         meter.close()
         raise
@@ -61,7 +66,33 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
         endpoint=endpoint,
         open_counters=lambda: open_counters(config),
         clock=steady_clock(meter),
+        outbound=outbound,
     )
+
+
+def outbound_parts(config: Config, meter: MeterService) -> list[OutboundPort]:
+    """The journal's consumers the configuration asks for: the fleet forwarder with `[fleet]`.
+
+    Bad credentials or CA files are refused here, before the kernel is touched.
+    """
+    if config.fleet is None:
+        return []
+    fleet = config.fleet
+    connection = FleetConnection(
+        fleet.servers,
+        fleet.credentials,
+        config.gateway_id,
+        gateway_inbox(config.gateway_id),
+        fleet.ca,
+    )
+    forwarder = Forwarder(
+        config.gateway_id,
+        meter.journal,
+        config.state_dir / FLEET_CURSOR,
+        connection,
+        ForwarderConfig(window=fleet.window),
+    )
+    return [forwarder]
 
 
 def steady_clock(meter: MeterService, **sources: Any) -> SteadyClock:

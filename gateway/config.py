@@ -83,6 +83,16 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """The district hub the gateway forwards its journal to (docs/fleet.md)."""
+
+    servers: tuple[str, ...]
+    credentials: Path
+    ca: Path | None = None
+    window: int = 1024
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     """What happens to forwarded traffic of addresses and MACs no subscriber owns.
 
@@ -118,6 +128,7 @@ class Config:
     settle_ms: int = 2_000
     # A subscriber gone from the file keeps its slot and control state this long.
     grace_ms: int = 7 * 86_400_000
+    fleet: FleetConfig | None = None  # absent: no forwarding, the local endpoints only
 
 
 _SCHEMA: dict[str, tuple[set[str], set[str]]] = {
@@ -145,6 +156,7 @@ _SCHEMA: dict[str, tuple[set[str], set[str]]] = {
     "metrics": (set(), {"listen", "allow_remote"}),
     "subscribers": ({"file"}, {"settle", "grace"}),
     "policy": (set(), {"unprovisioned", "wall_down", "wall_up", "allow_share"}),
+    "fleet": ({"servers", "credentials"}, {"ca", "window"}),
 }
 _REQUIRED_SECTIONS = ("gateway", "link", "publish", "subscribers")
 
@@ -340,6 +352,33 @@ def _build(doc: Mapping[str, Any], loc: _Located, path: Path) -> Config:
         settle_ms=int(settle_ms),
         grace_ms=int(grace_ms),
         policy=_policy(doc, loc, get, parsed),
+        fleet=_fleet(doc, loc, base, get) if "fleet" in doc else None,
+    )
+
+
+def _fleet(
+    doc: Mapping[str, Any], loc: _Located, base: Path, get: Callable[..., Any]
+) -> FleetConfig:
+    servers = doc["fleet"].get("servers")
+    if not isinstance(servers, list) or not servers:
+        raise loc.error("fleet", "servers", 'a list of hub servers, e.g. ["tls://hub-1:4222"]')
+    for server in servers:
+        scheme, _, rest = str(server).partition("://")
+        try:
+            if scheme not in ("tls", "nats") or not isinstance(server, str):
+                raise ValidationError(f"{server!r}: use tls://host:port (or nats://host:port)")
+            parse_host_port(rest)
+        except ValidationError as err:
+            raise loc.error("fleet", "servers", str(err)) from None
+    window = get("fleet", "window", int, 1024)
+    if not 1 <= window <= 65_536:
+        raise loc.error("fleet", "window", f"{window} must be 1 to 65536 publishes in flight")
+    ca = doc["fleet"].get("ca")
+    return FleetConfig(
+        servers=tuple(servers),
+        credentials=base / get("fleet", "credentials", str),
+        ca=base / get("fleet", "ca", str) if ca is not None else None,
+        window=window,
     )
 
 

@@ -88,6 +88,17 @@ class ControlPort(Protocol):
     def close(self) -> None: ...
 
 
+class OutboundPort(Protocol):
+    """A consumer of the journal in its own thread (the fleet forwarder): the journal is its
+    outbox, so the service only starts it, wakes it after each journaled message, stops it."""
+
+    def start(self) -> None: ...
+
+    def notify(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 @dataclass
 class Parts:
     """Everything the service drives; `open_counters` is called once the datapath is attached."""
@@ -98,3 +109,4 @@ class Parts:
     endpoint: ControlPort
     open_counters: Callable[[], CounterSource]
     clock: Clock
+    outbound: Sequence[OutboundPort] = ()

@@ -166,6 +166,8 @@ class GatewayService:
                 self.delivered.restore(delivered_state)
         self._poller = Poller(self.delivered, self.aggregator)
         self._resync(self._initial_plan)
+        for consumer in parts.outbound:
+            consumer.start()  # it catches up from its own cursor in the journal
         if cfg.metrics_listen is not None:
             serve(self.collector, *cfg.metrics_listen)
         self._next_tick_s = parts.clock.monotonic_s() + cfg.interval_ms / 1000
@@ -189,6 +191,11 @@ class GatewayService:
 
     def _close_parts(self) -> None:
         if self._parts is not None:
+            for consumer in self._parts.outbound:
+                try:
+                    consumer.stop()  # it goes on from its cursor at the next start
+                except DesanetError as err:
+                    log.error("%s", err)
             self._parts.endpoint.close()
             self._parts.meter.close()
         if self._poller is not None:
@@ -343,6 +350,8 @@ class GatewayService:
                 "publish",
                 lambda: self.outbox.publish(self.parts.meter, interval, self._state, self._drops),
             )
+            for consumer in self.parts.outbound:
+                consumer.notify()
         if self._resync_due:
             guard("shaper", self._resync)
         elif self.applier.not_applied and shaped is False:

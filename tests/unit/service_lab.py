@@ -21,6 +21,7 @@ import numpy.typing as npt
 from desanet.clock import Clock
 from desanet.ebpf.datapath import Provision
 from desanet.errors import ControlError, ShaperError
+from desanet.gateway.compose import outbound_parts
 from desanet.gateway.config import Config
 from desanet.gateway.control import ControlEndpoint, request, request_many
 from desanet.gateway.parts import Parts
@@ -230,6 +231,7 @@ class Lab:
             endpoint=ControlEndpoint(config.control.endpoint, roles.control),
             open_counters=lambda: FakeCounters(self.datapath),
             clock=self.make_clock(self.meter),
+            outbound=outbound_parts(config, self.meter),
         )
 
     def service(self) -> GatewayService:

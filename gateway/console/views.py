@@ -247,7 +247,8 @@ def events(items: Iterable[StreamEvent | Mapping[str, Any]]) -> list[EventLine]:
         if isinstance(item, StreamEvent):
             t_ms, sub, kind = item.t_ms, item.sub, item.kind
         else:
-            t_ms, sub, kind = int(item.get("t_ms", 0)), str(item.get("sub")), str(item.get("kind"))
+            # The status file holds the service's events as UsageEvent fields (t in ms).
+            t_ms, sub, kind = int(item.get("t", 0)), str(item.get("sub")), str(item.get("kind"))
         out.append(EventLine(fmt.when(t_ms), sub, str(EVENT_LABELS.get(kind, kind))))
     return out
 

@@ -26,6 +26,7 @@ from desanet.gateway.console.users import UserStore
 from desanet.gateway.control import ControlEndpoint
 from desanet.gateway.status import StatusSnapshot, SubscriberStatus, write_snapshot
 from desanet.meter.keys import ClientSecurity, ServerSecurity
+from desanet.meter.wire import UsageEvent
 
 HEADER = "id,name,prefixes,down_min,down_max,up_min,up_max,quota\n"
 LINK = LinkConfig(down_bps=20_000_000, up_bps=5_000_000)
@@ -72,7 +73,7 @@ def write_gateway(folder: Path, n: int, t_ms: int) -> tuple[Path, Path]:
             leaf_in_use="fq_codel",
             seq=7,
             subscribers=[status_row(i, 1_000_000.0 * (i % 7)) for i in range(1, n + 1)],
-            events=[{"t_ms": t_ms - 1000, "sub": "s1", "kind": "suspend", "detail": "now x"}],
+            events=[UsageEvent(t_ms - 1000, "s1", "suspend", "now x")._asdict()],
         ),
     )
     return state, subs

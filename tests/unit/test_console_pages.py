@@ -77,6 +77,17 @@ def test_numbers_follow_the_language(cut: ConsoleUnderTest) -> None:
     assert "6,6 MB dari 50 GB" in texts["id"] and "6.6 MB of 50 GB" in texts["en"]
 
 
+def test_recent_events_show_when_they_happened(tmp_path: Path, control: RecordingEndpoint) -> None:
+    # 2026-11-25 03:04:05 UTC (10.04 in Jakarta); the service's event a second earlier.
+    built = build(tmp_path, control, t_ms=1_795_575_845_000)
+    built.add_user("vera", "viewer")
+    client = built.client()
+    client.environ_base["HTTP_ACCEPT_LANGUAGE"] = "en"
+    login(client, "vera")
+    home = client.get("/", base_url=HTTPS).get_data(as_text=True)
+    assert "11/25/26, 10:04" in home and "1/1/70" not in home
+
+
 def test_table_searches_sorts_and_pages_on_the_server(cut: ConsoleUnderTest) -> None:
     client = cut.client()
     login(client, "otto")

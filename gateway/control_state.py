@@ -96,7 +96,7 @@ class ControlState:
 
     def open(self) -> None:
         """Open the database for writing (created 0600 if missing), migrating an old journal."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         created = not self.path.exists()
         if created:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE))
@@ -183,6 +183,8 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
 
 def _connect(path: Path) -> sqlite3.Connection:
     try:
+        # Made private before SQLite opens it: its -wal and -shm files take the same mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE))
         db = sqlite3.connect(path, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk when it returns (NORMAL may lose the last ones in a crash).

@@ -380,7 +380,7 @@ class SlotTable:
 
     def save(self, path: Path) -> None:
         """Write the table atomically (a crash leaves the old or the new file, never half)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         table = {
             "high_water": self.high_water,
             "slots": dict(self.slots),

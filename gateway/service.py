@@ -126,7 +126,8 @@ class GatewayService:
     def start(self) -> None:
         """Lock the state directory, bind the endpoints, shape, attach, provision, serve."""
         cfg = self.config
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        # The state holds every subscriber's usage: the service's alone, whatever the umask.
+        cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock.acquire()
         try:
             self._start()

@@ -108,7 +108,7 @@ class Journal:
         self._segments: list[_Segment] = []
         self._fd: int | None = None
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as err:
             raise StreamError(f"cannot create journal directory {self.directory}: {err}") from err
         self._load(epoch)

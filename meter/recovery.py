@@ -329,8 +329,8 @@ def _switch(
         raise StreamError("a new epoch needs an epoch id")
     new = state_dir / f"{STREAM_DIR}.new"
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        new.mkdir()
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        new.mkdir(mode=0o700)
         Journal.create(new / "journal", epoch, retention).close()
         for name in CHECKPOINT_NAMES:
             carried.save(new / name, gateway_id)
@@ -340,7 +340,7 @@ def _switch(
         if files is not None:
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
             aside = state_dir / "replaced" / f"{stamp}-before-{epoch}"
-            aside.mkdir(parents=True)
+            aside.mkdir(mode=0o700, parents=True)
             for path in files.moved:
                 if path.exists():
                     os.replace(path, aside / path.name)

@@ -16,6 +16,7 @@ from desanet.cython_ext.usage import UsageInterval
 from desanet.ebpf.datapath import Provision
 from desanet.meter.delivered import SentStats
 from desanet.meter.poll import CounterSource
+from desanet.meter.service import StreamStats
 from desanet.meter.state import StateArrays
 from desanet.meter.wire import UsageEvent
 from desanet.shaper.apply import ApplyResult
@@ -69,6 +70,8 @@ class UsageStream(Protocol):
         drops: Mapping[str, tuple[int, int]] | None = None,
     ) -> int: ...
 
+    def stats(self) -> StreamStats: ...
+
     def close(self) -> None: ...
 
 
@@ -97,6 +100,10 @@ class OutboundPort(Protocol):
     def notify(self) -> None: ...
 
     def stop(self) -> None: ...
+
+    def progress(self) -> dict[str, Any]:
+        """`name`, `acked_seq` (every message up to it delivered), `connected`, `error`."""
+        ...
 
 
 @dataclass

@@ -428,6 +428,8 @@ class GatewayService:
             events=self.events,
             unprovisioned=status.unprovisioned(totals, self._drops),
             failures=dict(self.faults.counts),
+            journal=status.journal_use(self.parts.meter.stats()),
+            outbound=[consumer.progress() for consumer in self.parts.outbound],
         )
         # Metrics first: they still see the snapshot when the status file cannot be written.
         self.collector.update(snapshot)

@@ -24,6 +24,7 @@ from desanet.gateway.control_record import SubscriberControl
 from desanet.gateway.enforcement import Enforced, quota_in_force
 from desanet.gateway.quota import usage_bytes, used_in_period
 from desanet.gateway.registry import Subscriber
+from desanet.meter.service import StreamStats
 from desanet.units import format_bytes, format_rate
 
 STATUS_FILE = "status.json"
@@ -102,6 +103,10 @@ class StatusSnapshot:
     unprovisioned: dict[str, int] = field(default_factory=dict)
     # Failed attempts of the service loop's steps since start, by step (each retried).
     failures: dict[str, int] = field(default_factory=dict)
+    # The usage journal: bytes held, its retention's max_bytes, the oldest seq it still holds.
+    journal: dict[str, int] = field(default_factory=dict)
+    # Consumers of the journal in the gateway (the fleet forwarder): name, acked_seq, ...
+    outbound: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def down_bps(self) -> float:
@@ -112,6 +117,16 @@ class StatusSnapshot:
     def up_bps(self) -> float:
         """Upload rate of the whole link."""
         return sum(s.up_bps for s in self.subscribers)
+
+
+def journal_use(stats: StreamStats) -> dict[str, int]:
+    """The journal's part of the status: how full it is and the seqs it still holds."""
+    return {
+        "bytes": stats.journal_bytes,
+        "max_bytes": stats.journal_max_bytes,
+        "first_seq": stats.journal_first_seq,
+        "last_seq": stats.seq,
+    }
 
 
 def unprovisioned(

@@ -146,6 +146,16 @@ class Forwarder:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the forwarder stopped
             self._loop.call_soon_threadsafe(self._wake.set)
 
+    def progress(self) -> dict[str, Any]:
+        """For the service's status file: the last seq the hub acknowledged, and the link."""
+        status = self.status()
+        return {
+            "name": "fleet",
+            "acked_seq": status.acked_seq,
+            "connected": status.connected,
+            "error": status.last_error or "",
+        }
+
     def status(self) -> ForwarderStatus:
         """A snapshot of the forwarder's status."""
         with self._status_lock:

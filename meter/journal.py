@@ -304,6 +304,11 @@ class Journal:
             raise StreamError(f"cannot open journal segment {seg.path}: {err}") from err
         return self._fd
 
+    @property
+    def size_bytes(self) -> int:
+        """Bytes the journal's segments hold now (retention keeps it under its max_bytes)."""
+        return sum(seg.size for seg in self._segments)
+
     def read(self, seq: int, limit: int, max_bytes: int = 8 << 20) -> list[tuple[int, bytes]]:
         """Up to `limit` (seq, message) pairs from `seq` on, as they were published.
 

@@ -79,6 +79,9 @@ class StreamStats:
     replay_dropped_replies: int
     connections: dict[str, int]
     refused_connections: dict[str, int]
+    journal_bytes: int = 0  # what the journal holds now, against its retention's max_bytes
+    journal_max_bytes: int = 0
+    journal_first_seq: int = 0
 
 
 class MeterService:
@@ -362,6 +365,9 @@ class MeterService:
             server.dropped_replies if server is not None else 0,
             {x.name: x.connections for x in limiters},
             {x.name: x.refused for x in limiters},
+            self.journal.size_bytes,
+            self.journal.retention.max_bytes,
+            self.journal.first_seq,
         )
 
     def _save_checkpoint(self) -> None:

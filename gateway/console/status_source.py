@@ -50,6 +50,8 @@ class SnapshotView(Protocol):
     seq: int
     warnings: list[str]
     events: list[dict[str, Any]]
+    journal: dict[str, int]
+    outbound: list[dict[str, Any]]
 
     @property
     def subscribers(self) -> Sequence[RowView]: ...

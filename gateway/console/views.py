@@ -21,7 +21,12 @@ from desanet.gateway.console.history import DayUsage, StreamEvent
 from desanet.gateway.console.status_source import (
     SATURATED_FOR_S as SATURATED_ALERT_S,
 )
-from desanet.gateway.console.status_source import Reading, RowView, StatusSource
+from desanet.gateway.console.status_source import (
+    Reading,
+    RowView,
+    SnapshotView,
+    StatusSource,
+)
 from desanet.gateway.registry import Subscriber
 
 PAGE_SIZE = 50
@@ -267,6 +272,35 @@ class Alert:
     text: str
 
 
+# The journal this full warns that billing may soon get only totals for the oldest intervals.
+JOURNAL_FULL_ALERT = 0.8
+# The hub this many messages behind (ten minutes at a 1 s interval) warns that billing is behind.
+BEHIND_ALERT_MESSAGES = 600
+
+
+def _backlog_alerts(snap: SnapshotView) -> list[Alert]:
+    """The journal nearly full, billing (the district hub) far behind the journal."""
+    out = []
+    held, most = snap.journal.get("bytes", 0), snap.journal.get("max_bytes", 0)
+    if most and held >= JOURNAL_FULL_ALERT * most:
+        share = fmt.number(round(100 * held / most))
+        text = _l(
+            "The usage journal is %(share)s%% full: its oldest intervals go first, and billing "
+            "that has not fetched them gets their totals only.",
+            share=share,
+        )
+        out.append(Alert("warning", str(text)))
+    for consumer in snap.outbound:
+        behind = snap.seq - int(consumer.get("acked_seq", 0))
+        if behind >= BEHIND_ALERT_MESSAGES:
+            text = _l(
+                "Billing is behind: the district hub lacks the newest %(count)s usage messages.",
+                count=fmt.number(behind),
+            )
+            out.append(Alert("warning", str(text)))
+    return out
+
+
 def alerts(
     status: StatusSource,
     reading: Reading,
@@ -314,6 +348,7 @@ def alerts(
             )
         )
     if reading.snapshot is not None:
+        out.extend(_backlog_alerts(reading.snapshot))
         out.extend(
             Alert("warning", str(_l("The gateway warns: %(text)s", text=w)))
             for w in reading.snapshot.warnings
@@ -327,6 +362,7 @@ class SubscriberPage:
 
     row: Row
     addresses: list[str]
+    macs: list[str]  # the devices' MACs the subscriber is bound to (or followed by)
     plan_override: bool
     suspended: bool
     days: list[tuple[str, str, str]]
@@ -361,6 +397,7 @@ def subscriber_page(
     return SubscriberPage(
         row=shown,
         addresses=list(declared.prefixes) if declared else [],
+        macs=list(declared.macs) if declared else [],
         plan_override=override,
         suspended=shown.state.startswith("suspended"),
         days=[(fmt.day(d.day), fmt.size(d.down), fmt.size(d.up)) for d in reversed(days)],

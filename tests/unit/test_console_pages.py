@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from desanet.gateway.status import read_snapshot, write_snapshot
 from tests.unit.console_helpers import (
+    HEADER,
     HTTPS,
     ConsoleUnderTest,
     RecordingEndpoint,
@@ -17,6 +20,7 @@ from tests.unit.console_helpers import (
     login,
     post,
     serve_control,
+    subscriber_row,
 )
 
 pytestmark = pytest.mark.unit
@@ -223,3 +227,78 @@ def test_an_admin_adds_re_roles_and_removes_users_but_never_the_last_admin(
     assert [u.name for u in cut.console.users.all()] == ["alice", "otto"]
     log = [(e.user, e.action, e.target) for e in cut.console.users.audit_log() if e.user == "alice"]
     assert ("alice", "user_add", "budi") in log and ("alice", "user_remove", "budi") in log
+
+
+def test_home_warns_of_a_full_journal_and_billing_behind(
+    tmp_path: Path, control: RecordingEndpoint
+) -> None:
+    built = build(tmp_path, control)
+    state = tmp_path / "gateway-state"
+    snap = read_snapshot(state)
+    journal = {"bytes": 900 << 20, "max_bytes": 1 << 30, "first_seq": 1, "last_seq": 7000}
+    write_snapshot(
+        state,
+        replace(snap, seq=7000, journal=journal, outbound=[{"name": "fleet", "acked_seq": 4000}]),
+    )
+    built.add_user("vera", "viewer")
+    pages = {}
+    for language in ("en", "id"):
+        client = built.client()
+        client.environ_base["HTTP_ACCEPT_LANGUAGE"] = language
+        login(client, "vera")
+        pages[language] = client.get("/", base_url=HTTPS).get_data(as_text=True)
+    assert "The usage journal is 88% full" in pages["en"]
+    assert "lacks the newest 3,000 usage messages" in pages["en"]
+    assert "Jurnal pemakaian sudah 88% penuh" in pages["id"]
+    assert "belum menerima 3.000 pesan pemakaian" in pages["id"]
+
+
+def test_a_subscribers_page_shows_the_macs_it_is_bound_to(
+    tmp_path: Path, control: RecordingEndpoint
+) -> None:
+    built = build(tmp_path, control)
+    rows = [subscriber_row(1) + ",02:00:00:aa:bb:01", subscriber_row(2) + ","]
+    built.subscribers.write_text(HEADER.rstrip("\n") + ",mac\n" + "\n".join(rows) + "\n")
+    built.add_user("vera", "viewer")
+    client = built.client()
+    client.environ_base["HTTP_ACCEPT_LANGUAGE"] = "id"
+    login(client, "vera")
+    page = client.get("/subscribers/s1", base_url=HTTPS).get_data(as_text=True)
+    assert "Alamat MAC" in page and "02:00:00:aa:bb:01" in page
+    other = client.get("/subscribers/s2", base_url=HTTPS).get_data(as_text=True)
+    assert "Alamat MAC" not in other
+
+
+def test_editing_and_adding_keep_the_mac_column(tmp_path: Path, control: RecordingEndpoint) -> None:
+    built = build(tmp_path, control)
+    rows = [subscriber_row(1) + ",02:00:00:aa:bb:01", subscriber_row(2) + ","]
+    built.subscribers.write_text(HEADER.rstrip("\n") + ",mac\n" + "\n".join(rows) + "\n")
+    built.add_user("otto", "operator")
+    client = built.client()
+    login(client, "otto")
+    page = client.get("/subscribers/s1/edit", base_url=HTTPS).get_data(as_text=True)
+    version = re.search(r'name="version" type="hidden" value="([^"]+)"', page)
+    assert version
+    form = {
+        "csrf_token": csrf_token(page),
+        "version": version.group(1),
+        "id": "s1",
+        "name": "Renamed",
+        "prefixes": "10.77.0.11",
+        "down_min": "100kbit",
+        "down_max": "8mbit",
+        "up_min": "32kbit",
+        "up_max": "2mbit",
+        "quota": "50GB",
+    }
+    assert post(client, "/subscribers/s1/edit", form).status_code == 302
+    page = client.get("/subscribers/new", base_url=HTTPS).get_data(as_text=True)
+    version = re.search(r'name="version" type="hidden" value="([^"]+)"', page)
+    assert version
+    added = {**form, "version": version.group(1), "csrf_token": csrf_token(page)}
+    added |= {"id": "s9", "name": "New", "prefixes": "10.77.0.99"}
+    assert post(client, "/subscribers/new", added).status_code == 302
+    lines = built.subscribers.read_text().splitlines()
+    assert lines[0].endswith(",mac")
+    assert lines[1] == "s1,Renamed,10.77.0.11,100kbit,8mbit,32kbit,2mbit,50GB,02:00:00:aa:bb:01"
+    assert lines[-1].startswith("s9,New,10.77.0.99,") and lines[-1].endswith(",")

@@ -139,8 +139,7 @@ def journal_bytes_per_interval(
             service.publish(
                 UsageInterval(t1 - 1000, t1, ids, up, down, pkts, pkts, totals[0], totals[1]), {}
             )
-        size = sum(p.stat().st_size for p in (directory / "journal").glob("*.seg"))
-        return size / service.last_seq
+        return service.journal.size_bytes / service.last_seq
     finally:
         service.close()
 

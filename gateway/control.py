@@ -32,7 +32,8 @@ MAX_REQUEST_BYTES = 4096
 # Requests answered as one batch at most (one transaction, one shaper apply:
 # about 50 ms of work at 10,000 subscribers, benchmarks/control.py).
 MAX_BATCH = 256
-LIMITS = EndpointLimits(MAX_REQUEST_BYTES, max_connections=64, receive_hwm=MAX_BATCH)
+# A peer may queue a few batches (4 KiB each at most, authenticated peers only).
+LIMITS = EndpointLimits(MAX_REQUEST_BYTES, max_connections=64, receive_hwm=4 * MAX_BATCH)
 
 BatchHandler = Callable[[Sequence[object]], Sequence[dict[str, Any]]]
 

@@ -2,7 +2,7 @@
 
 Every error is a `ConfigError` naming the file, the line and the field, so an
 operator can fix it without reading code ("gateway.toml:7: [link] down: rate
-'20mbps' ..."). Nothing here touches the kernel. (A little over 400 lines:
+'20mbps' ..."). Nothing here touches the kernel. (Over 400 lines:
 every section's checks stand beside the schema, so a field's rule and its
 error message are found together.)
 """

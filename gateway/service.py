@@ -12,7 +12,7 @@ requests, a batch at a time, each batch one transaction and one incremental
 shaper apply. SIGHUP or a changed subscribers file: once the file is complete
 and settled, re-read it and apply only the difference. SIGTERM: flush the last
 usage, close the journals, leave the datapath and the shaping in place.
-(A little over 400 lines: every step the service takes is ordered here, and
+(Over 400 lines: every step the service takes is ordered here, and
 nowhere else.)
 """
 

@@ -2,7 +2,8 @@
 
 Search, sort and paging of the subscribers table happen here, on the
 server, over the cached status: a page renders the rows it shows, never all
-of them.
+of them. (A little over 400 lines: every page's view of the status, one
+place where the console decides what an operator sees.)
 """
 
 from __future__ import annotations

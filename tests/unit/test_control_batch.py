@@ -6,8 +6,7 @@ of tests/unit/service_lab.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from desanet.gateway.control_record import SubscriberControl
 from desanet.gateway.control_state import ControlState
 from desanet.gateway.service import GatewayService
 from desanet.shaper.plan import classids_for_slot
-from tests.unit.service_lab import S1, S2, S3, Lab, control, control_many
+from tests.unit.service_lab import Lab, control, control_many
 
 pytestmark = pytest.mark.unit
 
@@ -26,22 +25,6 @@ UP = {"up_min": "256kbit", "up_max": "2mbit"}
 
 def plan(sub: str, down_min: str, down_max: str) -> dict[str, Any]:
     return {"op": "plan", "sub": sub, "down_min": down_min, "down_max": down_max, **UP}
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    yield Lab(tmp_path)
-
-
-@pytest.fixture
-def running(lab: Lab) -> Iterator[GatewayService]:
-    lab.write(S1, S2, S3)
-    service = lab.service()
-    service.start()
-    try:
-        yield service
-    finally:
-        service.close()
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ be read, a shaper refusing requests), on tests/unit/service_lab.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,25 +19,9 @@ from desanet.gateway.faults import Outbox
 from desanet.gateway.service import GatewayService
 from desanet.gateway.status import read_snapshot
 from desanet.meter.wire import UsageEvent
-from tests.unit.service_lab import S1, S2, S3, Lab, control
+from tests.unit.service_lab import Lab, control
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    yield Lab(tmp_path)
-
-
-@pytest.fixture
-def running(lab: Lab) -> Iterator[GatewayService]:
-    lab.write(S1, S2, S3)
-    service = lab.service()
-    service.start()
-    try:
-        yield service
-    finally:
-        service.close()
 
 
 def test_unreadable_counters_are_retried_and_no_byte_is_lost(

@@ -8,8 +8,6 @@ billing would receive.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,22 +33,6 @@ from tests.unit.service_lab import (
 )
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    yield Lab(tmp_path)
-
-
-@pytest.fixture
-def running(lab: Lab) -> Iterator[GatewayService]:
-    lab.write(S1, S2, S3)
-    service = lab.service()
-    service.start()
-    try:
-        yield service
-    finally:
-        service.close()
 
 
 def test_reload_applies_added_removed_and_readdressed(lab: Lab, running: GatewayService) -> None:

@@ -6,9 +6,6 @@ new quota month nor lifts a throttle. On tests/unit/service_lab.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from desanet.ebpf.abi import SLOT_BLOCKED
@@ -21,22 +18,6 @@ pytestmark = pytest.mark.unit
 
 DAY_S = 86_400
 JAN_2000 = 946_684_800_000
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    yield Lab(tmp_path)
-
-
-@pytest.fixture
-def running(lab: Lab) -> Iterator[GatewayService]:
-    lab.write(S1, S2, S3)
-    service = lab.service()
-    service.start()
-    try:
-        yield service
-    finally:
-        service.close()
 
 
 def ids(lab: Lab) -> list[str]:

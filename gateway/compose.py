@@ -17,6 +17,7 @@ from desanet.gateway.config import Config
 from desanet.gateway.control import ControlEndpoint
 from desanet.gateway.datapath_commands import SpawnedDatapath
 from desanet.gateway.parts import OutboundPort, Parts
+from desanet.gateway.radius_part import RadiusPart
 from desanet.gateway.roles import Roles
 from desanet.meter.fleet import FleetConnection, gateway_inbox
 from desanet.meter.fleet_forward import Forwarder, ForwarderConfig
@@ -48,7 +49,8 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
     )
     try:
         endpoint = ControlEndpoint(config.control.endpoint, roles.control)
-        outbound = outbound_parts(config, meter)
+        radius = radius_part(config, meter)
+        outbound = [*outbound_parts(config, meter), *([radius] if radius else [])]
     except BaseException:
         meter.close()
         raise
@@ -67,6 +69,7 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
         open_counters=lambda: open_counters(config),
         clock=steady_clock(meter),
         outbound=outbound,
+        radius=radius,
     )
 
 
@@ -93,6 +96,13 @@ def outbound_parts(config: Config, meter: MeterService) -> list[OutboundPort]:
         ForwarderConfig(window=fleet.window),
     )
     return [forwarder]
+
+
+def radius_part(config: Config, meter: MeterService) -> RadiusPart | None:
+    """With `[radius]`: accounting from the journal and the CoA listener (secrets read, bound)."""
+    if config.radius is None:
+        return None
+    return RadiusPart(config, config.radius, meter.journal)
 
 
 def steady_clock(meter: MeterService, **sources: Any) -> SteadyClock:

@@ -9,6 +9,7 @@ error message are found together.)
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 import tomllib
@@ -93,6 +94,30 @@ class FleetConfig:
 
 
 @dataclass(frozen=True)
+class CoaClientConfig:
+    """A billing server allowed to send Disconnect/CoA requests, and its secret's file."""
+
+    address: str  # an address or a prefix
+    secret_file: Path
+
+
+@dataclass(frozen=True)
+class RadiusConfig:
+    """RADIUS accounting servers and the dynamic authorization listener (docs/radius.md).
+
+    The secrets stay in their files (mode 0600) until the service reads them.
+    """
+
+    servers: tuple[tuple[str, int], ...]  # primary first
+    secret_file: Path
+    interim_ms: int = 300_000
+    nas_ip: str = ""  # empty: the gateway's address towards the primary server
+    coa_listen: tuple[str, int] | None = None  # None: no dynamic authorization
+    coa_clients: tuple[CoaClientConfig, ...] = ()
+    disconnect: str | None = None  # None: the [control] suspend mode
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     """What happens to forwarded traffic of addresses and MACs no subscriber owns.
 
@@ -129,6 +154,7 @@ class Config:
     # A subscriber gone from the file keeps its slot and control state this long.
     grace_ms: int = 7 * 86_400_000
     fleet: FleetConfig | None = None  # absent: no forwarding, the local endpoints only
+    radius: RadiusConfig | None = None  # absent: no RADIUS accounting or CoA
 
 
 _SCHEMA: dict[str, tuple[set[str], set[str]]] = {
@@ -157,6 +183,10 @@ _SCHEMA: dict[str, tuple[set[str], set[str]]] = {
     "subscribers": ({"file"}, {"settle", "grace"}),
     "policy": (set(), {"unprovisioned", "wall_down", "wall_up", "allow_share"}),
     "fleet": ({"servers", "credentials"}, {"ca", "window"}),
+    "radius": (
+        {"servers", "secret_file"},
+        {"interim", "nas_ip", "coa_listen", "coa_clients", "disconnect"},
+    ),
 }
 _REQUIRED_SECTIONS = ("gateway", "link", "publish", "subscribers")
 
@@ -353,6 +383,7 @@ def _build(doc: Mapping[str, Any], loc: _Located, path: Path) -> Config:
         grace_ms=int(grace_ms),
         policy=_policy(doc, loc, get, parsed),
         fleet=_fleet(doc, loc, base, get) if "fleet" in doc else None,
+        radius=_radius(doc, loc, base, get, parsed) if "radius" in doc else None,
     )
 
 
@@ -380,6 +411,86 @@ def _fleet(
         ca=base / get("fleet", "ca", str) if ca is not None else None,
         window=window,
     )
+
+
+def _radius(
+    doc: Mapping[str, Any],
+    loc: _Located,
+    base: Path,
+    get: Callable[..., Any],
+    parsed: Callable[..., Any],
+) -> RadiusConfig:
+    section = doc["radius"]
+    servers = section["servers"]
+    if not isinstance(servers, list) or not 1 <= len(servers) <= 2:
+        raise loc.error(
+            "radius", "servers", 'a list of one or two host:port, e.g. ["10.9.0.1:1813"]'
+        )
+    addresses = []
+    for server in servers:
+        try:
+            hp = parse_host_port(server)
+        except ValidationError as err:
+            raise loc.error("radius", "servers", str(err)) from None
+        addresses.append((hp.host, hp.port))
+    interim_ms = parsed("radius", "interim", parse_duration_ms, "5m")
+    if not 60_000 <= interim_ms <= 86_400_000:
+        raise loc.error(
+            "radius", "interim", f"{interim_ms:g} ms must be between 1m (RFC 2869) and 1d"
+        )
+    nas_ip = get("radius", "nas_ip", str, "")
+    if nas_ip:
+        try:
+            ipaddress.IPv4Address(nas_ip)
+        except ValueError:
+            raise loc.error("radius", "nas_ip", f"{nas_ip!r} is not an IPv4 address") from None
+    disconnect = section.get("disconnect")
+    if disconnect is not None and disconnect not in SUSPEND_MODES:
+        raise loc.error(
+            "radius", "disconnect", f"{disconnect!r} is not one of {', '.join(SUSPEND_MODES)}"
+        )
+    listen = None
+    if "coa_listen" in section:
+        listen_at = parsed("radius", "coa_listen", lambda t: parse_host_port(t, any_port=True))
+        listen = (listen_at.host, listen_at.port)
+    clients = _coa_clients(section.get("coa_clients", []), loc, base)
+    if listen is not None and not clients:
+        raise loc.error(
+            "radius", "coa_listen", "no coa_clients: list the billing servers that may send"
+        )
+    if clients and listen is None:
+        raise loc.error("radius", "coa_clients", 'set coa_listen too, e.g. "0.0.0.0:3799"')
+    return RadiusConfig(
+        servers=tuple(addresses),
+        secret_file=base / get("radius", "secret_file", str),
+        interim_ms=int(interim_ms),
+        nas_ip=nas_ip,
+        coa_listen=listen,
+        coa_clients=clients,
+        disconnect=disconnect,
+    )
+
+
+def _coa_clients(clients: Any, loc: _Located, base: Path) -> tuple[CoaClientConfig, ...]:
+    example = '[{address = "10.9.0.1", secret_file = "keys/coa.secret"}]'
+    if not isinstance(clients, list):
+        raise loc.error("radius", "coa_clients", f"a list of clients, e.g. {example}")
+    out = []
+    for client in clients:
+        if (
+            not isinstance(client, dict)
+            or set(client) != {"address", "secret_file"}
+            or not all(isinstance(v, str) for v in client.values())
+        ):
+            raise loc.error("radius", "coa_clients", f"{client!r}: use {example}")
+        try:
+            ipaddress.ip_network(client["address"], strict=False)
+        except ValueError:
+            raise loc.error(
+                "radius", "coa_clients", f"{client['address']!r} is not an address or prefix"
+            ) from None
+        out.append(CoaClientConfig(client["address"], base / client["secret_file"]))
+    return tuple(out)
 
 
 def _policy(

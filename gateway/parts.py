@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from desanet.clock import Clock
 from desanet.cython_ext.usage import UsageInterval
 from desanet.ebpf.datapath import Provision
+from desanet.gateway.registry import Subscriber
 from desanet.meter.delivered import SentStats
 from desanet.meter.poll import CounterSource
 from desanet.meter.service import StreamStats
@@ -106,6 +107,17 @@ class OutboundPort(Protocol):
         ...
 
 
+class RadiusPort(Protocol):
+    """RADIUS (gateway.radius_part.RadiusPart, with `[radius]`): besides being an OutboundPort,
+    it learns the subscribers, ends sessions, and has Disconnect/CoA requests answered."""
+
+    def set_subscribers(self, subscribers: Sequence[Subscriber]) -> None: ...
+
+    def end_session(self, sub: str, why: str) -> None: ...
+
+    def serve_pending(self, handle: Callable[[dict[str, Any]], dict[str, Any]]) -> int: ...
+
+
 @dataclass
 class Parts:
     """Everything the service drives; `open_counters` is called once the datapath is attached."""
@@ -117,3 +129,4 @@ class Parts:
     open_counters: Callable[[], CounterSource]
     clock: Clock
     outbound: Sequence[OutboundPort] = ()
+    radius: RadiusPort | None = None  # also in `outbound`

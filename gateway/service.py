@@ -224,6 +224,8 @@ class GatewayService:
         operations = self.applier.apply(plan, provisions, touched, freed_slots)
         self.roster.slots.save(self.slots_path)
         self.parts.meter.set_subscribers(self.roster.slots.owners())
+        if self.parts.radius is not None:
+            self.parts.radius.set_subscribers(self.roster.subscribers)
         log.info("applied: %d shaper operations, %d provisioned", operations, len(touched))
 
     def _poll_before_removing(self) -> None:
@@ -271,6 +273,9 @@ class GatewayService:
         log.info(
             "reload: %s (added %s, removed %s)", change.summary(), change.added, change.removed
         )
+        if self.parts.radius is not None:
+            for sub_id in change.removed:  # their RADIUS sessions end with them
+                self.parts.radius.end_session(sub_id, "removed")
 
     def _refuse_reload(self, err: Exception) -> None:
         log.error("reload refused, still running the previous subscribers: %s", err)
@@ -329,6 +334,9 @@ class GatewayService:
         self.events = [*self.events[-_MAX_EVENTS + 1 :], event._asdict()]
         # Billing hears of it in the next usage message (key `ev`), journaled like the usage.
         self.outbox.events.append(event)
+        radius = self.parts.radius
+        if radius is not None and self.control.get(event.sub).suspended == "block":
+            radius.end_session(event.sub, "suspended")  # cut off: its RADIUS session ends
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -461,6 +469,9 @@ class GatewayService:
             # Only what fits before the next tick: a storm of requests never starves the meter.
             before_tick_s = self._next_tick_s - clock.monotonic_s()
             parts.endpoint.serve_pending(self.handle_requests, before_tick_s)
+        if parts.radius is not None:
+            # Disconnect/CoA from RADIUS: each one a control batch, like the endpoint's.
+            parts.radius.serve_pending(lambda body: self.handle_requests([body])[0])
         try:
             raw = self._file.poll(clock.monotonic_s())
         except DesanetError as err:

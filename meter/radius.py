@@ -145,15 +145,40 @@ class RadiusAccounting:
             book = SessionBook.from_json(doc)
         except (KeyError, TypeError, ValueError) as err:
             raise StreamError(f"{self._book_path}: not a RADIUS session book ({err})") from err
-        if book.cursor > self.journal.last_seq:
+        self._resume(book)
+        return book
+
+    def _resume(self, book: SessionBook) -> None:
+        """Check the cursor against the journal: a new life of it is accounted from its start.
+
+        The cursor names a record of one journal life (epoch); if the journal no
+        longer holds that record in that life, the gateway lost its state and
+        every record now in the journal is usage RADIUS has not heard of.
+        """
+        first, last = self.journal.first_seq, self.journal.last_seq
+        if first and book.epoch:
+            at = book.cursor if first <= book.cursor <= last else first
+            (_, message), *_ = self.journal.read(at, 1)
+            same_life = _epoch_of(message) == book.epoch and book.cursor <= last
+            if not same_life:
+                log.warning(
+                    "RADIUS: the journal is a new life (epoch %s, cursor was %s:%d): "
+                    "accounting every record it holds, from seq %d",
+                    _epoch_of(message),
+                    book.epoch,
+                    book.cursor,
+                    first,
+                )
+                book.cursor = first - 1
+                book.epoch = _epoch_of(message)
+        elif book.cursor > last:
             log.error(
                 "RADIUS: cursor %d is past the journal's end %d (journal replaced): "
                 "accounting resumes at the journal's end",
                 book.cursor,
-                self.journal.last_seq,
+                last,
             )
-            book.cursor = self.journal.last_seq
-        return book
+            book.cursor = last
 
     def _load_marks(self) -> list[Mark]:
         try:
@@ -262,23 +287,24 @@ class RadiusAccounting:
             marks = [m for m in self._marks if m.id > book.marks_done]
         requests: list[AcctRequest] = []
         done_marks = book.marks_done
-        position = book.cursor
+        position, epoch = book.cursor, book.epoch
         for seq, message in records:
             while marks and marks[0].after_seq < seq:
                 requests.extend(self.accountant.mark(marks[0]))
                 done_marks = marks.pop(0).id
             msg = wire.decode_usage(message)
-            requests.extend(self.accountant.record(seq, msg, _epoch_of(message)))
+            epoch = _epoch_of(message)
+            requests.extend(self.accountant.record(seq, msg, epoch))
             position = seq
         while marks and marks[0].after_seq <= position:
             requests.extend(self.accountant.mark(marks[0]))
             done_marks = marks.pop(0).id
         if not requests:
-            book.cursor, book.marks_done = position, done_marks
+            book.cursor, book.epoch, book.marks_done = position, epoch, done_marks
             return False
         if not self.sender.send_all(requests, self._stop):
             return None
-        book.cursor = position
+        book.cursor, book.epoch = position, epoch
         self._save(done_marks)
         return True
 

@@ -133,12 +133,14 @@ class SessionBook:
     marks_done: int = 0
     last_t_ms: int = 0
     sessions: dict[str, Session] = field(default_factory=dict)
+    epoch: str = ""  # the journal life the record at `cursor` is of ("": not known yet)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready map of the book."""
         return {
             "v": 1,
             "cursor": self.cursor,
+            "epoch": self.epoch,
             "marks_done": self.marks_done,
             "last_t_ms": self.last_t_ms,
             "sessions": [asdict(s) for s in self.sessions.values()],
@@ -153,6 +155,7 @@ class SessionBook:
             marks_done=int(doc["marks_done"]),
             last_t_ms=int(doc["last_t_ms"]),
             sessions={s.sub: s for s in sessions},
+            epoch=str(doc.get("epoch", "")),
         )
 
 

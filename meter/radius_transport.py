@@ -22,10 +22,12 @@ import logging
 import random
 import select
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pyrad.dictionary import Dictionary
 from pyrad.packet import AccountingRequest, AccountingResponse, AcctPacket, PacketError
@@ -52,6 +54,27 @@ class RadiusServer:
             raise ConfigError(f"RADIUS server {self.host}:{self.port}: a secret is required")
         if not 0 < self.port < 65536:
             raise ConfigError(f"RADIUS server {self.host}: port {self.port} is not 1-65535")
+
+
+def read_secret(path: Path, what: str) -> bytes:
+    """A shared secret from its own file: refused when group or others may read it.
+
+    `what` names the setting in errors ("[radius] secret_file"). A trailing newline
+    is not part of the secret (editors add one).
+    """
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            raise ConfigError(
+                f"{what} {path}: readable by group or others (mode {stat.S_IMODE(mode):o}); "
+                f"chmod 600 {path}"
+            )
+        secret = path.read_bytes().rstrip(b"\r\n")
+    except OSError as err:
+        raise ConfigError(f"{what} {path}: cannot read the secret: {err.strerror}") from err
+    if len(secret) < 8:
+        raise ConfigError(f"{what} {path}: the secret is under 8 bytes")
+    return secret
 
 
 @dataclass

@@ -21,7 +21,7 @@ import numpy.typing as npt
 from desanet.clock import Clock
 from desanet.ebpf.datapath import Provision
 from desanet.errors import ControlError, ShaperError
-from desanet.gateway.compose import outbound_parts
+from desanet.gateway.compose import outbound_parts, radius_part
 from desanet.gateway.config import Config
 from desanet.gateway.control import ControlEndpoint, request, request_many
 from desanet.gateway.parts import Parts
@@ -224,6 +224,7 @@ class Lab:
             StreamConfig(config.publish.usage, config.publish.replay, roles.read),
             slot_owners,
         )
+        radius = radius_part(config, self.meter)
         return Parts(
             datapath=self.datapath,
             shaper=self.shaper,
@@ -231,7 +232,8 @@ class Lab:
             endpoint=ControlEndpoint(config.control.endpoint, roles.control),
             open_counters=lambda: FakeCounters(self.datapath),
             clock=self.make_clock(self.meter),
-            outbound=outbound_parts(config, self.meter),
+            outbound=[*outbound_parts(config, self.meter), *([radius] if radius else [])],
+            radius=radius,
         )
 
     def service(self) -> GatewayService:

@@ -8,6 +8,7 @@ exactly those bytes per user and month, after outages and restarts too.
 from __future__ import annotations
 
 import calendar
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -295,3 +296,26 @@ def test_the_book_replays_identically(tmp_path: Path) -> None:
         total = (int(a["Acct-Input-Gigawords"]) << 32) + int(a["Acct-Input-Octets"])  # type: ignore[call-overload]
         up[user] = up.get(user, 0) + total
     assert up == {u: v[0] for u, v in traffic.by_user().items()}
+
+
+def test_the_cursor_knows_its_journal_life(tmp_path: Path) -> None:
+    """A cursor saved in another life of the journal: every record of this life is accounted."""
+    svc = loopback_service(tmp_path / "state")
+    traffic = Traffic(svc, seed=6)
+    server = RadiusServer("127.0.0.1", free_udp_port(), b"unanswered-secret")
+    try:
+        traffic.random_run(NOV_10, 8)
+        epoch = svc.epoch
+        book = tmp_path / "state" / "radius-accounting.json"
+        for saved_epoch, expected in ((epoch, 5), ("another-life", 0)):
+            book.write_text(
+                json.dumps(SessionBook(cursor=5, epoch=saved_epoch, sessions={}).to_json())
+            )
+            config = AccountingConfig(servers=(server,), interim_s=60)
+            acct = RadiusAccounting("gw1", svc.journal, svc.state_dir, config, ATTRS.get)
+            try:
+                assert acct.cursor == expected
+            finally:
+                acct.close()
+    finally:
+        svc.close()

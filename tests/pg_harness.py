@@ -1,98 +1,27 @@
-"""A throwaway PostgreSQL cluster in a temp dir, from Debian's postgresql binaries.
+"""The throwaway PostgreSQL cluster of the tests: gateway/pg_lab.py's, failing a test clearly.
 
 Tests that need a real PostgreSQL (the reference collector, the fleet's hub
-collector) start one with `postgres_cluster()`; it listens only on a Unix
-socket in its temp dir and is stopped and removed on exit, whatever happened.
-As root the server runs as the `postgres` user, since PostgreSQL refuses root.
+collector, FreeRADIUS's radacct) start one with `postgres_cluster()`; the
+starter lives in desanet.gateway.pg_lab, where benchmarks use it too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+from desanet.gateway import pg_lab
+from desanet.gateway.pg_lab import PG_BIN, PostgresCluster, free_port
 
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class PostgresCluster:
-    """A running throwaway cluster: its socket directory, port and superuser DSN."""
-
-    socket_dir: Path
-    port: int
-
-    @property
-    def dsn(self) -> str:
-        """libpq DSN of the `postgres` superuser (trusted on the socket)."""
-        return self.dsn_for("postgres")
-
-    def dsn_for(self, user: str, dbname: str = "postgres") -> str:
-        """libpq DSN of `user`, without a password."""
-        return f"host={self.socket_dir} port={self.port} dbname={dbname} user={user}"
+__all__ = ["PG_BIN", "PostgresCluster", "free_port", "postgres_cluster"]
 
 
 @contextlib.contextmanager
 def postgres_cluster(hba: Sequence[str] = ()) -> Iterator[PostgresCluster]:
-    """Start a cluster; `hba` lines go first in pg_hba.conf (the rest trusts every local user).
-
-    For example `["local all app scram-sha-256"]` makes role `app` need its password.
-    """
+    """Start a cluster (see pg_lab.postgres_cluster); a test fails at once without PostgreSQL."""
     if not PG_BIN:
-        pytest.fail("PostgreSQL is not installed: run `make setup` (Debian package postgresql)")
-    bindir = PG_BIN[-1]
-    as_user: list[str] = []
-    tmp = Path(tempfile.mkdtemp(prefix="desanet-pg-"))
-    if os.geteuid() == 0:
-        as_user = ["runuser", "-u", "postgres", "--"]
-        pw = pwd.getpwnam("postgres")
-        os.chown(tmp, pw.pw_uid, pw.pw_gid)
-    data, port = tmp / "data", free_port()
-    try:
-        subprocess.run(
-            [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"],
-            check=True,
-            capture_output=True,
-        )
-        if hba:
-            conf = data / "pg_hba.conf"
-            conf.write_text("".join(f"{line}\n" for line in hba) + conf.read_text())
-        subprocess.run(
-            [
-                *as_user,
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(data),
-                "-l",
-                str(tmp / "log"),
-                "-w",
-                "-o",
-                f"-k {tmp} -p {port} -c listen_addresses=''",
-                "start",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        yield PostgresCluster(tmp, port)
-    finally:
-        subprocess.run(
-            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-            capture_output=True,
-        )
-        shutil.rmtree(tmp, ignore_errors=True)
+        pytest.fail(pg_lab.MISSING)
+    with pg_lab.postgres_cluster(hba) as cluster:
+        yield cluster

@@ -144,6 +144,19 @@ def journal_bytes_per_interval(
         service.close()
 
 
+def radius_sql_records_per_s(directory: Path, subscribers: int, rounds: int) -> float:
+    """vs_radius_sql's peer: subscriber records (one per subscriber and interval) sent as
+    RADIUS Interim-Updates by the gateway's accounting client to FreeRADIUS writing radacct
+    to PostgreSQL (benchmarks/radius.py's server and measurement)."""
+    from desanet.benchmarks.radius import interims_per_s_for
+    from desanet.gateway.pg_lab import postgres_cluster
+    from desanet.gateway.radius_lab import freeradius_server
+
+    with postgres_cluster() as pg, freeradius_server(pg, debug=False) as server:
+        rate, _count = interims_per_s_for(server, directory, subscribers, rounds)
+    return rate
+
+
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0] if __doc__ else "fleet")
     size = QUICK if args.quick else FULL
@@ -171,10 +184,16 @@ def main() -> None:
             float(size["seconds"]),
         )
         per_interval = journal_bytes_per_interval(Path(tmp) / "journal200")
+        radius_rate = radius_sql_records_per_s(Path(tmp) / "radius", 200, 5 if args.quick else 50)
     report.add(**row)
     report.headline["gateways"] = float(row["gateways"])
     report.headline["records_per_s_to_postgres"] = float(row["rows_per_s"])
     report.headline["journal_bytes_7d_200"] = per_interval * WEEK_S
+    report.headline["vs_radius_sql"] = float(row["rows_per_s"]) / radius_rate
+    report.notes.append(
+        f"vs_radius_sql: the same records as RADIUS Interim-Updates (200 sessions) into "
+        f"FreeRADIUS writing radacct to PostgreSQL: {radius_rate:.0f} records/s"
+    )
     report.notes.append(
         f"journal_bytes_7d_200: {per_interval:.0f} B per 1 s interval of 200 subscribers, "
         "uncompacted (the backlog compaction is not built yet)"

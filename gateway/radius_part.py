@@ -109,7 +109,8 @@ class RadiusPart:
             s.id: subscriber_attributes(s.id, s.prefixes, s.macs[0] if s.macs else None)
             for s in subscribers
         }
-        self._attributes = attributes
+        # A removed subscriber's Stop is sent after this: it keeps naming it as before.
+        self._attributes = {**self._attributes, **attributes}
         if self.coa is not None:
             self.coa.resolve = resolver(
                 {a.user_name: sub for sub, a in attributes.items()},

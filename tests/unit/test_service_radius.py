@@ -109,6 +109,10 @@ def test_the_service_accounts_to_radacct_and_a_coa_changes_the_plan(
             lab.tick(service)
         assert ("s2", "plan") in lab.events()
         assert ("s3", "suspend") in lab.events()
+        lab.write(S2, S3)  # s1 leaves the subscribers file
+        lab.settle(service)
+        lab.datapath.send("10.0.0.2", up=1, down=1)
+        lab.tick(service)
         billed = lab.billed()
     finally:
         service.close()  # nothing moved since: the last flush adds no usage
@@ -118,7 +122,7 @@ def test_the_service_accounts_to_radacct_and_a_coa_changes_the_plan(
         "WHERE acctstoptime IS NOT NULL ORDER BY username"
     )
     assert rows == [
-        ("s1", "Admin-Reboot", "10.0.0.1/32"),
+        ("s1", "Admin-Reset", "10.0.0.1/32"),
         ("s2", "Admin-Reboot", "10.0.0.2/32"),
         ("s3", "Port-Suspended", "10.0.0.3/32"),
     ]

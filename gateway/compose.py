@@ -49,8 +49,9 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
     )
     try:
         endpoint = ControlEndpoint(config.control.endpoint, roles.control)
-        radius = radius_part(config, meter)
-        outbound = [*outbound_parts(config, meter), *([radius] if radius else [])]
+        outbound = outbound_parts(config, meter)
+        radius = radius_part(config, meter)  # last: nothing after it can fail and leave it bound
+        outbound = [*outbound, *([radius] if radius else [])]
     except BaseException:
         meter.close()
         raise

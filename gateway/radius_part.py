@@ -4,8 +4,10 @@ Built by compose from `[radius]` (none without it). To the service it is one
 more consumer of the journal (an OutboundPort: `start` sends Accounting-On,
 `stop` Accounting-Off), plus three hooks the loop calls in its own thread:
 
-- `set_subscribers`: who RADIUS names and how (User-Name, Framed-IP-Address,
-  Calling-Station-Id), also to find the subscriber a Disconnect/CoA names;
+- `set_subscribers`: who RADIUS names and how (User-Name: the `radius_user`
+  column or the id, Framed-IP-Address, Calling-Station-Id), also to find the
+  subscriber a Disconnect/CoA names; a subscriber whose User-Name changed
+  gets its Accounting-Stop under the old name;
 - `end_session`: a subscriber removed from the file or suspended with block
   gets its Accounting-Stop, in the journal's order;
 - `serve_pending(handle)`: answers the waiting Disconnect/CoA requests with
@@ -106,11 +108,21 @@ class RadiusPart:
     def set_subscribers(self, subscribers: Sequence[Subscriber]) -> None:
         """The subscribers running now: their RADIUS names, addresses and MACs."""
         attributes = {
-            s.id: subscriber_attributes(s.id, s.prefixes, s.macs[0] if s.macs else None)
+            s.id: subscriber_attributes(
+                s.id, s.prefixes, s.macs[0] if s.macs else None, s.user_name
+            )
             for s in subscribers
         }
+        renamed = [
+            sub
+            for sub, a in attributes.items()
+            if sub in self._attributes and self._attributes[sub].user_name != a.user_name
+        ]
         # A removed subscriber's Stop is sent after this: it keeps naming it as before.
         self._attributes = {**self._attributes, **attributes}
+        for sub in renamed:
+            # Its session keeps the old User-Name to its Stop; the next one has the new name.
+            self.accounting.end_session(sub, "renamed")
         if self.coa is not None:
             self.coa.resolve = resolver(
                 {a.user_name: sub for sub, a in attributes.items()},

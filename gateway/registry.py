@@ -1,8 +1,10 @@
 """The subscriber registry: the CSV file operators edit, stable slots, and the diff for hot reload.
 
-The optional ninth column, `mac`, lists a subscriber's device MACs (space
-separated): with prefixes it binds them to those MACs, alone it makes the
-datapath follow the device to whatever address it uses (DHCP, SLAAC).
+Two optional columns may follow the eight, in either order: `mac` lists a
+subscriber's device MACs (space separated): with prefixes it binds them to
+those MACs, alone it makes the datapath follow the device to whatever address
+it uses (DHCP, SLAAC); `radius_user` is the subscriber's RADIUS User-Name
+when billing knows it by another name than its id (empty: the id).
 
 A subscriber keeps its datapath slot for as long as it exists, across reloads
 and restarts (the assignment is persisted in the state directory), so its
@@ -14,6 +16,9 @@ prefixes and the datapath's single address space (desanet.ebpf.prefixes),
 min <= max <= link (desanet.shaper.plan.rate_fault). Whether the guaranteed
 rates of everyone fit the link is the shaping plan's to say, when the service
 builds it from this file.
+
+(Over 400 lines: the file's rules and the slot table are the two halves of
+every reload; the slot table is what moves to its own module next.)
 """
 
 from __future__ import annotations
@@ -29,12 +34,15 @@ from desanet.ebpf.abi import MACS_PER_SUBSCRIBER, PREFIXES_PER_SUBSCRIBER
 from desanet.ebpf.prefixes import format_mac, key_of, parse_mac, parse_prefix
 from desanet.errors import ConfigError, StateError, ValidationError
 from desanet.gateway.config import LinkConfig, decode_utf8
+from desanet.meter.radius_sessions import check_user_name
 from desanet.shaper.plan import RATE_FIELDS, rate_fault
 from desanet.units import format_rate, parse_bytes, parse_rate_bps
 from desanet.validate import check_subscriber_id
 
 COLUMNS = ("id", "name", "prefixes", "down_min", "down_max", "up_min", "up_max", "quota")
 MAC_COLUMN = "mac"  # optional, after COLUMNS
+RADIUS_USER_COLUMN = "radius_user"  # optional, after COLUMNS
+OPTIONAL_COLUMNS = (MAC_COLUMN, RADIUS_USER_COLUMN)
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,12 @@ class Subscriber:
     quota_bytes: int | None
     macs: tuple[str, ...] = ()
     line: int = field(default=0, compare=False)
+    radius_user: str = ""  # RADIUS User-Name; empty: the id
+
+    @property
+    def user_name(self) -> str:
+        """What RADIUS names this subscriber by (User-Name)."""
+        return self.radius_user or self.id
 
 
 @dataclass(frozen=True)
@@ -76,17 +90,17 @@ class RegistryDiff:
     readdressed: tuple[str, ...]
     replanned: tuple[str, ...]
     requota: tuple[str, ...]
+    renamed: tuple[str, ...] = ()  # a new RADIUS User-Name
 
     @property
     def empty(self) -> bool:
         """True when applying this diff changes nothing."""
-        return not (
-            self.added or self.removed or self.readdressed or self.replanned or self.requota
-        )
+        changes = (self.readdressed, self.replanned, self.requota, self.renamed)
+        return not (self.added or self.removed or any(changes))
 
     def summary(self) -> str:
         """One line for the log: "+2 -1 ~3"."""
-        changed = set(self.readdressed) | set(self.replanned) | set(self.requota)
+        changed = {*self.readdressed, *self.replanned, *self.requota, *self.renamed}
         return f"+{len(self.added)} -{len(self.removed)} ~{len(changed)}"
 
 
@@ -125,11 +139,17 @@ def parse_subscribers(text: str, path: Path, link: LinkConfig, capacity: int) ->
     reader = csv.reader(text.removeprefix("\ufeff").splitlines())
     rows = list(reader)
     header = tuple(c.strip() for c in rows[0]) if rows else ()
-    columns = (*COLUMNS, MAC_COLUMN) if header == (*COLUMNS, MAC_COLUMN) else COLUMNS
-    if header != columns:
+    columns, extra = header[: len(COLUMNS)], header[len(COLUMNS) :]
+    if (
+        columns != COLUMNS
+        or not set(extra) <= set(OPTIONAL_COLUMNS)
+        or len(set(extra)) < len(extra)
+    ):
         raise ConfigError(
             f"{path}:1: header must be exactly: {','.join(COLUMNS)} (and optionally ,{MAC_COLUMN})"
+            f" (and optionally ,{RADIUS_USER_COLUMN}), the optional columns in either order"
         )
+    columns = header
     subscribers: list[Subscriber] = []
     first_line: dict[str, int] = {}
     for number, row in enumerate(rows[1:], start=2):
@@ -152,6 +172,7 @@ def parse_subscribers(text: str, path: Path, link: LinkConfig, capacity: int) ->
         )
     _check_overlaps(subscribers, path)
     _check_macs(subscribers, path)
+    _check_user_names(subscribers, path)
     return subscribers
 
 
@@ -167,6 +188,12 @@ def _row(cells: Mapping[str, str], path: Path, number: int, link: LinkConfig) ->
         raise ConfigError(f"{path}:{number}: id: {err}") from err
     prefixes = tuple(cells["prefixes"].split())
     macs = _macs(cells.get(MAC_COLUMN, ""), fail)
+    radius_user = cells.get(RADIUS_USER_COLUMN, "")
+    if radius_user:
+        try:
+            check_user_name(radius_user)
+        except ValidationError as err:
+            raise fail(RADIUS_USER_COLUMN, str(err)) from err
     if not prefixes and not macs:
         raise fail("prefixes", "no address or prefix given (or give the device's MAC)")
     if len(prefixes) > PREFIXES_PER_SUBSCRIBER:
@@ -201,6 +228,7 @@ def _row(cells: Mapping[str, str], path: Path, number: int, link: LinkConfig) ->
         quota_bytes=quota,
         macs=macs,
         line=number,
+        radius_user=radius_user,
     )
 
 
@@ -229,6 +257,19 @@ def _check_macs(subscribers: Iterable[Subscriber], path: Path) -> None:
                     f"{path}:{sub.line}: {MAC_COLUMN}: subscriber {sub.id}: MAC {mac} is already "
                     f"{other.id}'s (line {other.line})"
                 )
+
+
+def _check_user_names(subscribers: Iterable[Subscriber], path: Path) -> None:
+    # One User-Name per subscriber: it is how a Disconnect or CoA from billing finds it.
+    owner: dict[str, Subscriber] = {}
+    for sub in subscribers:
+        other = owner.setdefault(sub.user_name, sub)
+        if other is not sub:
+            column = RADIUS_USER_COLUMN if sub.radius_user else "id"
+            raise ConfigError(
+                f"{path}:{sub.line}: {column}: subscriber {sub.id}: RADIUS User-Name "
+                f"{sub.user_name!r} is already {other.id}'s (line {other.line})"
+            )
 
 
 def _check_overlaps(subscribers: Iterable[Subscriber], path: Path) -> None:
@@ -269,6 +310,7 @@ def diff(old: Iterable[Subscriber], new: Iterable[Subscriber]) -> RegistryDiff:
         ),
         replanned=tuple(i for i in common if before[i].plan != after[i].plan),
         requota=tuple(i for i in common if before[i].quota_bytes != after[i].quota_bytes),
+        renamed=tuple(i for i in common if before[i].user_name != after[i].user_name),
     )
 
 

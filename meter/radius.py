@@ -12,9 +12,9 @@ cumulative per session, so a request FreeRADIUS already stored changes nothing.
 Gateway events are marks placed at the journal's current seq: the start of
 the gateway (`RadiusAccounting()` notes Accounting-On), its stop (`close()`
 notes Accounting-Off) and the end of one subscriber's session
-(`end_session`, for a removal or a suspension with block). Marks are saved
-before the call returns, so a stop that RADIUS did not hear yet is sent at
-the next start.
+(`end_session`, for a removal, a suspension with block or a new User-Name).
+Marks are saved before the call returns, so a stop that RADIUS did not hear
+yet is sent at the next start.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from desanet.meter.journal import Journal
 from desanet.meter.radius_dictionary import load_dictionary
 from desanet.meter.radius_sessions import (
     CAUSE_REMOVED,
+    CAUSE_RENAMED,
     CAUSE_SUSPENDED,
     MARK_END,
     MARK_OFF,
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 
 BOOK_NAME = "radius-accounting.json"
 MARKS_NAME = "radius-marks.json"
-END_CAUSES = {"removed": CAUSE_REMOVED, "suspended": CAUSE_SUSPENDED}
+END_CAUSES = {"removed": CAUSE_REMOVED, "suspended": CAUSE_SUSPENDED, "renamed": CAUSE_RENAMED}
 
 
 @dataclass(frozen=True)
@@ -204,9 +205,9 @@ class RadiusAccounting:
         self._wake.set()
 
     def end_session(self, sub: str, why: str) -> None:
-        """End `sub`'s session now: `why` is "removed" or "suspended" (with block)."""
+        """End `sub`'s session now: `why` is "removed", "suspended" (with block) or "renamed"."""
         if why not in END_CAUSES:
-            raise ConfigError(f"RADIUS: unknown session end {why!r} (removed, suspended)")
+            raise ConfigError(f"RADIUS: unknown session end {why!r} ({', '.join(END_CAUSES)})")
         self._note(MARK_END, sub, END_CAUSES[why])
 
     def wake(self) -> None:

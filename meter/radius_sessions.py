@@ -12,7 +12,8 @@ during one run of the gateway:
 3. it stops (Accounting-Stop) when the month ends (at its last instant,
    Session-Timeout), when the gateway stops (Admin-Reboot) or is found to
    have crashed (NAS-Reboot, at the last interval it journaled), or when the
-   gateway ends it (the subscriber removed, or suspended with block).
+   gateway ends it (the subscriber removed, or suspended with block, or given
+   another User-Name: a session has one User-Name, fixed at its Start).
 
 An interval belongs to the month its end (t1) falls in, t1 on midnight
 included, as in the reference collector's report. So every delivered byte
@@ -35,6 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from desanet.errors import ValidationError
 from desanet.meter.wire import UsageMessage
 
 # Acct-Terminate-Cause values (dictionary.rfc2866) by why the gateway ends a session.
@@ -43,12 +45,28 @@ CAUSE_GATEWAY_STOP = "Admin-Reboot"
 CAUSE_GATEWAY_CRASH = "NAS-Reboot"
 CAUSE_REMOVED = "Admin-Reset"
 CAUSE_SUSPENDED = "Port-Suspended"
+CAUSE_RENAMED = "Admin-Reset"  # the subscriber's User-Name changed: a new session begins
 
 MARK_ON = "on"  # the gateway started: close what a crash left open, then Accounting-On
 MARK_OFF = "off"  # the gateway stops: Stop every session, then Accounting-Off
 MARK_END = "end"  # the gateway ended one subscriber's session (removed, suspended)
 
 U32 = 0xFFFFFFFF
+USER_NAME_MAX_BYTES = 253  # a RADIUS attribute's value (RFC 2865 section 5)
+
+
+def check_user_name(text: str) -> str:
+    """`text` if it can be a User-Name: printable, no spaces at its ends, 1-253 UTF-8 bytes."""
+    size = len(text.encode())
+    if not 0 < size <= USER_NAME_MAX_BYTES:
+        raise ValidationError(
+            f"a RADIUS User-Name is 1 to {USER_NAME_MAX_BYTES} bytes of UTF-8, {size} given"
+        )
+    if not text.isprintable() or text != text.strip():
+        raise ValidationError(
+            f"{text!r}: a RADIUS User-Name has no control characters and no spaces at its ends"
+        )
+    return text
 
 
 @dataclass(frozen=True)
@@ -100,6 +118,8 @@ class Session:
     down: int = 0
     up_pkts: int = 0
     down_pkts: int = 0
+    # Fixed at the Start: a session is one User-Name's in radacct from its Start to its Stop.
+    user_name: str = ""
 
 
 def month_of_t1(t1_ms: int) -> str:
@@ -192,12 +212,14 @@ class Accountant:
             sess = book.sessions.get(row.sub)
             if sess is None:
                 start_s = max(msg.t0 // 1000, month_start_s(month))
+                info = self.attributes_of(row.sub)
                 sess = Session(
                     sub=row.sub,
                     session_id=session_id(self.gateway_id, epoch, row.sub, seq),
                     month=month,
                     start_s=start_s,
                     next_interim_s=start_s + self.interim_s,
+                    user_name=info.user_name if info else row.sub,
                 )
                 book.sessions[row.sub] = sess
                 out.append(self._request(sess, "Start", start_s))
@@ -251,7 +273,8 @@ class Accountant:
         info = self.attributes_of(sess.sub)
         attrs: dict[str, Any] = {
             "Acct-Status-Type": status,
-            "User-Name": info.user_name if info else sess.sub,
+            # A book saved before sessions kept their name: the subscriber's name now.
+            "User-Name": sess.user_name or (info.user_name if info else sess.sub),
             "Acct-Session-Id": sess.session_id,
             "NAS-Identifier": self.gateway_id,
             "NAS-IP-Address": self.nas_ip,

@@ -22,7 +22,7 @@ from pathlib import Path
 from desanet.durable import replace_atomically
 from desanet.errors import ConfigError, DesanetError
 from desanet.gateway.config import LinkConfig
-from desanet.gateway.registry import COLUMNS, MAC_COLUMN, Subscriber, parse_subscribers
+from desanet.gateway.registry import COLUMNS, Subscriber, parse_subscribers
 
 # After the path, the registry's errors read "[:<line>]: <column>: <message>".
 _LOCATED = re.compile(r"^(?::\d+)?: (?P<column>[a-z_]+): ", re.S)
@@ -64,15 +64,16 @@ def _cells(line: str) -> list[str]:
     return next(csv.reader([line]), [])
 
 
-def _line(entry: Entry, mac: str | None = None) -> str:
-    """The file's line for `entry`; `mac` is the MAC cell when the file has that column."""
+def _line(entry: Entry, optional: list[str]) -> str:
+    """The file's line for `entry`; `optional` are its cells of the file's optional columns."""
     out = io.StringIO()
-    csv.writer(out, lineterminator="").writerow([*astuple(entry), *([] if mac is None else [mac])])
+    csv.writer(out, lineterminator="").writerow([*astuple(entry), *optional])
     return out.getvalue()
 
 
-def _has_mac_column(lines: list[str]) -> bool:
-    return bool(lines) and MAC_COLUMN in [c.strip() for c in _cells(lines[0])]
+def _optional_columns(lines: list[str]) -> int:
+    """How many optional columns (mac, radius_user) the file's header has."""
+    return max(0, len(_cells(lines[0])) - len(COLUMNS)) if lines else 0
 
 
 class SubscribersFile:
@@ -103,7 +104,7 @@ class SubscribersFile:
         """A subscriber's cells as written in the file, or None."""
         for line in self.text().splitlines()[1:]:
             cells = [c.strip() for c in _cells(line)]
-            if len(cells) in (len(COLUMNS), len(COLUMNS) + 1) and cells[0] == sub_id:
+            if len(cells) >= len(COLUMNS) and cells[0] == sub_id:
                 return Entry(*cells[: len(COLUMNS)])
         return None
 
@@ -126,8 +127,9 @@ class SubscribersFile:
                 raise Changed(f"{self.path} changed since the form was opened")
             lines = text.splitlines()
             new_lines = list(lines)
-            # The form edits the first columns; a MAC binding stays as the file has it.
-            has_mac = _has_mac_column(lines)
+            # The form edits the first columns; a MAC binding or a RADIUS name stays as the
+            # file has it.
+            optional = _optional_columns(lines)
             if sub_id is not None:
                 index = next(
                     (
@@ -142,11 +144,10 @@ class SubscribersFile:
                 if entry is None:
                     del new_lines[index]
                 else:
-                    old = _cells(lines[index])
-                    mac = old[len(COLUMNS)].strip() if len(old) > len(COLUMNS) else ""
-                    new_lines[index] = _line(entry, mac if has_mac else None)
+                    kept = [c.strip() for c in _cells(lines[index])[len(COLUMNS) :]]
+                    new_lines[index] = _line(entry, (kept + [""] * optional)[:optional])
             elif entry is not None:
-                new_lines.append(_line(entry, "" if has_mac else None))
+                new_lines.append(_line(entry, [""] * optional))
             new_text = "\n".join(new_lines) + "\n"
             try:
                 parse_subscribers(new_text, self.path, self.link, self.capacity)

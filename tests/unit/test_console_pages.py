@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from desanet.gateway.console.subscribers_file import Refused, SubscribersFile
 from desanet.gateway.status import read_snapshot, write_snapshot
 from tests.unit.console_helpers import (
     HEADER,
     HTTPS,
+    LINK,
     ConsoleUnderTest,
     RecordingEndpoint,
     build,
@@ -267,6 +269,30 @@ def test_a_subscribers_page_shows_the_macs_it_is_bound_to(
     assert "Alamat MAC" in page and "02:00:00:aa:bb:01" in page
     other = client.get("/subscribers/s2", base_url=HTTPS).get_data(as_text=True)
     assert "Alamat MAC" not in other
+
+
+def test_editing_keeps_the_radius_user_and_mac_columns_as_the_file_has_them(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "subscribers.csv"
+    rows = [subscriber_row(1) + ",rt05-budi,02:00:00:aa:bb:01", subscriber_row(2) + ",,"]
+    path.write_text(HEADER.rstrip("\n") + ",radius_user,mac\n" + "\n".join(rows) + "\n")
+    file = SubscribersFile(path, LINK, 64)
+    entry = file.entry("s1")
+    assert entry is not None
+    file.update("s1", replace(entry, name="Renamed"), file.version())
+    file.add(replace(entry, id="s9", name="New", prefixes="10.77.0.99"), file.version())
+    lines = path.read_text().splitlines()
+    assert lines[1] == (
+        "s1,Renamed,10.77.0.11,100kbit,10mbit,32kbit,2mbit,50GB,rt05-budi,02:00:00:aa:bb:01"
+    )
+    assert lines[-1] == "s9,New,10.77.0.99,100kbit,10mbit,32kbit,2mbit,50GB,,"
+    assert [s.user_name for s in file.subscribers()] == ["rt05-budi", "s2", "s9"]
+    # The registry's check still guards the RADIUS names: a clash is refused, nothing written.
+    before = path.read_text()
+    with pytest.raises(Refused, match="RADIUS User-Name 'rt05-budi' is already s1's"):
+        file.add(replace(entry, id="rt05-budi", prefixes="10.77.0.98"), file.version())
+    assert path.read_text() == before
 
 
 def test_editing_and_adding_keep_the_mac_column(tmp_path: Path, control: RecordingEndpoint) -> None:

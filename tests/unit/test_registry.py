@@ -188,3 +188,81 @@ def test_a_file_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=rf"{path}:2: byte 66 is not UTF-8"):
         load_subscribers(path, LINK, 10)
+
+
+def parse_text(text: str) -> list:
+    return parse_subscribers(text, Path("subs.csv"), LINK, 100)
+
+
+def test_the_radius_user_column_names_subscribers_for_radius() -> None:
+    header = HEADER.replace("quota", "quota,radius_user")
+    subs = parse_text(header + ROWS[0] + ",rt05-budi@desa\n" + ROWS[1] + ",\n")
+    assert [(s.radius_user, s.user_name) for s in subs] == [
+        ("rt05-budi@desa", "rt05-budi@desa"),
+        ("", "s2"),  # an empty cell: RADIUS knows it by its id
+    ]
+    # Either order of the two optional columns; a file without them is unchanged.
+    header = HEADER.replace("quota", "quota,radius_user,mac")
+    both = parse_text(header + ROWS[0] + ",Ibu Sari (RT 5),02:00:00:00:00:0a\n")
+    assert both[0].radius_user == "Ibu Sari (RT 5)" and both[0].macs == ("02:00:00:00:00:0a",)
+    assert [s.user_name for s in parse(ROWS)] == ["s1", "s2", "s3"]
+    assert all(s.radius_user == "" for s in parse(ROWS))
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (
+            [ROWS[0] + ",budi", ROWS[1] + ",budi"],
+            r"subs.csv:3: radius_user: subscriber s2: RADIUS User-Name 'budi' is already s1's "
+            r"\(line 2\)",
+        ),
+        (
+            # Another subscriber's id is its User-Name: taking it would make a CoA ambiguous.
+            [ROWS[0] + ",", ROWS[1] + ",s1"],
+            r"subs.csv:3: radius_user: subscriber s2: RADIUS User-Name 's1' is already s1's",
+        ),
+        (
+            [ROWS[0] + ",s2", ROWS[1] + ","],
+            r"subs.csv:3: id: subscriber s2: RADIUS User-Name 's2' is already s1's \(line 2\)",
+        ),
+        (
+            [ROWS[0] + "," + "x" * 254],
+            r"subs.csv:2: radius_user: subscriber s1: a RADIUS User-Name is 1 to 253 bytes",
+        ),
+        (
+            # 127 two-byte letters: 254 bytes, over the attribute's limit.
+            [ROWS[0] + "," + "é" * 127],
+            r"subs.csv:2: radius_user: subscriber s1: a RADIUS User-Name is 1 to 253 bytes "
+            r"of UTF-8, 254 given",
+        ),
+        (
+            [ROWS[0] + ',"bu\tdi"'],
+            r"subs.csv:2: radius_user: subscriber s1: 'bu\\tdi': a RADIUS User-Name has no "
+            r"control characters",
+        ),
+        ([ROWS[0]], r"subs.csv:2: expected 9 columns, found 8"),
+    ],
+)
+def test_radius_user_errors_name_line_and_subscriber(rows: list[str], message: str) -> None:
+    header = HEADER.replace("quota", "quota,radius_user")
+    with pytest.raises(ConfigError, match=message):
+        parse_text(header + "\n".join(rows) + "\n")
+
+
+def test_a_header_with_an_unknown_or_repeated_optional_column_is_refused() -> None:
+    for extra in ("radius_users", "mac,mac", "radius_user,radius_user", "radius_user,mac,x"):
+        header = HEADER.replace("quota", f"quota,{extra}")
+        with pytest.raises(ConfigError, match=r"subs.csv:1: header must be exactly: .*radius_user"):
+            parse_text(header)
+
+
+def test_a_new_radius_user_is_a_change_the_reload_applies() -> None:
+    header = HEADER.replace("quota", "quota,radius_user")
+    old = parse_text(header + ROWS[0] + ",\n" + ROWS[1] + ",budi\n")
+    new = parse_text(header + ROWS[0] + ",sari\n" + ROWS[1] + ",budi\n")
+    change = diff(old, new)
+    assert change.renamed == ("s1",) and not change.empty
+    assert change.summary() == "+0 -0 ~1"
+    # The same names written differently (no column, or an empty cell) are no change.
+    assert diff(parse(ROWS[:1]), parse_text(header + ROWS[0] + ",\n")).empty

@@ -22,7 +22,7 @@ from desanet.gateway.radius_part import RadiusPart
 from desanet.gateway.service import GatewayService
 from tests.pg_harness import postgres_cluster
 from tests.radius_harness import FreeRadius, freeradius_server
-from tests.unit.service_lab import S1, S2, S3, Lab
+from tests.unit.service_lab import HEADER, S1, S2, S3, Lab
 
 pytestmark = pytest.mark.unit
 
@@ -134,6 +134,57 @@ def test_the_service_accounts_to_radacct_and_a_coa_changes_the_plan(
     finally:
         service.close()
     assert fr.octets_by_user() == billed
+
+
+def test_the_radius_user_column_is_the_user_name_in_radacct_and_in_a_coa(
+    tmp_path: Path, fr: FreeRadius
+) -> None:
+    fr.query("DELETE FROM radacct")
+    lab = Lab(tmp_path)
+    config = lab.folder / "gateway.toml"
+    config.write_text(config.read_text() + radius_section(lab, fr))
+
+    def write(*rows: str) -> None:
+        tmp = lab.folder / "subscribers.tmp"
+        tmp.write_text(HEADER.replace("quota", "quota,radius_user") + "\n".join(rows) + "\n")
+        tmp.replace(lab.folder / "subscribers.csv")
+
+    write(S1 + ",budi@rt05", S2 + ",")
+    service = lab.service()
+    service.start()
+    try:
+        for _ in range(3):
+            lab.datapath.send("10.0.0.1", up=1_000, down=20_000)
+            lab.datapath.send("10.0.0.2", up=500, down=9_000)
+            lab.tick(service)
+        out = radclient(service, "coa", 'User-Name = "budi@rt05"\nMikrotik-Rate-Limit = "1M/4M"')
+        assert "Received CoA-ACK" in out, out
+        assert lab.shaper.ceilings_bps(service.roster.slots.slots["s1"]) == (4_000_000, 1_000_000)
+        # Billing knows s1 only by its radius_user now.
+        out = radclient(service, "disconnect", 'User-Name = "s1"')
+        assert "Received Disconnect-NAK" in out, out
+        before = lab.billed()["s1"]
+        # A new name: the session ends under the old one, the next one has the new name.
+        write(S1 + ",sari@rt05", S2 + ",")
+        lab.settle(service)
+        for _ in range(3):
+            lab.datapath.send("10.0.0.1", up=3_000, down=7_000)
+            lab.tick(service)
+        billed = lab.billed()
+    finally:
+        service.close()
+    rows = fr.query(
+        "SELECT username, acctterminatecause FROM radacct WHERE acctstoptime IS NOT NULL "
+        "ORDER BY username"
+    )
+    assert rows == [
+        ("budi@rt05", "Admin-Reset"),
+        ("s2", "Admin-Reboot"),
+        ("sari@rt05", "Admin-Reboot"),
+    ]
+    after = (billed["s1"][0] - before[0], billed["s1"][1] - before[1])
+    assert fr.octets_by_user() == {"budi@rt05": before, "sari@rt05": after, "s2": billed["s2"]}
+    assert after == (9_000, 21_000)
 
 
 def test_radius_settings_are_checked_before_anything_starts(tmp_path: Path, fr: FreeRadius) -> None:

@@ -120,6 +120,8 @@ class RadiusAccounting:
         self._marks: list[Mark] = [m for m in self._load_marks() if m.id > book.marks_done]
         self._next_mark = max([book.marks_done, *(m.id for m in self._marks)]) + 1
         self.accountant = Accountant(gateway_id, book, config.interim_s, attributes_of, nas_ip)
+        self._owners: dict[str, str] = {}
+        self._publish_owners()
         self._note(MARK_ON)
 
     @property
@@ -128,9 +130,20 @@ class RadiusAccounting:
         return self.accountant.book.cursor
 
     def session_owner(self, session_id: str) -> str | None:
-        """The subscriber whose open session has this Acct-Session-Id (for Disconnect/CoA)."""
-        sessions = list(self.accountant.book.sessions.values())
-        return next((s.sub for s in sessions if s.session_id == session_id), None)
+        """The subscriber whose open session has this Acct-Session-Id (for Disconnect/CoA).
+
+        Callable from any thread. It knows the sessions RADIUS was told of: those
+        of the last acknowledged batch, not the batch still being sent.
+        """
+        with self._lock:
+            return self._owners.get(session_id)
+
+    def _publish_owners(self) -> None:
+        # The book is the accounting thread's alone; other threads see this copy, replaced
+        # whole under the lock once RADIUS acknowledged the batch that changed it.
+        owners = {s.session_id: s.sub for s in self.accountant.book.sessions.values()}
+        with self._lock:
+            self._owners = owners
 
     def _load_book(self) -> SessionBook:
         try:
@@ -307,6 +320,7 @@ class RadiusAccounting:
             return None
         book.cursor, book.epoch = position, epoch
         self._save(done_marks)
+        self._publish_owners()
         return True
 
     def _save(self, marks_done: int) -> None:

@@ -319,3 +319,32 @@ def test_the_cursor_knows_its_journal_life(tmp_path: Path) -> None:
                 acct.close()
     finally:
         svc.close()
+
+
+def test_session_owner_names_the_sessions_radius_was_told_of(
+    tmp_path: Path, fr: FreeRadius
+) -> None:
+    """The CoA server's lookup by Acct-Session-Id runs in another thread than accounting: it
+    sees the sessions of the last acknowledged batch, never the book half-way through one."""
+    svc = loopback_service(tmp_path / "state")
+    traffic = Traffic(svc, seed=7)
+    acct = accounting(svc, [server_of(fr)], stop_wait_s=0.5)
+    try:
+        traffic.publish(NOV_10, {"s1": (100, 200), "s3": (1, 2)})
+        assert acct.wait_idle(30)
+        ids = dict(fr.query("SELECT username, acctsessionid FROM radacct"))
+        assert {acct.session_owner(ids["s1"]), acct.session_owner(ids["s3"])} == {"s1", "s3"}
+        assert acct.session_owner("0123456789ABCDEF") is None
+        fr.stop()
+        acct.end_session("s1", "removed")
+        traffic.publish(NOV_10 + 10_000, {"s3": (5, 6)})
+        assert not acct.wait_idle(0.5)
+        # The Stop is built but unanswered: billing still knows the session, and so do we.
+        assert acct.session_owner(ids["s1"]) == "s1"
+        fr.start()
+        assert acct.wait_idle(60)
+        assert acct.session_owner(ids["s1"]) is None
+        assert acct.session_owner(ids["s3"]) == "s3"
+    finally:
+        acct.close()
+        svc.close()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import calendar
 import json
 import random
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -211,6 +213,58 @@ def test_outage_and_restart_lose_nothing_and_count_nothing_twice(
     assert ids_before <= {r[0] for r in sessions}
     assert len(sessions) == 6
     assert sorted(r[1] for r in sessions) == ["Admin-Reboot"] * 6
+
+
+def logged_requests(fr: FreeRadius, session_id: str) -> list[dict[str, str]]:
+    """The Accounting-Requests of one session as FreeRADIUS logged them (-X): name -> value."""
+    out = []
+    for block in fr.output.read_text().split("Received Accounting-Request")[1:]:
+        attrs = {}
+        for line in block.splitlines()[1:]:
+            found = re.match(r"^\(\d+\)   ([A-Za-z0-9-]+) = (.*)$", line)
+            if found is None:
+                break
+            attrs[found[1]] = found[2].strip('"')
+        if attrs.get("Acct-Session-Id") == session_id:
+            out.append(attrs)
+    return out
+
+
+def test_times_and_the_delay_of_late_requests_reach_freeradius(
+    tmp_path: Path, fr: FreeRadius
+) -> None:
+    """Event-Timestamp is when it happened, Acct-Delay-Time how late it is sent (RFC 2866 5.2)."""
+    svc = loopback_service(tmp_path / "state")
+    traffic = Traffic(svc)
+    acct = accounting(svc, [server_of(fr)])
+    start_s, interim_s = NOV_10 // 1000 - 10, NOV_10 // 1000 + 80
+    try:
+        before_s = int(time.time())
+        traffic.publish(NOV_10, {"s1": (100, 200)})  # the interval from NOV_10 - 10 s
+        traffic.publish(NOV_10 + 80_000, {"s1": (300, 400)})
+        assert acct.wait_idle(30)
+    finally:
+        acct.close()
+        svc.close()
+    after_s = int(time.time()) + 1
+    ((sid, started, stopped, session_time, cause),) = fr.query(
+        "SELECT acctsessionid, EXTRACT(EPOCH FROM acctstarttime)::bigint, "
+        "EXTRACT(EPOCH FROM acctstoptime)::bigint, acctsessiontime, acctterminatecause "
+        "FROM radacct"
+    )
+    assert started == start_s and cause == "Admin-Reboot"
+    assert before_s <= stopped <= after_s  # the gateway's stop, now
+    assert session_time == stopped - start_s  # Acct-Session-Time, as sent
+    requests = logged_requests(fr, sid)
+    assert [r["Acct-Status-Type"] for r in requests] == ["Start", "Interim-Update", "Stop"]
+    for request, event_s in zip(requests[:2], (start_s, interim_s), strict=True):
+        # Sent weeks after the fact: the delay says so, and the event keeps its own time.
+        delay = int(request["Acct-Delay-Time"])
+        assert before_s - event_s <= delay <= after_s - event_s
+        assert request["Event-Timestamp"] == time.strftime(
+            "%b %e %Y %H:%M:%S UTC", time.gmtime(event_s)
+        )
+    assert int(requests[2]["Acct-Delay-Time"]) <= after_s - before_s
 
 
 def test_a_session_past_4_gib_carries_gigawords(tmp_path: Path, fr: FreeRadius) -> None:

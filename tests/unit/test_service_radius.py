@@ -146,16 +146,18 @@ def test_the_radius_user_column_is_the_user_name_in_radacct_and_in_a_coa(
 
     def write(*rows: str) -> None:
         tmp = lab.folder / "subscribers.tmp"
-        tmp.write_text(HEADER.replace("quota", "quota,radius_user") + "\n".join(rows) + "\n")
+        tmp.write_text(HEADER.replace("quota", "quota,radius_user,mac") + "\n".join(rows) + "\n")
         tmp.replace(lab.folder / "subscribers.csv")
 
-    write(S1 + ",budi@rt05", S2 + ",")
+    # s2's MAC is its Calling-Station-Id, s3's IPv6 address its Framed-IPv6-Prefix.
+    write(S1 + ",budi@rt05,", S2 + ",,02:00:00:00:00:02", S3 + ",,")
     service = lab.service()
     service.start()
     try:
         for _ in range(3):
             lab.datapath.send("10.0.0.1", up=1_000, down=20_000)
             lab.datapath.send("10.0.0.2", up=500, down=9_000)
+            lab.datapath.send("fd00::3", up=40, down=60)
             lab.tick(service)
         out = radclient(service, "coa", 'User-Name = "budi@rt05"\nMikrotik-Rate-Limit = "1M/4M"')
         assert "Received CoA-ACK" in out, out
@@ -165,7 +167,7 @@ def test_the_radius_user_column_is_the_user_name_in_radacct_and_in_a_coa(
         assert "Received Disconnect-NAK" in out, out
         before = lab.billed()["s1"]
         # A new name: the session ends under the old one, the next one has the new name.
-        write(S1 + ",sari@rt05", S2 + ",")
+        write(S1 + ",sari@rt05,", S2 + ",,02:00:00:00:00:02", S3 + ",,")
         lab.settle(service)
         for _ in range(3):
             lab.datapath.send("10.0.0.1", up=3_000, down=7_000)
@@ -174,16 +176,23 @@ def test_the_radius_user_column_is_the_user_name_in_radacct_and_in_a_coa(
     finally:
         service.close()
     rows = fr.query(
-        "SELECT username, acctterminatecause FROM radacct WHERE acctstoptime IS NOT NULL "
-        "ORDER BY username"
+        "SELECT username, acctterminatecause, framedipaddress::text, framedipv6prefix::text, "
+        "callingstationid FROM radacct WHERE acctstoptime IS NOT NULL ORDER BY username"
     )
     assert rows == [
-        ("budi@rt05", "Admin-Reset"),
-        ("s2", "Admin-Reboot"),
-        ("sari@rt05", "Admin-Reboot"),
+        ("budi@rt05", "Admin-Reset", "10.0.0.1/32", None, ""),
+        ("s2", "Admin-Reboot", "10.0.0.2/32", None, "02:00:00:00:00:02"),
+        ("s3", "Admin-Reboot", "10.0.0.3/32", "fd00::3/128", ""),
+        ("sari@rt05", "Admin-Reboot", "10.0.0.1/32", None, ""),
     ]
     after = (billed["s1"][0] - before[0], billed["s1"][1] - before[1])
-    assert fr.octets_by_user() == {"budi@rt05": before, "sari@rt05": after, "s2": billed["s2"]}
+    octets = fr.octets_by_user()
+    assert octets == {
+        "budi@rt05": before,
+        "sari@rt05": after,
+        "s2": billed["s2"],
+        "s3": billed["s3"],
+    }
     assert after == (9_000, 21_000)
 
 

@@ -8,17 +8,19 @@ taken is refused first.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from desanet.clock import SteadyClock
 from desanet.ebpf import abi, bpffs
 from desanet.gateway.config import Config
-from desanet.gateway.control import ControlEndpoint
+from desanet.gateway.control import MAX_REQUEST_BYTES, ControlEndpoint
 from desanet.gateway.datapath_commands import SpawnedDatapath
-from desanet.gateway.parts import OutboundPort, Parts
+from desanet.gateway.fleet_control import FleetControl
+from desanet.gateway.parts import ControlPort, OutboundPort, Parts
 from desanet.gateway.roles import Roles
 from desanet.meter.fleet import FleetConnection, gateway_inbox
+from desanet.meter.fleet_control import ControlInbox
 from desanet.meter.fleet_forward import Forwarder, ForwarderConfig
 from desanet.meter.poll import CounterReader, CounterSource
 from desanet.meter.service import MeterService, StreamConfig
@@ -47,8 +49,9 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
         slot_owners,
     )
     try:
-        endpoint = ControlEndpoint(config.control.endpoint, roles.control)
+        local = ControlEndpoint(config.control.endpoint, roles.control)
         outbound = outbound_parts(config, meter)
+        endpoint = control_port(local, outbound)
     except BaseException:
         meter.close()
         raise
@@ -91,8 +94,17 @@ def outbound_parts(config: Config, meter: MeterService) -> list[OutboundPort]:
         config.state_dir / FLEET_CURSOR,
         connection,
         ForwarderConfig(window=fleet.window),
+        control=ControlInbox(MAX_REQUEST_BYTES) if fleet.control else None,
     )
     return [forwarder]
+
+
+def control_port(local: ControlEndpoint, outbound: Sequence[OutboundPort]) -> ControlPort:
+    """The local endpoint, joined by the hub's requests when a forwarder takes them."""
+    for port in outbound:
+        if isinstance(port, Forwarder) and port.control is not None:
+            return FleetControl(local, port.control)
+    return local
 
 
 def steady_clock(meter: MeterService, **sources: Any) -> SteadyClock:

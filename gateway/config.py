@@ -90,6 +90,8 @@ class FleetConfig:
     credentials: Path
     ca: Path | None = None
     window: int = 1024
+    # Serve control requests from the hub's billing users on desanet.control.<id>.
+    control: bool = True
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ _SCHEMA: dict[str, tuple[set[str], set[str]]] = {
     "metrics": (set(), {"listen", "allow_remote"}),
     "subscribers": ({"file"}, {"settle", "grace"}),
     "policy": (set(), {"unprovisioned", "wall_down", "wall_up", "allow_share"}),
-    "fleet": ({"servers", "credentials"}, {"ca", "window"}),
+    "fleet": ({"servers", "credentials"}, {"ca", "window", "control"}),
 }
 _REQUIRED_SECTIONS = ("gateway", "link", "publish", "subscribers")
 
@@ -379,6 +381,7 @@ def _fleet(
         credentials=base / get("fleet", "credentials", str),
         ca=base / get("fleet", "ca", str) if ca is not None else None,
         window=window,
+        control=get("fleet", "control", bool, True),
     )
 
 

@@ -13,10 +13,12 @@ idempotent on (gw, epoch, seq, sub) beyond it.
 
 Async beside a sync loop: one nats-py client whose event loop runs in this
 object's own thread. The service loop only calls `notify()` after it journals
-(a non-blocking wake-up), reads `status()`, and calls `stop()`; nothing else
-crosses the thread boundary. Where to resume in the journal is
-fleet_outbox's job. (Over 400 lines: the window, the acks and the reconnects
-share one event loop's state; split, each part would reach into the others.)
+(a non-blocking wake-up), reads `status()`, and calls `stop()`; with a control
+inbox (fleet_control) the same connection also takes the gateway's control
+requests, which cross to the service loop through that inbox's queue only.
+Where to resume in the journal is fleet_outbox's job. (Over 400 lines: the
+window, the acks, the reconnects and the control replies share one event
+loop's state; split, each part would reach into the others.)
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from desanet.errors import StreamError
-from desanet.meter.fleet import MSG_ID_HEADER, FleetConnection, message_id, usage_subject
+from desanet.meter.fleet import (
+    MSG_ID_HEADER,
+    FleetConnection,
+    control_subject,
+    message_id,
+    usage_subject,
+)
+from desanet.meter.fleet_control import MAX_PENDING, PENDING_BYTES, ControlInbox
 from desanet.meter.fleet_outbox import Cursor, message_epoch, resume
 from desanet.meter.journal import Journal
 
@@ -92,8 +101,11 @@ class Forwarder:
         config: ForwarderConfig | None = None,
         epoch: str | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        control: ControlInbox | None = None,
     ) -> None:
         """`loop`: run on this event loop (running in another thread) instead of an own one.
+
+        `control`: serve `desanet.control.<gateway id>` into this inbox on every connection.
 
         A gateway has one forwarder with its own loop and thread; the fleet simulator
         runs hundreds of gateways' forwarders on one loop.
@@ -109,6 +121,9 @@ class Forwarder:
         self._saved = self._cursor
         self._status = ForwarderStatus(acked_seq=self._cursor.seq)
         self._status_lock = threading.Lock()
+        self.control = control
+        if control is not None:
+            control.bind(self._send_reply)
         self._failure: BaseException | None = None
         self._own_loop = loop is None
         self._loop = loop or asyncio.new_event_loop()
@@ -122,6 +137,7 @@ class Forwarder:
         self._outage_logged = False
         self._task: asyncio.Task[None] | None = None
         self._nc: Client | None = None
+        self._connection_id = 0  # a control reply goes back only on the connection it came on
         self._ack_prefix = ""
         self._server_index = 0
         self._refused = False
@@ -223,6 +239,7 @@ class Forwarder:
                 self._nc = nc = await self._connect()
                 if nc is None:
                     return
+                self._connection_id += 1
                 try:
                     await self._serve(nc)
                 finally:
@@ -272,6 +289,13 @@ class Forwarder:
         # Acks come back to <own inbox>.<nuid>.<seq>: one subscription for the whole window.
         self._ack_prefix = nc.new_inbox()
         await nc.subscribe(self._ack_prefix + ".*", cb=self._on_ack)
+        if self.control is not None:
+            await nc.subscribe(
+                control_subject(self.gateway_id),
+                cb=self._on_control,
+                pending_msgs_limit=MAX_PENDING,
+                pending_bytes_limit=PENDING_BYTES,
+            )
         while not self._stopping:
             if not nc.is_connected:
                 log.warning("fleet: %s lost the hub; reconnecting", self.gateway_id)
@@ -365,6 +389,31 @@ class Forwarder:
             item.future.set_exception(StreamError(f"hub refused: {body['error']}"))
         else:
             item.future.set_result(int(body.get("seq", 0)))
+
+    async def _on_control(self, msg: Msg) -> None:
+        """A control request from the hub: queued for the service loop, or refused at once."""
+        if self.control is None or not msg.reply:
+            log.warning("fleet: %s got a control message with no reply subject", self.gateway_id)
+            return
+        answer = self.control.offer(msg.data, msg.reply, self._connection_id)
+        if answer is not None:
+            await msg.respond(answer)
+
+    def _send_reply(self, connection: int, subject: str, data: bytes) -> None:
+        """The control inbox's reply path (called from the service loop's thread)."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the forwarder stopped
+            asyncio.run_coroutine_threadsafe(self._reply(connection, subject, data), self._loop)
+
+    async def _reply(self, connection: int, subject: str, data: bytes) -> None:
+        nc = self._nc
+        if nc is None or connection != self._connection_id or not nc.is_connected:
+            # The requester times out and may ask again; the change itself is journaled.
+            log.warning("fleet: %s lost a control reply with its connection", self.gateway_id)
+            return
+        try:
+            await nc.publish(subject, data)
+        except nats.errors.Error as err:
+            log.warning("fleet: %s could not send a control reply: %s", self.gateway_id, err)
 
     async def _wait(self) -> None:
         """Until the oldest publish is answered, the journal grows, or the ack timeout nears."""

@@ -22,6 +22,7 @@ from desanet.gateway.roles import Roles
 from desanet.meter.fleet import FleetConnection, gateway_inbox
 from desanet.meter.fleet_control import ControlInbox
 from desanet.meter.fleet_forward import Forwarder, ForwarderConfig
+from desanet.meter.journal import Retention
 from desanet.meter.poll import CounterReader, CounterSource
 from desanet.meter.service import MeterService, StreamConfig
 from desanet.shaper.apply import Shaper, upload_ifb_name
@@ -45,7 +46,9 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
     meter = MeterService(
         config.gateway_id,
         config.state_dir,
-        StreamConfig(config.publish.usage, config.publish.replay, roles.read),
+        StreamConfig(
+            config.publish.usage, config.publish.replay, roles.read, retention=retention(config)
+        ),
         slot_owners,
     )
     try:
@@ -73,6 +76,13 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
     )
 
 
+def retention(config: Config) -> Retention:
+    """How long the journal keeps messages: `[fleet] retention` (days) with a hub."""
+    if config.fleet is None:
+        return Retention()
+    return Retention(max_age_s=config.fleet.retention_ms / 1000)
+
+
 def outbound_parts(config: Config, meter: MeterService) -> list[OutboundPort]:
     """The journal's consumers the configuration asks for: the fleet forwarder with `[fleet]`.
 
@@ -96,6 +106,8 @@ def outbound_parts(config: Config, meter: MeterService) -> list[OutboundPort]:
         ForwarderConfig(window=fleet.window),
         control=ControlInbox(MAX_REQUEST_BYTES) if fleet.control else None,
     )
+    # Retention never drops what the hub has not acknowledged (below its hard size cap).
+    meter.journal.hold(forwarder.delivered_seq)
     return [forwarder]
 
 

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from desanet.errors import StreamError
+from desanet.meter.compact import CompactionPolicy, compact_journal
 from desanet.meter.fleet import (
     MSG_ID_HEADER,
     FleetConnection,
@@ -66,6 +67,11 @@ class ForwarderConfig:
     save_interval_s: float = 0.5
     stop_grace_s: float = 2.0
     retry_s: float = 1.0
+    # Journal compaction (meter.compact) every this many s; None: never.
+    compact_every_s: float | None = 60.0
+    compaction: CompactionPolicy = field(default_factory=CompactionPolicy)
+    # The sent mark is raised this far ahead at a time: one fsync per this many publishes.
+    sent_ahead: int = 4096
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,8 @@ class ForwarderStatus:
     max_in_flight: int = 0
     published: int = 0
     republished: int = 0
+    compacted_groups: int = 0
+    compacted_bytes: int = 0
     last_error: str | None = None
 
 
@@ -119,6 +127,13 @@ class Forwarder:
         self._options = connection.connect_options()  # bad credentials or CA fail here
         self._cursor = Cursor.load(self.cursor_path)
         self._saved = self._cursor
+        self._loaded = self._cursor
+        self._sent = 0  # set at resume: at or above every seq published in this journal life
+        self._saved_sent: int | None = Cursor.load_sent(self.cursor_path)
+        self._compacting = False
+        self._resumed = False
+        self._finished: set[int] = set()
+        self._compact_task: asyncio.Task[None] | None = None
         self._status = ForwarderStatus(acked_seq=self._cursor.seq)
         self._status_lock = threading.Lock()
         self.control = control
@@ -182,6 +197,10 @@ class Forwarder:
         """Every message up to this seq is on the hub: journal retention may drop them."""
         return self.status().acked_seq
 
+    def delivered_seq(self) -> int:
+        """What the journal must keep beyond (Journal.hold): 0 until resumed in this journal."""
+        return self.acked_seq if self._resumed else 0
+
     def wait_acked(self, seq: int, timeout_s: float) -> bool:
         """Block until every message up to `seq` is acknowledged, or `timeout_s` passed."""
         deadline = time.monotonic() + timeout_s
@@ -233,7 +252,11 @@ class Forwarder:
             resume, self.journal, self._cursor, self._fallback_epoch
         )
         self._next_seq = self._cursor.seq + 1
+        self._sent = self._resumed_sent()
         self._set_status(acked_seq=self._cursor.seq)
+        self._resumed = True
+        if self.config.compact_every_s is not None:
+            self._compact_task = asyncio.ensure_future(self._compact_loop())
         try:
             while not self._stopping:
                 self._nc = nc = await self._connect()
@@ -249,7 +272,74 @@ class Forwarder:
                     await nc.close()
                     self._set_status(connected=False, server=None)
         finally:
+            if self._compact_task is not None:
+                self._compact_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._compact_task
             self._save()
+
+    def _resumed_sent(self) -> int:
+        """The sent mark of the journal life resumed (Cursor.save says what it is for)."""
+        loaded, cursor = self._loaded, self._cursor
+        if loaded.epoch is None or loaded.epoch != cursor.epoch:
+            return cursor.seq  # a new life: nothing of it was published
+        if self._saved_sent is None:
+            return max(cursor.seq, self.journal.last_seq)  # unknown: assume all of it
+        return max(cursor.seq, self._saved_sent)
+
+    def _raise_sent(self, upto: int) -> None:
+        """Durably move the sent mark to at least `upto` before anything up to it is read."""
+        if upto > self._sent:
+            self._sent = upto + self.config.sent_ahead
+            self._save(force=True)
+
+    async def _compact_loop(self) -> None:
+        """Every compact_every_s: compact the journal above the sent mark, publishing paused."""
+        every = self.config.compact_every_s or 60.0
+        while not self._stopping:
+            await asyncio.sleep(every)
+            self._compacting = True  # no read starts until it is done; the sent mark holds
+            try:
+                result = await asyncio.to_thread(
+                    compact_journal,
+                    self.journal,
+                    int(time.time() * 1000),
+                    self._sent,
+                    self._finished,
+                    self.config.compaction,
+                )
+            except StreamError as err:
+                log.error("fleet: journal compaction failed: %s", err)
+                continue
+            finally:
+                self._compacting = False
+                self._wake.set()
+            if result.groups:
+                st = self.status()
+                self._set_status(
+                    compacted_groups=st.compacted_groups + result.groups,
+                    compacted_bytes=st.compacted_bytes + result.bytes_saved,
+                )
+                log.info(
+                    "fleet: compacted %d minutes of backlog in %d segments, %d bytes freed",
+                    result.groups,
+                    result.segments,
+                    result.bytes_saved,
+                )
+
+    def compact_now(self, now_ms: int) -> int:
+        """One compaction pass as of `now_ms` from the caller's thread (tests, benchmarks).
+
+        Only while the forwarder is not running; returns the groups merged.
+        """
+        if self.running():
+            raise StreamError("compact_now: stop the forwarder first")
+        cursor = resume(self.journal, self._cursor, self._fallback_epoch)
+        self._cursor, self._sent = cursor, self._resumed_sent()
+        result = compact_journal(
+            self.journal, now_ms, self._sent, self._finished, self.config.compaction
+        )
+        return result.groups
 
     async def _connect(self) -> Client | None:
         """A new connection to the first hub server that answers; None when stopping.
@@ -325,7 +415,10 @@ class Forwarder:
     async def _fill(self, nc: Client) -> None:
         cfg = self.config
         while len(self._in_flight) < cfg.window and self._next_seq <= self.journal.last_seq:
+            if self._compacting:
+                return  # woken when it is done
             want = min(cfg.read_batch, cfg.window - len(self._in_flight))
+            self._raise_sent(self._next_seq + want - 1)
             records = await asyncio.to_thread(self.journal.read, self._next_seq, want)
             if not records:
                 return
@@ -469,11 +562,11 @@ class Forwarder:
             if len(self._in_flight) == before:
                 return  # refused or timed out: the next start resends it
 
-    def _save(self) -> None:
+    def _save(self, force: bool = False) -> None:
         """Write the cursor if it moved (fsync'd: after a crash, resending starts here)."""
-        if self._cursor != self._saved:
-            self._cursor.save(self.cursor_path)
-            self._saved = self._cursor
+        if force or self._cursor != self._saved:
+            self._cursor.save(self.cursor_path, self._sent)
+            self._saved, self._saved_sent = self._cursor, self._sent
         self._last_save = time.monotonic()
 
     async def _on_error(self, err: Exception) -> None:

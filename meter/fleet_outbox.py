@@ -48,9 +48,28 @@ class Cursor:
             raise StreamError(f"fleet cursor {path} holds {body!r}, not an epoch and a seq")
         return cls(epoch, seq)
 
-    def save(self, path: Path) -> None:
-        """Replace the cursor file durably (fsync'd before this returns)."""
-        replace_atomically(path, json.dumps({"epoch": self.epoch, "seq": self.seq}).encode())
+    def save(self, path: Path, sent: int | None = None) -> None:
+        """Replace the cursor file durably (fsync'd before this returns).
+
+        `sent`: the mark at or above every seq ever published in this epoch (the
+        forwarder raises it before publishing beyond it); compaction merges only
+        above it, so no group the hub may hold a part of is rewritten.
+        """
+        body: dict[str, object] = {"epoch": self.epoch, "seq": self.seq}
+        if sent is not None:
+            body["sent"] = sent
+        replace_atomically(path, json.dumps(body).encode())
+
+    @staticmethod
+    def load_sent(path: Path) -> int | None:
+        """The saved sent mark (see `save`), or None when the file has none."""
+        try:
+            sent = json.loads(Path(path).read_text()).get("sent")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            raise StreamError(f"fleet cursor {path} is unreadable ({err})") from None
+        return sent if isinstance(sent, int) and sent >= 0 else None
 
 
 def message_epoch(message: bytes, fallback: str | None) -> str:

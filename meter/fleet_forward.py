@@ -49,7 +49,7 @@ from desanet.meter.fleet import (
     usage_subject,
 )
 from desanet.meter.fleet_control import MAX_PENDING, PENDING_BYTES, ControlInbox
-from desanet.meter.fleet_outbox import Cursor, message_epoch, resume
+from desanet.meter.fleet_outbox import Cursor, message_meta, resume
 from desanet.meter.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class ForwarderConfig:
     """How hard the forwarder pushes: publishes in flight, journal read size, timeouts."""
 
     window: int = 1024
+    # Bytes in flight at most: a 2 Mbit/s link carries 1 MiB in 4 s, well inside ack_timeout_s.
+    window_bytes: int = 1 << 20
     read_batch: int = 256
     ack_timeout_s: float = 10.0
     save_interval_s: float = 0.5
@@ -95,6 +97,7 @@ class _InFlight:
     epoch: str
     future: asyncio.Future[int]  # the stream seq JetStream stored it at
     sent: float
+    size: int = 0
 
 
 class Forwarder:
@@ -157,6 +160,7 @@ class Forwarder:
         self._server_index = 0
         self._refused = False
         self._in_flight: dict[int, _InFlight] = {}  # insertion order is seq order
+        self._in_flight_bytes = 0
         self._next_seq = 1
         self._last_save = 0.0
 
@@ -414,7 +418,11 @@ class Forwarder:
 
     async def _fill(self, nc: Client) -> None:
         cfg = self.config
-        while len(self._in_flight) < cfg.window and self._next_seq <= self.journal.last_seq:
+        while (
+            len(self._in_flight) < cfg.window
+            and self._in_flight_bytes < cfg.window_bytes
+            and self._next_seq <= self.journal.last_seq
+        ):
             if self._compacting:
                 return  # woken when it is done
             want = min(cfg.read_batch, cfg.window - len(self._in_flight))
@@ -435,7 +443,17 @@ class Forwarder:
         """Publish `records` in order; False if the connection refused one (left for a rewind)."""
         sent, ok = 0, True
         for seq, message in records:
-            epoch = message_epoch(message, self._fallback_epoch)
+            epoch, placeholder = message_meta(message, self._fallback_epoch)
+            if placeholder:
+                # Nothing to send: the merged message of its minute, later in seq order,
+                # names this seq; on a rewind the resend starts at that message at the latest.
+                done: asyncio.Future[int] = self._loop.create_future()
+                done.set_result(0)
+                self._in_flight[seq] = _InFlight(epoch, done, time.monotonic())
+                self._next_seq = seq + 1
+                continue
+            if self._in_flight_bytes >= self.config.window_bytes:
+                break  # the rest of this read is read again once acks free the window
             headers = {MSG_ID_HEADER: message_id(self.gateway_id, epoch, seq)}
             if not nc.is_connected:
                 ok = False  # gone since the last check: resent on the next connection
@@ -449,7 +467,9 @@ class Forwarder:
                 log.debug("fleet: publish of seq %d deferred: %s", seq, err)
                 ok = False
                 break
-            self._in_flight[seq] = _InFlight(epoch, self._loop.create_future(), time.monotonic())
+            future = self._loop.create_future()
+            self._in_flight[seq] = _InFlight(epoch, future, time.monotonic(), len(message))
+            self._in_flight_bytes += len(message)
             self._next_seq = seq + 1
             sent += 1
         st = self.status()
@@ -533,6 +553,7 @@ class Forwarder:
                 self._refused = True
                 break
             del self._in_flight[seq]
+            self._in_flight_bytes -= item.size
             cursor = Cursor(item.epoch, seq)
         if cursor != self._cursor:
             self._cursor = cursor
@@ -547,6 +568,7 @@ class Forwarder:
         for item in self._in_flight.values():
             item.future.cancel()
         self._in_flight.clear()
+        self._in_flight_bytes = 0
         self._next_seq = self._cursor.seq + 1
         st = self.status()
         self._set_status(republished=st.republished + count, in_flight=0)

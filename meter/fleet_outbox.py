@@ -74,19 +74,31 @@ class Cursor:
 
 def message_epoch(message: bytes, fallback: str | None) -> str:
     """The `epoch` of an encoded usage message, or `fallback` for messages written before it."""
+    return message_meta(message, fallback)[0]
+
+
+def message_meta(message: bytes, fallback: str | None) -> tuple[str, bool]:
+    """(epoch, whether it is an empty message of a merged minute) of an encoded usage message.
+
+    The empty messages compaction leaves (meter.compact, key `merged_into`) are not
+    sent to the hub: the merged message names their seqs in its `merged` range.
+    """
     try:
         body = msgpack.unpackb(message, raw=False)
     except (ValueError, TypeError, msgpack.UnpackException) as err:
         raise StreamError(f"journaled message is not valid msgpack: {err}") from None
-    epoch = body.get("epoch") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        body = {}
+    epoch = body.get("epoch")
+    placeholder = "merged_into" in body
     if isinstance(epoch, str) and epoch:
-        return epoch
+        return epoch, placeholder
     if fallback is None:
         raise StreamError(
             "journaled usage message has no epoch and the forwarder was given none: "
             "it cannot name the message for the hub"
         )
-    return fallback
+    return fallback, placeholder
 
 
 def resume(journal: Journal, cursor: Cursor, fallback_epoch: str | None) -> Cursor:

@@ -376,8 +376,10 @@ class Journal:
     def rewrite_segment(self, first_seq: int, records: Sequence[tuple[int, bytes, bytes]]) -> int:
         """Replace sealed segment `first_seq` by `records`, the same seqs; returns bytes saved.
 
-        Written beside it and renamed over it (fsync'd both), keeping its mtime, which
-        the age limit reads: a crash leaves either the old segment or the new one.
+        Written beside it (without the lock: appends and reads go on) and renamed over it
+        (fsync'd both), keeping its mtime, which the age limit reads: a crash leaves
+        either the old segment or the new one. A segment retention removed meanwhile
+        stays removed (0 saved).
         """
         with self._lock:
             seg = next((s for s in self._segments[:-1] if s.first_seq == first_seq), None)
@@ -389,31 +391,33 @@ class Journal:
                     "rewrite does not hold exactly its seqs; nothing was changed"
                 )
             header = encode_segment_header(self.epoch)
-            chunks, offsets, size = [header], array("Q"), len(header)
-            for seq, message, state in records:
-                record = encode_record(seq, message, state)
-                offsets.append(size)
-                chunks.append(record)
-                size += len(record)
-            tmp = seg.path.with_name(seg.path.name + ".new")
-            try:
+        chunks, offsets, size = [header], array("Q"), len(header)
+        for seq, message, state in records:
+            record = encode_record(seq, message, state)
+            offsets.append(size)
+            chunks.append(record)
+            size += len(record)
+        tmp = seg.path.with_name(seg.path.name + ".new")
+        try:
+            with open(tmp, "wb", opener=lambda p, f: os.open(p, f, PRIVATE)) as out:
+                out.write(b"".join(chunks))
+                out.flush()
+                os.fsync(out.fileno())
+            with self._lock:
+                if not any(s is seg for s in self._segments[:-1]):
+                    tmp.unlink()
+                    return 0
                 stat = seg.path.stat()
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE)
-                try:
-                    os.write(fd, b"".join(chunks))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
                 os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
                 os.replace(tmp, seg.path)
                 fsync_dir(self.directory)
-            except OSError as err:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise StreamError(f"cannot rewrite journal segment {seg.path}: {err}") from err
-            saved = seg.size - size
-            seg.offsets, seg.size = offsets, size
-            return saved
+                saved = seg.size - size
+                seg.offsets, seg.size = offsets, size
+                return saved
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StreamError(f"cannot rewrite journal segment {seg.path}: {err}") from err
 
     def prune(self, checkpoint_seq: int) -> list[Path]:
         """Delete the oldest segments beyond retention that `checkpoint_seq` covers."""

@@ -331,20 +331,6 @@ class Forwarder:
                     result.bytes_saved,
                 )
 
-    def compact_now(self, now_ms: int) -> int:
-        """One compaction pass as of `now_ms` from the caller's thread (tests, benchmarks).
-
-        Only while the forwarder is not running; returns the groups merged.
-        """
-        if self.running():
-            raise StreamError("compact_now: stop the forwarder first")
-        cursor = resume(self.journal, self._cursor, self._fallback_epoch)
-        self._cursor, self._sent = cursor, self._resumed_sent()
-        result = compact_journal(
-            self.journal, now_ms, self._sent, self._finished, self.config.compaction
-        )
-        return result.groups
-
     async def _connect(self) -> Client | None:
         """A new connection to the first hub server that answers; None when stopping.
 

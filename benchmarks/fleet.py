@@ -20,7 +20,7 @@ catchup_7d_s: that week of compacted backlog (167 compacted hours, built from
 the compacted sample hour, and the raw last hour) delivered by the real
 forwarder to a nats-server hub over an emulated 2 Mbit/s link with 300 ms each
 way (600 ms round trip), from the forwarder's start until the hub acknowledged
-the last seq. The link is benchmarks/slowlink.py, a rate-limiting, delaying
+the last seq. The link is tests/fleet_slowlink.py, a rate-limiting, delaying
 TCP proxy on loopback: this kernel has no netem, and the VM tier (which has)
 runs under TCG, far too slow to carry a week of backlog through TLS.
 
@@ -42,7 +42,6 @@ import msgpack
 import numpy as np
 
 from desanet.benchmarks.common import Report, parse_args
-from desanet.benchmarks.slowlink import LinkShape, SlowLink
 from desanet.cython_ext.usage import UsageInterval
 from desanet.meter.compact import compact_records
 from desanet.meter.fleet import FleetConnection, gateway_inbox
@@ -256,6 +255,7 @@ def write_backlog(
 def catchup_run(directory: Path, quick: bool) -> dict[str, Any]:
     """A week's compacted backlog (quick: minutes) through the slow link to a hub; timed."""
     from tests.fleet_harness import fleet_hub, read_stream
+    from tests.fleet_slowlink import LinkShape, SlowLink
 
     subscribers, sample_s, copies, raw_s = CATCHUP_QUICK if quick else CATCHUP_FULL
     sample = compacted_sample(subscribers, sample_s)

@@ -8,19 +8,22 @@ taken is refused first.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from desanet.clock import SteadyClock
 from desanet.ebpf import abi, bpffs
 from desanet.gateway.config import Config
-from desanet.gateway.control import ControlEndpoint
+from desanet.gateway.control import MAX_REQUEST_BYTES, ControlEndpoint
 from desanet.gateway.datapath_commands import SpawnedDatapath
-from desanet.gateway.parts import OutboundPort, Parts
+from desanet.gateway.fleet_control import FleetControl
+from desanet.gateway.parts import ControlPort, OutboundPort, Parts
 from desanet.gateway.radius_part import RadiusPart
 from desanet.gateway.roles import Roles
 from desanet.meter.fleet import FleetConnection, gateway_inbox
+from desanet.meter.fleet_control import ControlInbox
 from desanet.meter.fleet_forward import Forwarder, ForwarderConfig
+from desanet.meter.journal import Retention
 from desanet.meter.poll import CounterReader, CounterSource
 from desanet.meter.service import MeterService, StreamConfig
 from desanet.shaper.apply import Shaper, upload_ifb_name
@@ -44,12 +47,15 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
     meter = MeterService(
         config.gateway_id,
         config.state_dir,
-        StreamConfig(config.publish.usage, config.publish.replay, roles.read),
+        StreamConfig(
+            config.publish.usage, config.publish.replay, roles.read, retention=retention(config)
+        ),
         slot_owners,
     )
     try:
-        endpoint = ControlEndpoint(config.control.endpoint, roles.control)
+        local = ControlEndpoint(config.control.endpoint, roles.control)
         outbound = outbound_parts(config, meter)
+        endpoint = control_port(local, outbound)
         radius = radius_part(config, meter)  # last: nothing after it can fail and leave it bound
         outbound = [*outbound, *([radius] if radius else [])]
     except BaseException:
@@ -74,6 +80,13 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
     )
 
 
+def retention(config: Config) -> Retention:
+    """How long the journal keeps messages: `[fleet] retention` (days) with a hub."""
+    if config.fleet is None:
+        return Retention()
+    return Retention(max_age_s=config.fleet.retention_ms / 1000)
+
+
 def outbound_parts(config: Config, meter: MeterService) -> list[OutboundPort]:
     """The journal's consumers the configuration asks for: the fleet forwarder with `[fleet]`.
 
@@ -95,7 +108,10 @@ def outbound_parts(config: Config, meter: MeterService) -> list[OutboundPort]:
         config.state_dir / FLEET_CURSOR,
         connection,
         ForwarderConfig(window=fleet.window),
+        control=ControlInbox(MAX_REQUEST_BYTES) if fleet.control else None,
     )
+    # Retention never drops what the hub has not acknowledged (below its hard size cap).
+    meter.journal.hold(forwarder.delivered_seq)
     return [forwarder]
 
 
@@ -104,6 +120,14 @@ def radius_part(config: Config, meter: MeterService) -> RadiusPart | None:
     if config.radius is None:
         return None
     return RadiusPart(config, config.radius, meter.journal)
+
+
+def control_port(local: ControlEndpoint, outbound: Sequence[OutboundPort]) -> ControlPort:
+    """The local endpoint, joined by the hub's requests when a forwarder takes them."""
+    for port in outbound:
+        if isinstance(port, Forwarder) and port.control is not None:
+            return FleetControl(local, port.control)
+    return local
 
 
 def steady_clock(meter: MeterService, **sources: Any) -> SteadyClock:

@@ -91,6 +91,10 @@ class FleetConfig:
     credentials: Path
     ca: Path | None = None
     window: int = 1024
+    # Serve control requests from the hub's billing users on desanet.control.<id>.
+    control: bool = True
+    # The journal keeps this long (compacted past an hour) what the hub has not acknowledged.
+    retention_ms: float = 7 * 86_400_000.0
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,7 @@ _SCHEMA: dict[str, tuple[set[str], set[str]]] = {
     "metrics": (set(), {"listen", "allow_remote"}),
     "subscribers": ({"file"}, {"settle", "grace"}),
     "policy": (set(), {"unprovisioned", "wall_down", "wall_up", "allow_share"}),
-    "fleet": ({"servers", "credentials"}, {"ca", "window"}),
+    "fleet": ({"servers", "credentials"}, {"ca", "window", "control", "retention"}),
     "radius": (
         {"servers", "secret_file"},
         {"interim", "nas_ip", "coa_listen", "coa_clients", "disconnect"},
@@ -405,11 +409,19 @@ def _fleet(
     if not 1 <= window <= 65_536:
         raise loc.error("fleet", "window", f"{window} must be 1 to 65536 publishes in flight")
     ca = doc["fleet"].get("ca")
+    try:
+        retention_ms = parse_duration_ms(get("fleet", "retention", str, "7d"))
+    except ValidationError as err:
+        raise loc.error("fleet", "retention", str(err)) from None
+    if retention_ms < 86_400_000:
+        raise loc.error("fleet", "retention", "keep at least 1d: an outage lasts a weekend")
     return FleetConfig(
         servers=tuple(servers),
         credentials=base / get("fleet", "credentials", str),
         ca=base / get("fleet", "ca", str) if ca is not None else None,
         window=window,
+        control=get("fleet", "control", bool, True),
+        retention_ms=retention_ms,
     )
 
 

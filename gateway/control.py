@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -65,19 +65,26 @@ class ControlEndpoint:
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.limiter.bound(self.endpoint)
         self._request_cost_s = 0.001  # seconds per request, measured batch by batch
+        self._watched: list[int] = []
+
+    def watch(self, fd: int) -> None:
+        """Also end `wait()` when `fd` is readable (requests queued elsewhere, fleet_control)."""
+        self._watched.append(fd)
 
     def wait(self, timeout_ms: int) -> bool:
         """Wait up to `timeout_ms` for a request; True when one is waiting."""
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.limiter.monitor, zmq.POLLIN)
+        for fd in self._watched:
+            poller.register(fd, zmq.POLLIN)
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
             ready = dict(poller.poll(left_ms))
             if self.limiter.monitor in ready:
                 self.limiter.handle()  # connections come and go: keep waiting for a request
-            if self.sock in ready:
+            if self.sock in ready or any(fd in ready for fd in self._watched):
                 return True
             if left_ms == 0:
                 return False
@@ -120,28 +127,16 @@ class ControlEndpoint:
                     "error": "malformed: one body frame expected",
                 }
             else:
-                bodies.append(_unpack(body[0]))
+                bodies.append(unpack_request(body[0]))
         if not envelopes:
             return 0
-        answers = self._answers(handler, bodies)
+        answers = iter(answer_batch(handler, bodies))
         for index, envelope in enumerate(envelopes):
             reply = framing[index] if index in framing else next(answers)
-            self.sock.send_multipart([*envelope, _pack(reply)])
+            self.sock.send_multipart([*envelope, pack_reply(reply)])
         cost = (time.monotonic() - started) / len(envelopes)
         self._request_cost_s = (self._request_cost_s + cost) / 2
         return len(envelopes)
-
-    def _answers(self, handler: BatchHandler, bodies: list[object]) -> Iterator[Any]:
-        if not bodies:
-            return iter(())
-        try:
-            replies = list(handler(bodies))
-            if len(replies) != len(bodies):
-                raise ControlError(f"{len(replies)} replies for {len(bodies)} requests")
-        except Exception as err:
-            log.error("control request failed inside the gateway: %s: %s", type(err).__name__, err)
-            replies = [_internal_error(err)] * len(bodies)
-        return iter(replies)
 
     def close(self) -> None:
         """Close the socket and stop the authenticator."""
@@ -154,11 +149,29 @@ class ControlEndpoint:
         self.ctx.term()
 
 
+def answer_batch(handler: BatchHandler, bodies: list[object]) -> list[Any]:
+    """One reply per decoded request; a failing handler answers each with an internal error.
+
+    The boundary of a batch for every transport (ZeroMQ here, NATS in fleet_control).
+    """
+    if not bodies:
+        return []
+    try:
+        replies = list(handler(bodies))
+        if len(replies) != len(bodies):
+            raise ControlError(f"{len(replies)} replies for {len(bodies)} requests")
+    except Exception as err:
+        log.error("control request failed inside the gateway: %s: %s", type(err).__name__, err)
+        replies = [_internal_error(err)] * len(bodies)
+    return replies
+
+
 def _internal_error(err: Exception) -> dict[str, Any]:
     return {"ok": False, "error": f"internal error ({type(err).__name__}); see the log"}
 
 
-def _pack(reply: Any) -> bytes:
+def pack_reply(reply: Any) -> bytes:
+    """The msgpack bytes of a reply map (an internal error's if it cannot be packed)."""
     try:
         return bytes(msgpack.packb(reply))
     except Exception as err:
@@ -166,7 +179,8 @@ def _pack(reply: Any) -> bytes:
         return bytes(msgpack.packb(_internal_error(err)))
 
 
-def _unpack(body: bytes) -> object:
+def unpack_request(body: bytes) -> object:
+    """The decoded request map, or MALFORMED (decide() refuses it with an error reply)."""
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=True)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError):

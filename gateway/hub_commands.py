@@ -38,6 +38,12 @@ def register(subparsers: Any) -> None:
         metavar="NAME",
         help="collector user name (default: one named 'collector'); repeatable",
     )
+    init.add_argument(
+        "--billing",
+        action="append",
+        metavar="NAME",
+        help="billing user with the control role (desanet.control.*); repeatable",
+    )
     init.add_argument("--replicas", type=int, default=1, help="stream replicas (3 on a cluster)")
     init.add_argument("--tls-cert", type=Path, help="the hub's TLS certificate (PEM)")
     init.add_argument("--tls-key", type=Path, help="the hub's TLS private key (PEM)")
@@ -76,10 +82,14 @@ def cmd_hub_init(args: argparse.Namespace) -> int:
         tls,
         collectors=args.collector or ("collector",),
         replicas=args.replicas,
+        billing=args.billing or (),
     )
     print(f"nats-server fragment: {files.config} (include it on every hub node)")
     print(f"stream definition: {files.stream}")
-    print(f"{len(files.gateways)} gateway keys, {len(files.created)} new:")
+    print(
+        f"{len(files.gateways)} gateway keys, {len(files.billing)} billing keys, "
+        f"{len(files.created)} new:"
+    )
     for path in files.created:
         print(f"  new key {path}")
     if tls is None:

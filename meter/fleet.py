@@ -11,7 +11,8 @@ written once (DESIGN.md, "Fleet"):
 - control requests reach gateway `gw` on `desanet.control.<gw>`;
 - collectors share the durable pull consumer `desanet-collector`;
 - a gateway's reply inbox is `_INBOX.gw.<gw>`, a collector's `_INBOX.hub.<name>`,
-  so permissions can let each read its own acknowledgements and nobody else's.
+  a billing user's `_INBOX.billing.<name>`, so permissions can let each read its
+  own acknowledgements and replies and nobody else's.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def control_subject(gateway_id: str) -> str:
 def gateway_inbox(gateway_id: str) -> str:
     """The reply-subject prefix of a gateway (JetStream acks and request replies come here)."""
     return f"{INBOX_ROOT}.gw.{check_gateway_id(gateway_id)}"
+
+
+def billing_inbox(name: str) -> str:
+    """The reply-subject prefix of billing user `name` (its control requests' replies)."""
+    return f"{INBOX_ROOT}.billing.{check_collector_name(name)}"
 
 
 def check_collector_name(name: str) -> str:

@@ -13,10 +13,12 @@ idempotent on (gw, epoch, seq, sub) beyond it.
 
 Async beside a sync loop: one nats-py client whose event loop runs in this
 object's own thread. The service loop only calls `notify()` after it journals
-(a non-blocking wake-up), reads `status()`, and calls `stop()`; nothing else
-crosses the thread boundary. Where to resume in the journal is
-fleet_outbox's job. (Over 400 lines: the window, the acks and the reconnects
-share one event loop's state; split, each part would reach into the others.)
+(a non-blocking wake-up), reads `status()`, and calls `stop()`; with a control
+inbox (fleet_control) the same connection also takes the gateway's control
+requests, which cross to the service loop through that inbox's queue only.
+Where to resume in the journal is fleet_outbox's job. (Over 400 lines: the
+window, the acks, the reconnects and the control replies share one event
+loop's state; split, each part would reach into the others.)
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +40,16 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from desanet.errors import StreamError
-from desanet.meter.fleet import MSG_ID_HEADER, FleetConnection, message_id, usage_subject
-from desanet.meter.fleet_outbox import Cursor, message_epoch, resume
+from desanet.meter.compact import CompactionPolicy, compact_journal
+from desanet.meter.fleet import (
+    MSG_ID_HEADER,
+    FleetConnection,
+    control_subject,
+    message_id,
+    usage_subject,
+)
+from desanet.meter.fleet_control import MAX_PENDING, PENDING_BYTES, ControlInbox
+from desanet.meter.fleet_outbox import Cursor, message_meta, resume
 from desanet.meter.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -52,11 +62,18 @@ class ForwarderConfig:
     """How hard the forwarder pushes: publishes in flight, journal read size, timeouts."""
 
     window: int = 1024
+    # Bytes in flight at most: a 2 Mbit/s link carries 1 MiB in 4 s, well inside ack_timeout_s.
+    window_bytes: int = 1 << 20
     read_batch: int = 256
     ack_timeout_s: float = 10.0
     save_interval_s: float = 0.5
     stop_grace_s: float = 2.0
     retry_s: float = 1.0
+    # Journal compaction (meter.compact) every this many s; None: never.
+    compact_every_s: float | None = 60.0
+    compaction: CompactionPolicy = field(default_factory=CompactionPolicy)
+    # The sent mark is raised this far ahead at a time: one fsync per this many publishes.
+    sent_ahead: int = 4096
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,8 @@ class ForwarderStatus:
     max_in_flight: int = 0
     published: int = 0
     republished: int = 0
+    compacted_groups: int = 0
+    compacted_bytes: int = 0
     last_error: str | None = None
 
 
@@ -78,6 +97,7 @@ class _InFlight:
     epoch: str
     future: asyncio.Future[int]  # the stream seq JetStream stored it at
     sent: float
+    size: int = 0
 
 
 class Forwarder:
@@ -92,8 +112,11 @@ class Forwarder:
         config: ForwarderConfig | None = None,
         epoch: str | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        control: ControlInbox | None = None,
     ) -> None:
         """`loop`: run on this event loop (running in another thread) instead of an own one.
+
+        `control`: serve `desanet.control.<gateway id>` into this inbox on every connection.
 
         A gateway has one forwarder with its own loop and thread; the fleet simulator
         runs hundreds of gateways' forwarders on one loop.
@@ -107,8 +130,18 @@ class Forwarder:
         self._options = connection.connect_options()  # bad credentials or CA fail here
         self._cursor = Cursor.load(self.cursor_path)
         self._saved = self._cursor
+        self._loaded = self._cursor
+        self._sent = 0  # set at resume: at or above every seq published in this journal life
+        self._saved_sent: int | None = Cursor.load_sent(self.cursor_path)
+        self._compacting = False
+        self._resumed = False
+        self._finished: set[int] = set()
+        self._compact_task: asyncio.Task[None] | None = None
         self._status = ForwarderStatus(acked_seq=self._cursor.seq)
         self._status_lock = threading.Lock()
+        self.control = control
+        if control is not None:
+            control.bind(self._send_reply)
         self._failure: BaseException | None = None
         self._own_loop = loop is None
         self._loop = loop or asyncio.new_event_loop()
@@ -122,10 +155,12 @@ class Forwarder:
         self._outage_logged = False
         self._task: asyncio.Task[None] | None = None
         self._nc: Client | None = None
+        self._connection_id = 0  # a control reply goes back only on the connection it came on
         self._ack_prefix = ""
         self._server_index = 0
         self._refused = False
         self._in_flight: dict[int, _InFlight] = {}  # insertion order is seq order
+        self._in_flight_bytes = 0
         self._next_seq = 1
         self._last_save = 0.0
 
@@ -165,6 +200,10 @@ class Forwarder:
     def acked_seq(self) -> int:
         """Every message up to this seq is on the hub: journal retention may drop them."""
         return self.status().acked_seq
+
+    def delivered_seq(self) -> int:
+        """What the journal must keep beyond (Journal.hold): 0 until resumed in this journal."""
+        return self.acked_seq if self._resumed else 0
 
     def wait_acked(self, seq: int, timeout_s: float) -> bool:
         """Block until every message up to `seq` is acknowledged, or `timeout_s` passed."""
@@ -217,12 +256,17 @@ class Forwarder:
             resume, self.journal, self._cursor, self._fallback_epoch
         )
         self._next_seq = self._cursor.seq + 1
+        self._sent = self._resumed_sent()
         self._set_status(acked_seq=self._cursor.seq)
+        self._resumed = True
+        if self.config.compact_every_s is not None:
+            self._compact_task = asyncio.ensure_future(self._compact_loop())
         try:
             while not self._stopping:
                 self._nc = nc = await self._connect()
                 if nc is None:
                     return
+                self._connection_id += 1
                 try:
                     await self._serve(nc)
                 finally:
@@ -232,7 +276,60 @@ class Forwarder:
                     await nc.close()
                     self._set_status(connected=False, server=None)
         finally:
+            if self._compact_task is not None:
+                self._compact_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._compact_task
             self._save()
+
+    def _resumed_sent(self) -> int:
+        """The sent mark of the journal life resumed (Cursor.save says what it is for)."""
+        loaded, cursor = self._loaded, self._cursor
+        if loaded.epoch is None or loaded.epoch != cursor.epoch:
+            return cursor.seq  # a new life: nothing of it was published
+        if self._saved_sent is None:
+            return max(cursor.seq, self.journal.last_seq)  # unknown: assume all of it
+        return max(cursor.seq, self._saved_sent)
+
+    def _raise_sent(self, upto: int) -> None:
+        """Durably move the sent mark to at least `upto` before anything up to it is read."""
+        if upto > self._sent:
+            self._sent = upto + self.config.sent_ahead
+            self._save(force=True)
+
+    async def _compact_loop(self) -> None:
+        """Every compact_every_s: compact the journal above the sent mark, publishing paused."""
+        every = self.config.compact_every_s or 60.0
+        while not self._stopping:
+            await asyncio.sleep(every)
+            self._compacting = True  # no read starts until it is done; the sent mark holds
+            try:
+                result = await asyncio.to_thread(
+                    compact_journal,
+                    self.journal,
+                    int(time.time() * 1000),
+                    self._sent,
+                    self._finished,
+                    self.config.compaction,
+                )
+            except StreamError as err:
+                log.error("fleet: journal compaction failed: %s", err)
+                continue
+            finally:
+                self._compacting = False
+                self._wake.set()
+            if result.groups:
+                st = self.status()
+                self._set_status(
+                    compacted_groups=st.compacted_groups + result.groups,
+                    compacted_bytes=st.compacted_bytes + result.bytes_saved,
+                )
+                log.info(
+                    "fleet: compacted %d minutes of backlog in %d segments, %d bytes freed",
+                    result.groups,
+                    result.segments,
+                    result.bytes_saved,
+                )
 
     async def _connect(self) -> Client | None:
         """A new connection to the first hub server that answers; None when stopping.
@@ -272,6 +369,13 @@ class Forwarder:
         # Acks come back to <own inbox>.<nuid>.<seq>: one subscription for the whole window.
         self._ack_prefix = nc.new_inbox()
         await nc.subscribe(self._ack_prefix + ".*", cb=self._on_ack)
+        if self.control is not None:
+            await nc.subscribe(
+                control_subject(self.gateway_id),
+                cb=self._on_control,
+                pending_msgs_limit=MAX_PENDING,
+                pending_bytes_limit=PENDING_BYTES,
+            )
         while not self._stopping:
             if not nc.is_connected:
                 log.warning("fleet: %s lost the hub; reconnecting", self.gateway_id)
@@ -300,8 +404,15 @@ class Forwarder:
 
     async def _fill(self, nc: Client) -> None:
         cfg = self.config
-        while len(self._in_flight) < cfg.window and self._next_seq <= self.journal.last_seq:
+        while (
+            len(self._in_flight) < cfg.window
+            and self._in_flight_bytes < cfg.window_bytes
+            and self._next_seq <= self.journal.last_seq
+        ):
+            if self._compacting:
+                return  # woken when it is done
             want = min(cfg.read_batch, cfg.window - len(self._in_flight))
+            self._raise_sent(self._next_seq + want - 1)
             records = await asyncio.to_thread(self.journal.read, self._next_seq, want)
             if not records:
                 return
@@ -318,7 +429,17 @@ class Forwarder:
         """Publish `records` in order; False if the connection refused one (left for a rewind)."""
         sent, ok = 0, True
         for seq, message in records:
-            epoch = message_epoch(message, self._fallback_epoch)
+            epoch, placeholder = message_meta(message, self._fallback_epoch)
+            if placeholder:
+                # Nothing to send: the merged message of its minute, later in seq order,
+                # names this seq; on a rewind the resend starts at that message at the latest.
+                done: asyncio.Future[int] = self._loop.create_future()
+                done.set_result(0)
+                self._in_flight[seq] = _InFlight(epoch, done, time.monotonic())
+                self._next_seq = seq + 1
+                continue
+            if self._in_flight_bytes >= self.config.window_bytes:
+                break  # the rest of this read is read again once acks free the window
             headers = {MSG_ID_HEADER: message_id(self.gateway_id, epoch, seq)}
             if not nc.is_connected:
                 ok = False  # gone since the last check: resent on the next connection
@@ -332,7 +453,9 @@ class Forwarder:
                 log.debug("fleet: publish of seq %d deferred: %s", seq, err)
                 ok = False
                 break
-            self._in_flight[seq] = _InFlight(epoch, self._loop.create_future(), time.monotonic())
+            future = self._loop.create_future()
+            self._in_flight[seq] = _InFlight(epoch, future, time.monotonic(), len(message))
+            self._in_flight_bytes += len(message)
             self._next_seq = seq + 1
             sent += 1
         st = self.status()
@@ -366,6 +489,31 @@ class Forwarder:
         else:
             item.future.set_result(int(body.get("seq", 0)))
 
+    async def _on_control(self, msg: Msg) -> None:
+        """A control request from the hub: queued for the service loop, or refused at once."""
+        if self.control is None or not msg.reply:
+            log.warning("fleet: %s got a control message with no reply subject", self.gateway_id)
+            return
+        answer = self.control.offer(msg.data, msg.reply, self._connection_id)
+        if answer is not None:
+            await msg.respond(answer)
+
+    def _send_reply(self, connection: int, subject: str, data: bytes) -> None:
+        """The control inbox's reply path (called from the service loop's thread)."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the forwarder stopped
+            asyncio.run_coroutine_threadsafe(self._reply(connection, subject, data), self._loop)
+
+    async def _reply(self, connection: int, subject: str, data: bytes) -> None:
+        nc = self._nc
+        if nc is None or connection != self._connection_id or not nc.is_connected:
+            # The requester times out and may ask again; the change itself is journaled.
+            log.warning("fleet: %s lost a control reply with its connection", self.gateway_id)
+            return
+        try:
+            await nc.publish(subject, data)
+        except nats.errors.Error as err:
+            log.warning("fleet: %s could not send a control reply: %s", self.gateway_id, err)
+
     async def _wait(self) -> None:
         """Until the oldest publish is answered, the journal grows, or the ack timeout nears."""
         self._wake.clear()
@@ -391,6 +539,7 @@ class Forwarder:
                 self._refused = True
                 break
             del self._in_flight[seq]
+            self._in_flight_bytes -= item.size
             cursor = Cursor(item.epoch, seq)
         if cursor != self._cursor:
             self._cursor = cursor
@@ -405,6 +554,7 @@ class Forwarder:
         for item in self._in_flight.values():
             item.future.cancel()
         self._in_flight.clear()
+        self._in_flight_bytes = 0
         self._next_seq = self._cursor.seq + 1
         st = self.status()
         self._set_status(republished=st.republished + count, in_flight=0)
@@ -420,11 +570,11 @@ class Forwarder:
             if len(self._in_flight) == before:
                 return  # refused or timed out: the next start resends it
 
-    def _save(self) -> None:
+    def _save(self, force: bool = False) -> None:
         """Write the cursor if it moved (fsync'd: after a crash, resending starts here)."""
-        if self._cursor != self._saved:
-            self._cursor.save(self.cursor_path)
-            self._saved = self._cursor
+        if force or self._cursor != self._saved:
+            self._cursor.save(self.cursor_path, self._sent)
+            self._saved, self._saved_sent = self._cursor, self._sent
         self._last_save = time.monotonic()
 
     async def _on_error(self, err: Exception) -> None:

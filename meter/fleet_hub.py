@@ -10,10 +10,15 @@ For a list of gateway ids it writes, into one directory:
     gateways/<id>.nk        each gateway's NKEY seed (0600): copy it to that
                             gateway only; it is its `[fleet] credentials`
     collectors/<name>.nk    each collector's seed (0600)
+    billing/<name>.nk       each billing user's seed (0600): the control role
 
 A gateway may publish only `desanet.usage.<own id>` and subscribe only
 `desanet.control.<own id>` and its own reply inbox (JetStream acks come
 there); `allow_responses` lets it answer the control requests it received.
+A billing user (`--billing NAME`) holds the control role over NATS: it may
+publish `desanet.control.*` and read its own reply inbox, nothing else; the
+collectors (readers) and the gateways may publish no control subject, so only
+a user listed as billing can change a gateway from the hub.
 Running it again with more gateways keeps every existing seed, so the hub's
 configuration can be reloaded without touching gateways already deployed;
 a gateway left out of the list loses its access at the next reload.
@@ -34,7 +39,9 @@ from desanet.durable import create_private, replace_atomically
 from desanet.errors import ConfigError
 from desanet.meter.fleet import (
     CONSUMER,
+    CONTROL_PREFIX,
     STREAM,
+    billing_inbox,
     check_collector_name,
     collector_inbox,
     control_subject,
@@ -67,6 +74,7 @@ class HubFiles:
     stream: Path
     gateways: dict[str, Path] = field(default_factory=dict)
     collectors: dict[str, Path] = field(default_factory=dict)
+    billing: dict[str, Path] = field(default_factory=dict)
     created: list[Path] = field(default_factory=list)
 
 
@@ -100,6 +108,14 @@ def collector_permissions(name: str) -> dict[str, Any]:
     }
 
 
+def billing_permissions(name: str) -> dict[str, Any]:
+    """The control role: request any gateway's control subject, read its own replies."""
+    return {
+        "publish": {"allow": [CONTROL_PREFIX + "*"]},
+        "subscribe": {"allow": [billing_inbox(name) + ".>"]},
+    }
+
+
 def _seed(path: Path, created: list[Path]) -> str:
     """The public key of the seed in `path`, generating the seed if the file is new."""
     if path.exists():
@@ -123,11 +139,14 @@ def init_hub(
     tls: HubTLS | None,
     collectors: Sequence[str] = ("collector",),
     replicas: int = 1,
+    billing: Sequence[str] = (),
 ) -> HubFiles:
     """Write the hub's fragment, stream definition and seeds into `out_dir` (see module doc)."""
     ids = [check_gateway_id(g) for g in gateway_ids]
     names = [check_collector_name(c) for c in collectors]
-    for kind, values in (("gateway id", ids), ("collector name", names)):
+    billers = [check_collector_name(b) for b in billing]
+    checks = (("gateway id", ids), ("collector name", names), ("billing user", billers))
+    for kind, values in checks:
         dupes = sorted({v for v in values if values.count(v) > 1})
         if dupes:
             raise ConfigError(f"{kind} listed twice: {', '.join(dupes)}")
@@ -150,6 +169,12 @@ def init_hub(
         files.collectors[name] = path
         users.append({"nkey": public, "permissions": collector_permissions(name)})
         legend.append(f"#   collector {name}: {public}")
+    for name in billers:
+        path = out_dir / "billing" / f"{name}{SEED_SUFFIX}"
+        public = _seed(path, files.created)
+        files.billing[name] = path
+        users.append({"nkey": public, "permissions": billing_permissions(name)})
+        legend.append(f"#   billing {name}: {public}")
     # One user per line: a thousand gateways stay a thousand lines a person can grep.
     user_lines = ",\n".join(f"      {json.dumps(u)}" for u in users)
     text = [

@@ -48,26 +48,57 @@ class Cursor:
             raise StreamError(f"fleet cursor {path} holds {body!r}, not an epoch and a seq")
         return cls(epoch, seq)
 
-    def save(self, path: Path) -> None:
-        """Replace the cursor file durably (fsync'd before this returns)."""
-        replace_atomically(path, json.dumps({"epoch": self.epoch, "seq": self.seq}).encode())
+    def save(self, path: Path, sent: int | None = None) -> None:
+        """Replace the cursor file durably (fsync'd before this returns).
+
+        `sent`: the mark at or above every seq ever published in this epoch (the
+        forwarder raises it before publishing beyond it); compaction merges only
+        above it, so no group the hub may hold a part of is rewritten.
+        """
+        body: dict[str, object] = {"epoch": self.epoch, "seq": self.seq}
+        if sent is not None:
+            body["sent"] = sent
+        replace_atomically(path, json.dumps(body).encode())
+
+    @staticmethod
+    def load_sent(path: Path) -> int | None:
+        """The saved sent mark (see `save`), or None when the file has none."""
+        try:
+            sent = json.loads(Path(path).read_text()).get("sent")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            raise StreamError(f"fleet cursor {path} is unreadable ({err})") from None
+        return sent if isinstance(sent, int) and sent >= 0 else None
 
 
 def message_epoch(message: bytes, fallback: str | None) -> str:
     """The `epoch` of an encoded usage message, or `fallback` for messages written before it."""
+    return message_meta(message, fallback)[0]
+
+
+def message_meta(message: bytes, fallback: str | None) -> tuple[str, bool]:
+    """(epoch, whether it is an empty message of a merged minute) of an encoded usage message.
+
+    The empty messages compaction leaves (meter.compact, key `merged_into`) are not
+    sent to the hub: the merged message names their seqs in its `merged` range.
+    """
     try:
         body = msgpack.unpackb(message, raw=False)
     except (ValueError, TypeError, msgpack.UnpackException) as err:
         raise StreamError(f"journaled message is not valid msgpack: {err}") from None
-    epoch = body.get("epoch") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        body = {}
+    epoch = body.get("epoch")
+    placeholder = "merged_into" in body
     if isinstance(epoch, str) and epoch:
-        return epoch
+        return epoch, placeholder
     if fallback is None:
         raise StreamError(
             "journaled usage message has no epoch and the forwarder was given none: "
             "it cannot name the message for the hub"
         )
-    return fallback
+    return fallback, placeholder
 
 
 def resume(journal: Journal, cursor: Cursor, fallback_epoch: str | None) -> Cursor:

@@ -20,6 +20,12 @@ changes a file: `torn_tail` says what a `repair()` would cut, and the caller
 
 Retention removes whole segments, oldest first, once a checkpoint covers them
 and the journal is over its size limit or the segment is older than the age limit.
+A consumer that must see every record (the fleet forwarder) `hold()`s the journal
+at the last seq it has delivered: newer segments are kept past both limits, up to
+HOLD_HARD_FACTOR times the size limit, where the disk comes first. Compaction
+(meter.compact) replaces a sealed segment, one record per seq as before, with
+`rewrite_segment`. (Over 400 lines: loading, appending, reading, rewriting and
+retention all keep the same segment index under one lock.)
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import os
 import threading
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +56,8 @@ from desanet.meter.records import (
 log = logging.getLogger(__name__)
 
 SUFFIX = ".seg"
+# A held journal may grow to this many times its size limit before it drops undelivered records.
+HOLD_HARD_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,9 @@ class Journal:
         self._lock = threading.Lock()
         self._segments: list[_Segment] = []
         self._fd: int | None = None
+        self._hold: Callable[[], int] | None = None
+        # The oldest checkpoint's seq at the last prune: records up to it are never replayed.
+        self.checkpoint_seq = 0
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as err:
@@ -353,10 +364,67 @@ class Journal:
     def _end(seg: _Segment, i: int) -> int:
         return seg.offsets[i + 1] if i + 1 < len(seg.offsets) else seg.size
 
+    def hold(self, delivered_seq: Callable[[], int]) -> None:
+        """Keep every record newer than `delivered_seq()` (see the module doc)."""
+        self._hold = delivered_seq
+
+    def sealed_segments(self) -> list[tuple[int, int]]:
+        """(first seq, last seq) of every segment but the one being appended to, oldest first."""
+        with self._lock:
+            return [(s.first_seq, s.last_seq) for s in self._segments[:-1] if s.offsets]
+
+    def rewrite_segment(self, first_seq: int, records: Sequence[tuple[int, bytes, bytes]]) -> int:
+        """Replace sealed segment `first_seq` by `records`, the same seqs; returns bytes saved.
+
+        Written beside it (without the lock: appends and reads go on) and renamed over it
+        (fsync'd both), keeping its mtime, which the age limit reads: a crash leaves
+        either the old segment or the new one. A segment retention removed meanwhile
+        stays removed (0 saved).
+        """
+        with self._lock:
+            seg = next((s for s in self._segments[:-1] if s.first_seq == first_seq), None)
+            seqs = [r[0] for r in records]
+            expected = [] if seg is None else list(range(first_seq, seg.last_seq + 1))
+            if seg is None or self.epoch is None or seqs != expected:
+                raise StreamError(
+                    f"journal {self.directory}: segment {first_seq} is not sealed, or the "
+                    "rewrite does not hold exactly its seqs; nothing was changed"
+                )
+            header = encode_segment_header(self.epoch)
+        chunks, offsets, size = [header], array("Q"), len(header)
+        for seq, message, state in records:
+            record = encode_record(seq, message, state)
+            offsets.append(size)
+            chunks.append(record)
+            size += len(record)
+        tmp = seg.path.with_name(seg.path.name + ".new")
+        try:
+            with open(tmp, "wb", opener=lambda p, f: os.open(p, f, PRIVATE)) as out:
+                out.write(b"".join(chunks))
+                out.flush()
+                os.fsync(out.fileno())
+            with self._lock:
+                if not any(s is seg for s in self._segments[:-1]):
+                    tmp.unlink()
+                    return 0
+                stat = seg.path.stat()
+                os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+                os.replace(tmp, seg.path)
+                fsync_dir(self.directory)
+                saved = seg.size - size
+                seg.offsets, seg.size = offsets, size
+                return saved
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StreamError(f"cannot rewrite journal segment {seg.path}: {err}") from err
+
     def prune(self, checkpoint_seq: int) -> list[Path]:
         """Delete the oldest segments beyond retention that `checkpoint_seq` covers."""
         removed: list[Path] = []
         now = time.time()
+        self.checkpoint_seq = checkpoint_seq
+        held = self._hold() if self._hold is not None else None
         with self._lock:
             while len(self._segments) > 1:
                 oldest = self._segments[0]
@@ -368,6 +436,16 @@ class Journal:
                 over = total > self.retention.max_bytes or age > self.retention.max_age_s
                 if not over or oldest.last_seq > checkpoint_seq:
                     break
+                if held is not None and oldest.last_seq > held:
+                    if total <= HOLD_HARD_FACTOR * self.retention.max_bytes:
+                        break
+                    log.error(
+                        "journal: %d bytes, %dx its limit: dropping seqs %d-%d not yet delivered",
+                        total,
+                        HOLD_HARD_FACTOR,
+                        max(oldest.first_seq, held + 1),
+                        oldest.last_seq,
+                    )
                 oldest.path.unlink(missing_ok=True)
                 removed.append(oldest.path)
                 self._segments.pop(0)

@@ -302,6 +302,16 @@ class FleetHub:
             self.tls.ca,
         )
 
+    def billing(self, name: str = "billing") -> FleetConnection:
+        """How billing user `name` (the control role) connects."""
+        return FleetConnection(
+            self.nats.urls,
+            self.files.billing[name],
+            name,
+            fleet.billing_inbox(name),
+            self.tls.ca,
+        )
+
 
 async def _create_stream(conn: FleetConnection, config: dict[str, Any]) -> None:
     nc = await nats.connect(**conn.connect_options())
@@ -324,7 +334,13 @@ def fleet_hub(
 ) -> Iterator[FleetHub]:
     """`desanet hub init` for `gateways`, the hub's nodes with its fragment, the stream made."""
     tls = make_tls(directory / "tls")
-    files = init_hub(directory / "conf", gateways, HubTLS(tls.cert, tls.key), replicas=replicas)
+    files = init_hub(
+        directory / "conf",
+        gateways,
+        HubTLS(tls.cert, tls.key),
+        replicas=replicas,
+        billing=("billing",),
+    )
     with nats_hub(directory / "nodes", nodes, include=files.config, tls=tls) as hub:
         configured = FleetHub(hub, files, tls)
         asyncio.run(_create_stream(configured.collector(), fleet.load_stream_config(files.stream)))

@@ -23,6 +23,7 @@ import numpy.typing as npt
 
 from desanet.cython_ext.usage import UsageInterval
 from desanet.meter.fleet_forward import Forwarder, ForwarderConfig
+from desanet.meter.journal import Retention
 from desanet.meter.keys import ServerSecurity
 from desanet.meter.service import MeterService, StreamConfig
 from tests.fleet_harness import FleetHub
@@ -77,13 +78,22 @@ class FleetSim:
         loop: asyncio.AbstractEventLoop,
         subscribers: int,
         config: ForwarderConfig | None = None,
+        retention: Retention | None = None,
+        checkpoint_every: int = 300,
     ) -> FleetSim:
         """One gateway per id the hub was configured for, each forwarding at once."""
         sim = cls()
         security = ServerSecurity(plaintext=True)
         for index, gw in enumerate(sorted(hub.files.gateways)):
             state = directory / gw
-            stream = StreamConfig(ANY_PORT, ANY_PORT, security, snapshot_every=50)
+            stream = StreamConfig(
+                ANY_PORT,
+                ANY_PORT,
+                security,
+                retention=retention or Retention(),
+                snapshot_every=50,
+                checkpoint_every=checkpoint_every,
+            )
             slots = {i: f"s{i:04d}" for i in range(1, subscribers + 1)}
             service = MeterService(gw, state, stream, slots)
             forwarder = Forwarder(

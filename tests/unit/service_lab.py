@@ -21,7 +21,7 @@ import numpy.typing as npt
 from desanet.clock import Clock
 from desanet.ebpf.datapath import Provision
 from desanet.errors import ControlError, ShaperError
-from desanet.gateway.compose import outbound_parts, radius_part
+from desanet.gateway.compose import control_port, outbound_parts, radius_part
 from desanet.gateway.config import Config
 from desanet.gateway.control import ControlEndpoint, request, request_many
 from desanet.gateway.parts import Parts
@@ -224,15 +224,17 @@ class Lab:
             StreamConfig(config.publish.usage, config.publish.replay, roles.read),
             slot_owners,
         )
+        outbound = outbound_parts(config, self.meter)
+        local = ControlEndpoint(config.control.endpoint, roles.control)
         radius = radius_part(config, self.meter)
         return Parts(
             datapath=self.datapath,
             shaper=self.shaper,
             meter=self.meter,
-            endpoint=ControlEndpoint(config.control.endpoint, roles.control),
+            endpoint=control_port(local, outbound),
             open_counters=lambda: FakeCounters(self.datapath),
             clock=self.make_clock(self.meter),
-            outbound=[*outbound_parts(config, self.meter), *([radius] if radius else [])],
+            outbound=[*outbound, *([radius] if radius else [])],
             radius=radius,
         )
 

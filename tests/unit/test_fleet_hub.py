@@ -38,9 +38,9 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     tmp = tmp_path_factory.mktemp("hub")
     tls = make_tls(tmp / "tls")
     out = tmp / "conf"
-    cli = ["hub", "init", "gw-a", "gw-b", "--out", str(out)]
+    cli = ["hub", "init", "gw-a", "gw-b", "--out", str(out), "--billing", "billing"]
     assert main([*cli, "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]) == 0
-    files = init_hub(out, ["gw-a", "gw-b"], HubTLS(tls.cert, tls.key))
+    files = init_hub(out, ["gw-a", "gw-b"], HubTLS(tls.cert, tls.key), billing=["billing"])
     assert files.created == [], "a second run must keep every key"
     with nats_hub(tmp / "nodes", include=files.config, tls=tls) as nats_:
         asyncio.run(_create_stream(nats_.urls, files, tls))
@@ -140,6 +140,46 @@ def test_a_gateway_reads_only_its_own_control_subject(hub: Hub) -> None:
     assert any('subscription to "desanet.control.gw-b"' in e for e in lowered), errors
     assert any('subscription to "desanet.usage.>"' in e for e in lowered), errors
     assert data == b"", "gw-b reached gw-a's control subject"
+
+
+def test_billing_reaches_one_gateway_s_control_and_only_that_gateway_hears_it(hub: Hub) -> None:
+    async def run() -> tuple[bytes, bytes, list[str], list[str]]:
+        b_errors: list[str] = []
+        async with _gateway(hub, "gw-a", []) as gw_a, _gateway(hub, "gw-b", b_errors) as gw_b:
+            own = await gw_a.subscribe(fleet.control_subject("gw-a"))
+            # gw-b tries to listen in on gw-a's control, as a whole wildcard too.
+            stolen = await gw_b.subscribe(fleet.CONTROL_PREFIX + ">")
+            await gw_a.flush()
+            await gw_b.flush()
+            await asyncio.sleep(0.2)
+            billing_errors: list[str] = []
+
+            async def on_error(err: Exception) -> None:
+                billing_errors.append(str(err))
+
+            conn = _conn(
+                hub, "billing", fleet.billing_inbox("billing"), hub.files.billing["billing"]
+            )
+            billing = await nats.connect(**conn.connect_options(), error_cb=on_error)
+            try:
+                await billing.publish(fleet.control_subject("gw-a"), b"suspend s1")
+                # The control role does not read usage.
+                await billing.subscribe(fleet.USAGE_SUBJECTS)
+                await billing.flush()
+                await asyncio.sleep(0.2)
+            finally:
+                await billing.close()
+            got = (await own.next_msg(timeout=2)).data
+            overheard = b""
+            with contextlib.suppress(nats.errors.TimeoutError):
+                overheard = (await stolen.next_msg(timeout=0.5)).data
+        return got, overheard, b_errors, billing_errors
+
+    got, overheard, b_errors, billing_errors = asyncio.run(run())
+    assert got == b"suspend s1"
+    assert overheard == b"", "gw-b received gw-a's control request"
+    assert any('subscription to "desanet.control.>"' in e.lower() for e in b_errors), b_errors
+    assert any('subscription to "desanet.usage.>"' in e.lower() for e in billing_errors)
 
 
 def test_unknown_keys_and_plaintext_are_refused(hub: Hub, tmp_path: Path) -> None:

@@ -158,7 +158,9 @@ class GatewayService:
         parts.shaper.ensure_ifb()
         parts.datapath.attach()
         # Billed bytes are what left each subscriber's class, not what entered the queue.
-        self.delivered = DeliveredReader(parts.open_counters(), parts.shaper.class_stats)
+        # Each tick reads only the leaves whose datapath counters say they can have moved.
+        by_handle = parts.shaper.class_stats_of if cfg.delivered_read == "moved" else None
+        self.delivered = DeliveredReader(parts.open_counters(), parts.shaper.class_stats, by_handle)
         self.aggregator = load_backend().Aggregator(cfg.capacity + 1)
         if parts.meter.restored_state is not None:
             aggregator_state, delivered_state = split_state(parts.meter.restored_state)
@@ -229,6 +231,7 @@ class GatewayService:
     def _poll_before_removing(self) -> None:
         # A class or leaf about to go takes its counters with it: account them first.
         self.faults.guard("counters", lambda: self.poller.poll(self.parts.clock.now_ms()))
+        self.delivered.read_all_next()  # their successors count from zero
 
     def request_reload(self) -> None:
         """Re-read the subscribers file once it has settled (what SIGHUP does)."""

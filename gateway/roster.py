@@ -82,10 +82,3 @@ class Roster:
     def usage_of(self, totals: npt.NDArray[np.uint64]) -> dict[str, int]:
         """What a quota counts for every subscriber, from the aggregator's totals."""
         return {sub_id: usage_bytes(totals, slot) for sub_id, slot in self.slots.slots.items()}
-
-    def status_entries(self) -> list[tuple[Subscriber, int, Enforced, SubscriberControl]]:
-        """(subscriber, slot, enforcement, control record) in file order, for the status."""
-        return [
-            (s, self.slots.slots[s.id], self.enforce(s.id), self.control.get(s.id))
-            for s in self.subscribers
-        ]

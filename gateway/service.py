@@ -42,7 +42,7 @@ from desanet.gateway.faults import LoopFaults, Outbox
 from desanet.gateway.metrics import GatewayCollector, serve
 from desanet.gateway.parts import Parts
 from desanet.gateway.pidlock import StateLock
-from desanet.gateway.quota import quota_pass, usage_bytes
+from desanet.gateway.quota import QuotaDue, quota_pass, usage_bytes
 from desanet.gateway.registry import SlotTable, Subscriber, diff, parse_subscribers_file
 from desanet.gateway.reload import SettledFile
 from desanet.gateway.roles import load_roles
@@ -99,6 +99,7 @@ class GatewayService:
         self.started_ms = 0
         self._status_ms = 0
         self._status_rows = status.StatusRows()
+        self._quota_due = QuotaDue()
         self._next_tick_s = 0.0
         self._stop = False
 
@@ -375,7 +376,7 @@ class GatewayService:
         changed, events = quota_pass(
             roster.by_id,
             self.control.records,
-            roster.usage_of(self.aggregator.totals()),
+            self._quota_due.usage(roster, self.aggregator.totals(), t),
             t,
             self.config.control,
         )

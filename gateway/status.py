@@ -104,10 +104,11 @@ class StatusRows:
         self._ids: list[str] = []
         self._slots = np.zeros(0, dtype=np.intp)
         self._records: list[SubscriberControl | None] = []
+        self._version = -1  # of the control state when `_records` was taken
         self._totals = np.zeros((0, 4), dtype=np.uint64)
         self._rates = np.zeros((0, 2), dtype=np.float64)
         self.rows: list[SubscriberStatus] = []
-        self.encoded: list[str] = []
+        self.encoded: list[bytes] = []
         self.rebuilt = 0  # rows the last update rebuilt
 
     def update(
@@ -119,23 +120,27 @@ class StatusRows:
             self._ids = [s.id for s in roster.subscribers]
             self._slots = np.array([roster.slots.slots[i] for i in self._ids], dtype=np.intp)
             self.rows, self.encoded = [], []
-        records = list(map(roster.control.records.get, self._ids))
+        control = roster.control
+        records = self._records
+        if control.version != self._version or len(self.rows) != len(self._ids):
+            records = list(map(control.records.get, self._ids))
         if len(self.rows) != len(self._ids):
             self.rows = [self._row(roster, i, totals, rates) for i in range(len(self._ids))]
-            self.encoded = [json.dumps(vars(row)) for row in self.rows]
+            self.encoded = [_encode(row) for row in self.rows]
             self.rebuilt = len(self.rows)
         else:
             now_totals, now_rates = totals[self._slots], rates[self._slots]
             moved = (now_totals != self._totals).any(axis=1)
             moved |= (now_rates != self._rates).any(axis=1)
-            replaced = [a is not b for a, b in zip(records, self._records, strict=True)]
             changed = set(np.flatnonzero(moved).tolist())
-            changed.update(compress(range(len(replaced)), replaced))
+            if records is not self._records:
+                replaced = [a is not b for a, b in zip(records, self._records, strict=True)]
+                changed.update(compress(range(len(replaced)), replaced))
             for i in changed:
                 self.rows[i] = row = self._row(roster, i, totals, rates)
-                self.encoded[i] = json.dumps(vars(row))
+                self.encoded[i] = _encode(row)
             self.rebuilt = len(changed)
-        self._records = records
+        self._records, self._version = records, control.version
         self._totals, self._rates = totals[self._slots], rates[self._slots]
         return list(self.rows)
 
@@ -213,8 +218,12 @@ def unprovisioned(
     return counters
 
 
+def _encode(row: SubscriberStatus) -> bytes:
+    return json.dumps(vars(row)).encode()
+
+
 def write_snapshot(
-    state_dir: Path, snapshot: StatusSnapshot, encoded_rows: Sequence[str] | None = None
+    state_dir: Path, snapshot: StatusSnapshot, encoded_rows: Sequence[bytes] | None = None
 ) -> None:
     """Replace status.json atomically (readers never see half a file).
 
@@ -224,10 +233,11 @@ def write_snapshot(
     # Rewritten every interval and worthless after a crash: no fsync. The fields are
     # plain values: `vars` instead of `asdict`, whose deep copies cost 50 ms a 1,000 rows.
     if encoded_rows is None:
-        encoded_rows = [json.dumps(vars(row)) for row in snapshot.subscribers]
+        encoded_rows = [_encode(row) for row in snapshot.subscribers]
     head = json.dumps({k: v for k, v in vars(snapshot).items() if k != "subscribers"})
-    data = f'{head[:-1]}, "subscribers": [{", ".join(encoded_rows)}]}}'.encode()
-    replace_atomically(state_dir / STATUS_FILE, data, mode=0o640, sync=False)
+    rows = b", ".join(encoded_rows)
+    chunks = (head[:-1].encode(), b', "subscribers": [', rows, b"]}")
+    replace_atomically(state_dir / STATUS_FILE, chunks, mode=0o640, sync=False)
 
 
 def read_snapshot(state_dir: Path) -> StatusSnapshot:

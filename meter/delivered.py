@@ -143,27 +143,35 @@ class DeliveredReader:
         source = np.frombuffer(self.reader.identity, dtype=np.uint8)
         # A new map (reboot, reload) counts from zero: take its values whole.
         new_source = not np.array_equal(source, self._source)
-        datapath_delta = _deltas(raw, np.zeros_like(raw) if new_source else self._datapath_last)
-        asked, by_direction = self._leaf_stats(datapath_delta, new_source)
+        last = np.zeros_like(raw) if new_source else self._datapath_last
+        # Only the slots whose counters moved: the others add nothing.
+        moved = np.flatnonzero((raw != last).any(axis=1))
+        added = np.zeros((self.n_slots, 4), dtype=np.uint64)
+        added[moved] = _deltas(raw[moved], last[moved])
+        asked, by_direction = self._leaf_stats(added, new_source)
 
         # Nothing is kept before the leaves were read: a failed read is retried whole.
-        sent = np.zeros((self.n_slots, 4), dtype=np.uint64)
-        shaped = np.zeros((self.n_slots, 4), dtype=bool)
         for direction, by_slot in by_direction.items():
             if direction not in DIRECTION_COLUMNS:
                 continue
             b, p = DIRECTION_COLUMNS[direction]
-            for slot, stats in by_slot.items():
-                if 0 < slot < self.n_slots:
-                    header = ETHERNET_HEADER_BYTES * stats.sent_packets
-                    sent[slot, b] = max(stats.sent_bytes - header, 0)
-                    sent[slot, p] = stats.sent_packets
-                    shaped[slot, [b, p]] = True
-        if asked is not None:
-            self._forget_gone_leaves(asked, shaped, by_direction)
-        class_delta = _deltas(sent, self._class_last)
-        self._class_last[shaped] = sent[shaped]
-        self._cumulative += np.where(shaped, class_delta, datapath_delta)
+            slots = [slot for slot in by_slot if 0 < slot < self.n_slots]
+            leaves = [by_slot[slot] for slot in slots]
+            packets = np.array([leaf.sent_packets for leaf in leaves], dtype=np.int64)
+            frames = np.array([leaf.sent_bytes for leaf in leaves], dtype=np.int64)
+            sent = np.zeros((len(slots), 2), dtype=np.uint64)
+            sent[:, 0] = np.maximum(frames - ETHERNET_HEADER_BYTES * packets, 0)
+            sent[:, 1] = packets
+            index = np.array(slots, dtype=np.intp)
+            before = self._class_last[index][:, [b, p]]
+            restarted = (sent < before).any(axis=1, keepdims=True)
+            added[index, b], added[index, p] = (sent - np.where(restarted, 0, before)).T
+            self._class_last[index, b], self._class_last[index, p] = sent.T
+            if asked is not None:
+                # Slots asked for without a class: a class they get later counts from zero.
+                gone = np.setdiff1d(asked[direction], index, assume_unique=True)
+                self._class_last[gone, b] = self._class_last[gone, p] = 0
+        self._cumulative += added
         self._datapath_last[:] = raw
         if new_source:
             self._source = source.copy()
@@ -176,10 +184,13 @@ class DeliveredReader:
         if self.class_stats_of is None:
             self.leaves_read = 2 * (self.n_slots - 1)
             return None, self.class_stats()
+        moved = {
+            direction: (datapath_delta[:, b] != 0) | (datapath_delta[:, p] != 0)
+            for direction, (b, p) in DIRECTION_COLUMNS.items()
+        }
         asked: dict[str, npt.NDArray[np.intp]] = {}
-        for direction, (b, p) in DIRECTION_COLUMNS.items():
-            due = self._due[direction].copy()
-            due[(datapath_delta[:, b] != 0) | (datapath_delta[:, p] != 0)] = LINGER_READS
+        for direction in DIRECTION_COLUMNS:
+            due = self._due[direction] | moved[direction]
             due[0] = 0  # slot 0 never has a class of its own
             asked[direction] = np.flatnonzero(due)
         count = sum(len(slots) for slots in asked.values())
@@ -195,9 +206,9 @@ class DeliveredReader:
             stats = self.class_stats_of({d: slots.tolist() for d, slots in asked.items()})
             self.leaves_read = count
         # Read: the countdown goes on; a leaf still holding packets stays due.
-        for direction, (b, p) in DIRECTION_COLUMNS.items():
+        for direction in DIRECTION_COLUMNS:
             due = self._due[direction]
-            due[(datapath_delta[:, b] != 0) | (datapath_delta[:, p] != 0)] = LINGER_READS
+            due[moved[direction]] = LINGER_READS
             due[0] = 0
             np.subtract(due, 1, out=due, where=due > 0)
             for slot, leaf in stats.get(direction, {}).items():
@@ -205,19 +216,6 @@ class DeliveredReader:
                     due[slot] = max(due[slot], 1)
         self._read_all = False
         return asked, stats
-
-    def _forget_gone_leaves(
-        self,
-        asked: Mapping[str, npt.NDArray[np.intp]],
-        shaped: npt.NDArray[np.bool_],
-        by_direction: Mapping[str, Mapping[int, SentStats]],
-    ) -> None:
-        """Slots asked for that have no class: a class they get later counts from zero."""
-        for direction, slots in asked.items():
-            b, p = DIRECTION_COLUMNS[direction]
-            gone = slots[~shaped[slots, b]]
-            self._class_last[gone, b] = 0
-            self._class_last[gone, p] = 0
 
     def state(self) -> dict[str, npt.NDArray[Any]]:
         """Arrays to journal with the aggregator's state (keys start with `delivered.`)."""

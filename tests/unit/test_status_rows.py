@@ -14,9 +14,9 @@ from tests.unit.service_lab import Lab, control
 pytestmark = pytest.mark.unit
 
 
-def fresh(service: GatewayService, totals: np.ndarray, rates: np.ndarray) -> list[str]:
+def fresh(service: GatewayService, totals: np.ndarray, rates: np.ndarray) -> list[bytes]:
     rows = StatusRows().update(service.roster, totals, rates)
-    return [json.dumps(vars(row)) for row in rows]
+    return [json.dumps(vars(row)).encode() for row in rows]
 
 
 def test_only_changed_rows_are_rebuilt_and_they_equal_a_fresh_build(

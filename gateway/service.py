@@ -83,7 +83,7 @@ class GatewayService:
         ids = [s.id for s in subscribers]
         slots = self._saved_slots.assign(ids, 0).table
         self.roster = Roster(cfg, subscribers, slots, self.control)
-        self._initial_plan = self.roster.whole_plan()
+        self._initial_plan: ShapingPlan | None = self.roster.whole_plan()
         self._compose = compose
         self._lock = StateLock(cfg.state_dir)
         self._parts: Parts | None = None
@@ -171,6 +171,7 @@ class GatewayService:
                 self.delivered.restore(delivered_state)
         self._poller = Poller(self.delivered, self.aggregator)
         self._resync(self._initial_plan)
+        self._initial_plan = None  # the applier holds the running plan from here on
         for consumer in parts.outbound:
             consumer.start()  # it catches up from its own cursor in the journal
         if cfg.metrics_listen is not None:
@@ -425,7 +426,7 @@ class GatewayService:
             leaf_wanted=self.config.shaping.leaf,
             leaf_in_use=self.applier.leaf_in_use,
             seq=self.parts.meter.last_seq,
-            subscribers=self._status_rows.update(self.roster, totals, self.aggregator.rates_bps()),
+            subscribers=[],  # kept as JSON by the status rows, written and scraped from there
             warnings=warnings,
             events=self.events,
             unprovisioned=status.unprovisioned(totals, self._drops),
@@ -433,9 +434,10 @@ class GatewayService:
             journal=status.journal_use(self.parts.meter.stats()),
             outbound=[consumer.progress() for consumer in self.parts.outbound],
         )
+        rows = self._status_rows.update(self.roster, totals, self.aggregator.rates_bps())
         # Metrics first: they still see the snapshot when the status file cannot be written.
-        self.collector.update(snapshot)
-        status.write_snapshot(self.config.state_dir, snapshot, self._status_rows.encoded)
+        self.collector.update(snapshot, rows)
+        status.write_snapshot(self.config.state_dir, snapshot, rows)
 
     def _signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:

@@ -95,7 +95,8 @@ class StatusRows:
     A row changes when its subscriber's totals or rates moved, when its
     control record was replaced (control requests, quota), or when the roster
     or its slot table was (a reload, a grace period ending: then every row is
-    rebuilt). Each row's JSON is kept beside it for `write_snapshot`.
+    rebuilt). Only each row's JSON is kept (what `write_snapshot` writes and
+    `decode_rows` turns back into rows), so no subscriber is held twice.
     """
 
     def __init__(self) -> None:
@@ -107,27 +108,27 @@ class StatusRows:
         self._version = -1  # of the control state when `_records` was taken
         self._totals = np.zeros((0, 4), dtype=np.uint64)
         self._rates = np.zeros((0, 2), dtype=np.float64)
-        self.rows: list[SubscriberStatus] = []
         self.encoded: list[bytes] = []
         self.rebuilt = 0  # rows the last update rebuilt
 
     def update(
         self, roster: Roster, totals: npt.NDArray[np.uint64], rates: npt.NDArray[np.float64]
-    ) -> list[SubscriberStatus]:
-        """The rows of `roster` as of these aggregator arrays (in file order)."""
+    ) -> tuple[bytes, ...]:
+        """The rows of `roster` as of these aggregator arrays (in file order), as JSON."""
         if roster is not self._roster or roster.slots is not self._slot_table:
             self._roster, self._slot_table = roster, roster.slots
             self._ids = [s.id for s in roster.subscribers]
             self._slots = np.array([roster.slots.slots[i] for i in self._ids], dtype=np.intp)
-            self.rows, self.encoded = [], []
+            self.encoded = []
         control = roster.control
         records = self._records
-        if control.version != self._version or len(self.rows) != len(self._ids):
+        if control.version != self._version or len(self.encoded) != len(self._ids):
             records = list(map(control.records.get, self._ids))
-        if len(self.rows) != len(self._ids):
-            self.rows = [self._row(roster, i, totals, rates) for i in range(len(self._ids))]
-            self.encoded = [_encode(row) for row in self.rows]
-            self.rebuilt = len(self.rows)
+        if len(self.encoded) != len(self._ids):
+            self.encoded = [
+                _encode(self._row(roster, i, totals, rates)) for i in range(len(records))
+            ]
+            self.rebuilt = len(self.encoded)
         else:
             now_totals, now_rates = totals[self._slots], rates[self._slots]
             moved = (now_totals != self._totals).any(axis=1)
@@ -137,12 +138,11 @@ class StatusRows:
                 replaced = [a is not b for a, b in zip(records, self._records, strict=True)]
                 changed.update(compress(range(len(replaced)), replaced))
             for i in changed:
-                self.rows[i] = row = self._row(roster, i, totals, rates)
-                self.encoded[i] = _encode(row)
+                self.encoded[i] = _encode(self._row(roster, i, totals, rates))
             self.rebuilt = len(changed)
         self._records, self._version = records, control.version
         self._totals, self._rates = totals[self._slots], rates[self._slots]
-        return list(self.rows)
+        return tuple(self.encoded)
 
     def _row(
         self,
@@ -222,13 +222,18 @@ def _encode(row: SubscriberStatus) -> bytes:
     return json.dumps(vars(row)).encode()
 
 
+def decode_rows(encoded: Sequence[bytes]) -> list[SubscriberStatus]:
+    """The rows `StatusRows` keeps as JSON, as rows again."""
+    return [SubscriberStatus(**doc) for doc in json.loads(b"[%s]" % b", ".join(encoded))]
+
+
 def write_snapshot(
     state_dir: Path, snapshot: StatusSnapshot, encoded_rows: Sequence[bytes] | None = None
 ) -> None:
     """Replace status.json atomically (readers never see half a file).
 
-    `encoded_rows`, the JSON of `snapshot.subscribers` row by row (as
-    `StatusRows` keeps it), saves encoding them again.
+    `encoded_rows`, the subscriber rows as JSON (as `StatusRows` keeps them),
+    are written in place of `snapshot.subscribers`.
     """
     # Rewritten every interval and worthless after a crash: no fsync. The fields are
     # plain values: `vars` instead of `asdict`, whose deep copies cost 50 ms a 1,000 rows.

@@ -211,7 +211,7 @@ def main() -> None:
         report.skip(args, "needs BCC (Debian's python3-bpfcc) for the datapath loader")
         return
     sizes = QUICK_SIZES if args.quick else SIZES
-    window_s, settle_s = (1.0, 1.0) if args.quick else (10.0, 2.0)
+    window_s, settle_s = (0.5, 0.5) if args.quick else (10.0, 2.0)
     results: dict[tuple[int, str], Figures] = {}
     with village(1) as lab, tempfile.TemporaryDirectory(prefix="desanet-cost-") as tmp:
         neighbours(lab, sizes)

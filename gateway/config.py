@@ -129,10 +129,10 @@ class Config:
     settle_ms: int = 2_000
     # A subscriber gone from the file keeps its slot and control state this long.
     grace_ms: int = 7 * 86_400_000
-    fleet: FleetConfig | None = None  # absent: no forwarding, the local endpoints only
     # How each tick reads what the leaves delivered: "moved" (only the leaves that can have
     # moved, by handle) or "dump" (every leaf, the way before; benchmarks compare the two).
     delivered_read: str = "moved"
+    fleet: FleetConfig | None = None  # absent: no forwarding, the local endpoints only
 
 
 _SCHEMA: dict[str, tuple[set[str], set[str]]] = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from desanet.errors import DesanetError
@@ -28,11 +29,15 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def replace_atomically(path: Path, data: bytes, mode: int = PRIVATE, sync: bool = True) -> None:
-    """Replace `path` with `data` in one step; with `sync`, durable when this returns.
+def replace_atomically(
+    path: Path, data: bytes | Iterable[bytes], mode: int = PRIVATE, sync: bool = True
+) -> None:
+    """Replace `path` with `data` (bytes, or chunks of it) in one step; with `sync`, durable
+    when this returns.
 
     `sync=False` still never shows a half-written file to a reader (for files
     that are rewritten often and may be lost in a crash, like the status).
+    Chunks spare the caller joining a large file in memory first.
     """
     path = Path(path)
     try:
@@ -42,7 +47,10 @@ def replace_atomically(path: Path, data: bytes, mode: int = PRIVATE, sync: bool 
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
-            f.write(data)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                f.writelines(data)
             if sync:
                 f.flush()
                 os.fsync(f.fileno())

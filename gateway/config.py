@@ -31,6 +31,7 @@ from desanet.validate import (
 
 # What a suspended subscriber gets: a walled rate, or nothing (dropped in the datapath).
 SUSPEND_MODES = ("wall", "block")
+DELIVERED_READS = ("moved", "dump")
 UNPROVISIONED_POLICIES = ("block", "wall", "allow")
 
 T = TypeVar("T")
@@ -157,6 +158,9 @@ class Config:
     settle_ms: int = 2_000
     # A subscriber gone from the file keeps its slot and control state this long.
     grace_ms: int = 7 * 86_400_000
+    # How each tick reads what the leaves delivered: "moved" (only the leaves that can have
+    # moved, by handle) or "dump" (every leaf, the way before; benchmarks compare the two).
+    delivered_read: str = "moved"
     fleet: FleetConfig | None = None  # absent: no forwarding, the local endpoints only
     radius: RadiusConfig | None = None  # absent: no RADIUS accounting or CoA
 
@@ -166,7 +170,7 @@ _SCHEMA: dict[str, tuple[set[str], set[str]]] = {
     "gateway": ({"id", "lan", "state_dir"}, {"capacity"}),
     "link": ({"down", "up"}, set()),
     "shaping": (set(), {"leaf", "rtt", "headroom"}),
-    "meter": (set(), {"interval"}),
+    "meter": (set(), {"interval", "delivered_read"}),
     "publish": (
         {"usage", "replay"},
         {"secret_key", "allowed_keys", "plaintext"},
@@ -330,6 +334,9 @@ def _build(doc: Mapping[str, Any], loc: _Located, path: Path) -> Config:
     interval_ms = parsed("meter", "interval", parse_duration_ms, "1s")
     if not 100 <= interval_ms <= 3_600_000:
         raise loc.error("meter", "interval", f"{interval_ms:g} ms must be between 100ms and 1h")
+    delivered_read = get("meter", "delivered_read", str, "moved")
+    if delivered_read not in DELIVERED_READS:
+        raise loc.error("meter", "delivered_read", f"{delivered_read!r} is not one of moved, dump")
     suspend = get("control", "suspend", str, "wall")
     if suspend not in SUSPEND_MODES:
         raise loc.error(
@@ -371,6 +378,7 @@ def _build(doc: Mapping[str, Any], loc: _Located, path: Path) -> Config:
             headroom=headroom,
         ),
         interval_ms=int(interval_ms),
+        delivered_read=delivered_read,
         publish=publish,
         control=ControlConfig(
             endpoint=control_endpoint,

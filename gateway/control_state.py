@@ -86,6 +86,8 @@ class ControlState:
         self.path = state_dir / STATE_FILE
         self.legacy = state_dir / LEGACY_JOURNAL
         self.records: dict[str, SubscriberControl] = {}
+        # +1 at every change of `records`: readers that keep a copy know when to look again.
+        self.version = 0
         self._db: sqlite3.Connection | None = None
         self._migrating = False
         if self.path.exists():
@@ -148,6 +150,7 @@ class ControlState:
         except sqlite3.Error as err:
             raise StateError(f"{self.path}: cannot write the control state: {err}") from err
         self.records.update(changes)
+        self.version += 1
 
     def forget(self, sub_ids: Iterable[str]) -> None:
         """Drop the records of subscribers removed from the registry (one transaction)."""
@@ -162,6 +165,7 @@ class ControlState:
             raise StateError(f"{self.path}: cannot write the control state: {err}") from err
         for sub_id in gone:
             del self.records[sub_id]
+        self.version += 1
 
     def _require_open(self) -> sqlite3.Connection:
         if self._db is None:

@@ -21,14 +21,15 @@ scrape never races the service loop. Names (see docs/operations.md):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from desanet.gateway.status import StatusSnapshot
+from desanet.gateway.status import StatusSnapshot, decode_rows
 
 
 class GatewayCollector(Collector):
@@ -36,13 +37,14 @@ class GatewayCollector(Collector):
 
     def __init__(self, failures: Mapping[str, int] | None = None) -> None:
         self.snapshot: StatusSnapshot | None = None
+        self._rows: Sequence[bytes] | None = None
         self.control_requests = {"ok": 0, "refused": 0}
         # The service loop's live failure counts by step (read at every scrape).
         self.failures: Mapping[str, int] = failures if failures is not None else {}
 
-    def update(self, snapshot: StatusSnapshot) -> None:
-        """Take a new snapshot."""
-        self.snapshot = snapshot
+    def update(self, snapshot: StatusSnapshot, rows: Sequence[bytes] | None = None) -> None:
+        """Take a new snapshot; `rows`, its subscriber rows as JSON, are decoded at a scrape."""
+        self.snapshot, self._rows = snapshot, rows
 
     def count_request(self, ok: bool) -> None:
         """Count one control request by its outcome."""
@@ -63,9 +65,12 @@ class GatewayCollector(Collector):
         for step, count in sorted(self.failures.items()):
             failures.add_metric([step], count)
         yield failures
-        snap = self.snapshot
+        snap, rows = self.snapshot, self._rows
         if snap is None:
             return
+        if rows is not None:
+            # Scrapes are rare beside intervals: rows are decoded here, not kept twice.
+            snap = replace(snap, subscribers=decode_rows(rows))
         sub_labels = ["subscriber", "direction"]
         byte_total = CounterMetricFamily(
             "desanet_subscriber_bytes", "Delivered IP bytes since provisioning", labels=sub_labels

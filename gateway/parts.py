@@ -15,7 +15,7 @@ from desanet.clock import Clock
 from desanet.cython_ext.usage import UsageInterval
 from desanet.ebpf.datapath import Provision
 from desanet.gateway.registry import Subscriber
-from desanet.meter.delivered import SentStats
+from desanet.meter.delivered import LeafStats
 from desanet.meter.poll import CounterSource
 from desanet.meter.service import StreamStats
 from desanet.meter.state import StateArrays
@@ -49,7 +49,11 @@ class ShaperPort(Protocol):
         self, plan: ShapingPlan, *, before_removing: Callable[[], None] | None = None
     ) -> ApplyResult: ...
 
-    def class_stats(self) -> Mapping[str, Mapping[int, SentStats]]: ...
+    def class_stats(self) -> Mapping[str, Mapping[int, LeafStats]]: ...
+
+    def class_stats_of(
+        self, slots: Mapping[str, Sequence[int]]
+    ) -> Mapping[str, Mapping[int, LeafStats]]: ...
 
 
 class UsageStream(Protocol):

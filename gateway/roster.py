@@ -10,9 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-import numpy as np
-import numpy.typing as npt
-
 from desanet.ebpf.datapath import Provision
 from desanet.errors import ConfigError, ValidationError
 from desanet.gateway.config import Config
@@ -20,7 +17,6 @@ from desanet.gateway.control_record import SubscriberControl
 from desanet.gateway.control_state import ControlState
 from desanet.gateway.enforcement import Enforced, enforce
 from desanet.gateway.plans import provision_entry, shaping_plan, subscriber_plan
-from desanet.gateway.quota import usage_bytes
 from desanet.gateway.registry import RatePlan, SlotTable, Subscriber
 from desanet.shaper.plan import ShapingPlan, SubscriberPlan
 
@@ -78,14 +74,3 @@ class Roster:
         so most control changes need no datapath request at all.
         """
         return {s for s in sub_ids if self.enforce(s).flags != flags_before[s]}
-
-    def usage_of(self, totals: npt.NDArray[np.uint64]) -> dict[str, int]:
-        """What a quota counts for every subscriber, from the aggregator's totals."""
-        return {sub_id: usage_bytes(totals, slot) for sub_id, slot in self.slots.slots.items()}
-
-    def status_entries(self) -> list[tuple[Subscriber, int, Enforced, SubscriberControl]]:
-        """(subscriber, slot, enforcement, control record) in file order, for the status."""
-        return [
-            (s, self.slots.slots[s.id], self.enforce(s.id), self.control.get(s.id))
-            for s in self.subscribers
-        ]

@@ -22,6 +22,7 @@ from pyroute2.netlink import (
     NLM_F_ACK,
     NLM_F_CREATE,
     NLM_F_DUMP,
+    NLM_F_ECHO,
     NLM_F_EXCL,
     NLM_F_REPLACE,
     NLM_F_REQUEST,
@@ -31,6 +32,7 @@ from pyroute2.netlink import (
 from pyroute2.netlink.rtnl import (
     RTM_DELQDISC,
     RTM_DELTCLASS,
+    RTM_GETQDISC,
     RTM_NEWQDISC,
     RTM_NEWTCLASS,
 )
@@ -215,6 +217,20 @@ def encode_leaf_delete(ifindex: int, leaf: LeafQdisc) -> bytes:
     return _message(RTM_DELQDISC, 0, ifindex, leaf.handle, leaf.parent, b"")
 
 
+def encode_leaf_get(ifindex: int, classid: int) -> bytes:
+    """Ask for the one qdisc grafted under class `classid` (the kernel answers with just it).
+
+    pyroute2's `tc("get-class", ...)` and its filtered dumps send a whole dump
+    and filter in Python; a request without NLM_F_DUMP that names the parent
+    class makes the kernel look up and report that single leaf. The kernel
+    answers a qdisc get as a notification, sent back to the asker only with
+    NLM_F_ECHO (it also reaches `tc monitor` listeners); NLM_F_ACK ends each
+    answer, also when there is no qdisc to report (a class's built-in default
+    leaf, which dumps leave out too).
+    """
+    return _message(RTM_GETQDISC, NLM_F_ECHO | NLM_F_ACK, ifindex, 0, classid, b"")
+
+
 def iter_attrs(data: bytes | memoryview, start: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(type, payload start, payload end) of each netlink attribute in data[start:end]."""
     while start + 4 <= end:
@@ -298,6 +314,43 @@ class TcSocket:
                         if index == count - 1:
                             return acks
                 offset += (length + 3) & ~3
+
+    def get_many(self, requests: Sequence[bytes]) -> list[tuple[bytes, int, int] | int]:
+        """Send get requests in batches; per request its reply (buffer, start, end) or an errno.
+
+        Each request must ask for an acknowledgement, which ends its answer;
+        an answer without an object (errno 0) or with an error gives the errno.
+        The requests of a batch go in one system call and their answers are
+        matched to them by sequence number.
+        """
+        results: list[tuple[bytes, int, int] | int] = []
+        for start in range(0, len(requests), self.BATCH):
+            chunk = requests[start : start + self.BATCH]
+            first = (self._seq + 1) & 0x7FFFFFFF or 1
+            self._sock.sendall(
+                b"".join(msg[:8] + U32.pack(self._next_seq()) + msg[12:] for msg in chunk)
+            )
+            replies: list[tuple[bytes, int, int] | int] = [0] * len(chunk)
+            pending = len(chunk)
+            while pending:
+                data = self._sock.recv(1 << 20)
+                offset = 0
+                while offset + NLMSG_HDR.size <= len(data):
+                    length, msg_type, _, seq, _ = NLMSG_HDR.unpack_from(data, offset)
+                    if length < NLMSG_HDR.size:
+                        break
+                    index = (seq - first) & 0x7FFFFFFF
+                    if index < len(chunk):
+                        if msg_type != NLMSG_ERROR:
+                            replies[index] = (data, offset + NLMSG_HDR.size, offset + length)
+                        else:
+                            code = -struct.unpack_from("=i", data, offset + 16)[0]
+                            if code:
+                                replies[index] = code
+                            pending -= 1
+                    offset += (length + 3) & ~3
+            results.extend(replies)
+        return results
 
     def dump(self, msg_type: int, ifindex: int) -> list[bytes]:
         """Every message of a dump, as raw bytes (retried if the kernel says it was interrupted)."""

@@ -239,6 +239,11 @@ def leaf_stats(chunks: Sequence[bytes], trees: dict[int, int]) -> dict[int, dict
     return stats
 
 
+def leaf_stats_of_reply(data: bytes, start: int, end: int) -> ClassStats:
+    """Statistics of one leaf qdisc from the kernel's reply to a get (see TcSocket.get_many)."""
+    return _stats2(data, start + TCMSG.size, end, NLA_HDR.unpack_from)
+
+
 def _stats2(
     data: bytes, pos: int, end: int, unpack_nla: Callable[..., tuple[int, int]]
 ) -> ClassStats:

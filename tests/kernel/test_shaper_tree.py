@@ -153,7 +153,13 @@ def test_class_stats_count_what_the_class_sent(lan_ns: str) -> None:
         while stats["down"][2].backlog_packets and time.monotonic() < deadline:
             time.sleep(0.1)
             stats = shaper.class_stats()
+        # One leaf by handle reads what the dump reads; slot 40 has no class.
+        by_handle = shaper.class_stats_of({"down": [2, 3, 40], "up": [1]})
         shaper.remove()
+    assert by_handle == {
+        "down": {2: stats["down"][2], 3: stats["down"][3]},
+        "up": {1: stats["up"][1]},
+    }
     # 972 payload + 8 UDP + 20 IPv4 + 14 Ethernet: HTB counts frames as they leave.
     assert stats["down"][2].sent_packets == 50 and stats["down"][2].sent_bytes == 50 * 1014
     assert stats["down"][1].sent_packets == 0 and stats["down"][3].sent_bytes == 0

@@ -192,6 +192,9 @@ class FakeShaper:
     def class_stats(self) -> dict[str, dict[int, Any]]:
         return {}
 
+    def class_stats_of(self, slots: Mapping[str, Sequence[int]]) -> dict[str, dict[int, Any]]:
+        return {}
+
     def ceilings_bps(self, slot: int) -> tuple[int, int]:
         """(down, up) ceiling of the class of `slot` in the last applied plan."""
         down, up = classids_for_slot(slot)

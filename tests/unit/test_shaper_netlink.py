@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
-from pyroute2.netlink.rtnl import RTM_DELTCLASS, RTM_NEWQDISC, RTM_NEWTCLASS
+from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_ECHO
+from pyroute2.netlink.rtnl import RTM_DELTCLASS, RTM_GETQDISC, RTM_NEWQDISC, RTM_NEWTCLASS
 from pyroute2.netlink.rtnl.tcmsg import tcmsg
 
 from desanet.shaper import netlink
 from desanet.shaper.diff import Operation
 from desanet.shaper.plan import Link, SubscriberPlan, build_plan, classids_for_slot
-from desanet.shaper.readback import parse_classes, parse_qdiscs
+from desanet.shaper.readback import ClassStats, leaf_stats_of_reply, parse_classes, parse_qdiscs
 from desanet.shaper.tree import TC_H_ROOT
 
 pytestmark = pytest.mark.unit
@@ -108,3 +111,23 @@ def test_classes_above_32_bit_rates_read_back() -> None:
     assert (cls.buffer_ticks, cls.cbuffer_ticks, cls.prio) == (100, 200, 3)
     ours = netlink.encode_class_add(3, PLAN.down.classes[DOWN7])
     assert parse_classes([ours])[DOWN7] == PLAN.down.classes[DOWN7]  # the fixed layout
+
+
+def test_leaf_get_names_one_leaf_and_asks_for_its_answer() -> None:
+    msg = decode(netlink.encode_leaf_get(4, DOWN7))
+    assert msg["header"]["type"] == RTM_GETQDISC
+    flags = msg["header"]["flags"]
+    # Not a dump; the answer comes back to us (echo) and ends with an ack.
+    assert flags & NLM_F_DUMP != NLM_F_DUMP and flags & NLM_F_ECHO and flags & NLM_F_ACK
+    assert (msg["index"], msg["parent"], msg["handle"]) == (4, DOWN7, 0)
+
+
+def test_a_leaf_reply_decodes_to_its_statistics() -> None:
+    # A reply as the kernel sends it: a qdisc message with basic and queue statistics.
+    basic = netlink._attr(netlink.TCA_STATS_BASIC, struct.pack("=QI", 50 * 1014, 50) + b"\0" * 4)
+    queue = netlink._attr(netlink.TCA_STATS_QUEUE, struct.pack("=IIIII", 3, 3042, 7, 0, 9))
+    body = netlink._kind_attr("pfifo") + netlink._attr(netlink.TCA_STATS2, basic + queue)
+    reply = netlink._message(RTM_NEWQDISC, 0, 4, 0x160000, DOWN7, body)
+    stats = leaf_stats_of_reply(reply, netlink.NLMSG_HDR.size, len(reply))
+    assert stats == ClassStats(50 * 1014, 50, 7, 9, 3042, 3)
+    assert decode(reply).get_attr("TCA_STATS2").get_attr("TCA_STATS_BASIC")["bytes"] == 50 * 1014

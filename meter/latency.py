@@ -1,14 +1,14 @@
 """Passive RTT histograms of the datapath: reading them, and percentiles over a recent window.
 
 The datapath (the RTT section of ebpf/datapath.bpf.c) adds every RTT sample
-to two cumulative histograms, both mmapable arrays: per slot and direction in half-octave buckets, and
-link-wide per direction in 1 ms buckets. `RttReader` maps them read-only into
-this process (BPF_OBJ_GET and mmap: no syscall per read, no BCC). `RttWindow`
-keeps the snapshots of the last seconds and answers what an operator asks:
-p50/p95 per subscriber and for the link over that window, and what the link's
-WAN RTT was in the last interval (what the adaptive link rate is fed).
-Counts are cumulative and wrap (per slot modulo 2^32): only differences of
-snapshots mean anything, taken in the counters' own unsigned arithmetic.
+to two cumulative histograms, both mmapable arrays: per slot and direction in
+half-octave buckets, and link-wide per direction in 1 ms buckets.
+`RttReader` maps them read-only into this process (BPF_OBJ_GET and mmap: no
+syscall per read, no BCC). `RttWindow` keeps snapshots of the last seconds
+and answers what an operator asks: p50/p95 per subscriber and for the link
+over that window, and the link's samples of the last interval (what the
+adaptive link rate is fed). Counts are cumulative and wrap: only differences
+of snapshots mean anything, taken in the counters' own unsigned arithmetic.
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ DROP_REASONS = 4  # entries of the `drops` map (index 0 is unused)
 RTT_WAN = 0
 RTT_LAN = 1
 RTT_DIRECTIONS = ("wan", "lan")  # names by index, as status and metrics show them
-RTT_FLOWS = 65536
+RTT_FLOWS_LOG2 = 17
+RTT_FLOWS = 1 << RTT_FLOWS_LOG2
 RTT_SLOT_BUCKETS = 24
 RTT_LINK_BUCKETS = 2048
 
@@ -139,17 +140,19 @@ class RttFlowKey(ctypes.Structure):
     """struct desanet_rtt_flow_key: one TCP flow, the subscriber's side first."""
 
     _fields_ = [
-        ("sub_addr", ctypes.c_uint8 * 16),
-        ("remote_addr", ctypes.c_uint8 * 16),
+        ("sub_addr", ctypes.c_uint32),
+        ("remote_addr", ctypes.c_uint32),
         ("sub_port", ctypes.c_uint16),
         ("remote_port", ctypes.c_uint16),
     ]
 
 
 class RttFlow(ctypes.Structure):
-    """struct desanet_rtt_flow: each direction's outstanding TSval, last TSval, first-seen ns."""
+    """struct desanet_rtt_flow: whose entry, each direction's outstanding and last TSval, its ns."""
 
     _fields_ = [
+        ("key", RttFlowKey),
+        ("reserved", ctypes.c_uint32),
         ("tsval", ctypes.c_uint32 * 2),
         ("seen", ctypes.c_uint32 * 2),
         ("t_ns", ctypes.c_uint64 * 2),

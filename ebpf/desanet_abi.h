@@ -27,7 +27,7 @@
 #define DESANET_MAP_MACS "macs"               /* hash: desanet_mac_key -> __u32 slot */
 #define DESANET_MAP_GATEWAY_ADDRS "gateway_addrs" /* hash: desanet_host_key -> __u32 (1): the gateway's own */
 #define DESANET_MAP_DROPS "drops"             /* array: drop reason -> desanet_drops */
-#define DESANET_MAP_RTT_FLOWS "rtt_flows"     /* LRU hash: desanet_rtt_flow_key -> desanet_rtt_flow */
+#define DESANET_MAP_RTT_FLOWS "rtt_flows"     /* array: flow hash -> desanet_rtt_flow */
 #define DESANET_MAP_RTT_SLOTS "rtt_slots"     /* mmapable array: slot -> desanet_rtt_hist */
 #define DESANET_MAP_RTT_LINK "rtt_link"       /* mmapable array: dir * LINK_BUCKETS + ms -> __u64 */
 
@@ -41,8 +41,9 @@
  * TSval echoed by the subscriber (gateway -> subscriber's device -> gateway). */
 #define DESANET_RTT_WAN 0
 #define DESANET_RTT_LAN 1
-/* TCP flows whose outstanding timestamps the LRU flow table holds. */
-#define DESANET_RTT_FLOWS 65536
+/* Entries of the direct-mapped flow table (2^DESANET_RTT_FLOWS_LOG2). */
+#define DESANET_RTT_FLOWS_LOG2 17
+#define DESANET_RTT_FLOWS 131072
 /* Per-slot histogram: half-octave buckets of microseconds; bucket 0 is below
  * 768 us, bucket i >= 1 starts at (2 + (i + 18) % 2) << ((i + 18) / 2 - 1) us,
  * the last (from 1.57 s) is open-ended. abi.py computes the same bounds. */
@@ -115,11 +116,14 @@ struct desanet_sum_run {
 };
 
 /* One TCP flow as the RTT tracker keys it: the subscriber's side first, so
- * both directions of the flow find the same entry (IPv4-mapped for IPv4;
- * ports in network order). */
+ * both directions of the flow find the same entry. 12 bytes, so the lookup
+ * hashes one word group: IPv4 addresses whole, IPv6 addresses folded (the
+ * XOR of their four words). Two IPv6 flows that fold alike share an entry;
+ * a sample then needs a TSecr equal to the other's TSval, and is at worst one
+ * wrong sample, never a wrong byte. Addresses and ports in network order. */
 struct desanet_rtt_flow_key {
-	__u8 sub_addr[16];
-	__u8 remote_addr[16];
+	__u32 sub_addr;
+	__u32 remote_addr;
 	__u16 sub_port;
 	__u16 remote_port;
 };
@@ -128,6 +132,8 @@ struct desanet_rtt_flow_key {
  * direction its echo measures (DESANET_RTT_WAN: the subscriber's TSval).
  * t_ns 0 = none outstanding; seen = the last TSval the direction carried. */
 struct desanet_rtt_flow {
+	struct desanet_rtt_flow_key key; /* whose entry this is */
+	__u32 reserved;
 	__u32 tsval[2];
 	__u32 seen[2];
 	__u64 t_ns[2];

@@ -20,6 +20,7 @@ from desanet.gateway.parts import OutboundPort, Parts
 from desanet.gateway.roles import Roles
 from desanet.meter.fleet import FleetConnection, gateway_inbox
 from desanet.meter.fleet_forward import Forwarder, ForwarderConfig
+from desanet.meter.latency import RttReader
 from desanet.meter.poll import CounterReader, CounterSource
 from desanet.meter.service import MeterService, StreamConfig
 from desanet.shaper.apply import Shaper, upload_ifb_name
@@ -60,6 +61,7 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
             capacity=config.capacity,
             upload_ifb=ifb,
             block_unprovisioned=config.policy.unprovisioned == "block",
+            rtt_track=config.latency.track,
         ),
         shaper=Shaper(config.lan, ifb),
         meter=meter,
@@ -67,6 +69,7 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
         open_counters=lambda: open_counters(config),
         clock=steady_clock(meter),
         outbound=outbound,
+        open_latency=lambda: RttReader.for_datapath(config.gateway_id, config.lan),
     )
 
 

@@ -15,6 +15,7 @@ from desanet.clock import Clock
 from desanet.cython_ext.usage import UsageInterval
 from desanet.ebpf.datapath import Provision
 from desanet.meter.delivered import SentStats
+from desanet.meter.latency import RttSource
 from desanet.meter.poll import CounterSource
 from desanet.meter.service import StreamStats
 from desanet.meter.state import StateArrays
@@ -117,3 +118,5 @@ class Parts:
     open_counters: Callable[[], CounterSource]
     clock: Clock
     outbound: Sequence[OutboundPort] = ()
+    # The datapath's RTT histograms (meter/latency.py), once it is attached; None: not read.
+    open_latency: Callable[[], RttSource] | None = None

@@ -206,6 +206,7 @@ class RttWindow:
         self.window_ms = window_ms
         self._link: deque[tuple[int, npt.NDArray[np.uint64]]] = deque()
         self._slot_bases: deque[tuple[int, npt.NDArray[np.uint32]]] = deque(maxlen=2)
+        self._latest_slots: npt.NDArray[np.uint32] | None = None
         self.last_interval: npt.NDArray[np.uint64] = np.zeros((2, abi.RTT_LINK_BUCKETS), np.uint64)
 
     def update(self, t_ms: int) -> npt.NDArray[np.uint64]:
@@ -234,7 +235,8 @@ class RttWindow:
         """Slot -> its RTT per direction over the window, for slots with samples."""
         if not self._slot_bases:
             return {}
-        delta = (self.source.read_slots() - self._slot_bases[0][1]).astype(np.int64)
+        self._latest_slots = self.source.read_slots()
+        delta = (self._latest_slots - self._slot_bases[0][1]).astype(np.int64)
         totals = delta.sum(axis=-1)
         moved = np.flatnonzero(totals.sum(axis=-1))
         if not len(moved):
@@ -254,7 +256,9 @@ class RttWindow:
         return result
 
     def cumulative(self) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint32]] | None:
-        """The last snapshots as read (link, per slot): for Prometheus's cumulative histograms."""
+        """The latest snapshots (link, per slot; the slots as of the last `slots()`), for
+        Prometheus's cumulative histograms."""
         if not self._link or not self._slot_bases:
             return None
-        return self._link[-1][1], self._slot_bases[-1][1]
+        slots = self._latest_slots if self._latest_slots is not None else self._slot_bases[-1][1]
+        return self._link[-1][1], slots

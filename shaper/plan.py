@@ -303,6 +303,24 @@ class ShapingPlan:
             base=self,
         )
 
+    def with_link_rate(self, direction: str, rate_bps: int) -> ShapingPlan:
+        """A copy whose `direction` root shapes to `rate_bps` less the headroom (the adaptive
+        link rate): the root and default classes change in place, nothing else; `link`,
+        which subscribers' rates are checked against, stays the configured one."""
+        new = self._copy()
+        major = DOWN_MAJOR if direction == "down" else UP_MAJOR
+        shaped = int(rate_bps * (1.0 - self.link.headroom))
+        tree = new.tree(direction)
+        for cls in _root_classes(self.link, direction, major, shaped):
+            tree.classes[cls.classid] = cls
+            new.touched.add(cls.classid)
+        return new
+
+    def root_rate_bps(self, direction: str) -> int:
+        """The rate the `direction` root class shapes to, bit/s."""
+        major = DOWN_MAJOR if direction == "down" else UP_MAJOR
+        return self.tree(direction).classes[make_handle(major, ROOT_MINOR)].rate_bytes_ps * 8
+
     def leaf_in_plan(self) -> str:
         """The leaf kind the trees of this plan use."""
         for leaf in self.down.leaves.values():
@@ -400,15 +418,21 @@ def _check_link(link: Link) -> None:
             )
 
 
-def _empty_tree(link: Link, direction: str, major: int, kind: str, rtt_ms: float) -> Tree:
-    shaped = link.shaped_bps(direction)
+def _root_classes(link: Link, direction: str, major: int, shaped: int) -> tuple[HtbClass, HtbClass]:
+    """The root class at `shaped` bit/s and the default class under it."""
     root_id = make_handle(major, ROOT_MINOR)
     root_cls = htb_class(root_id, make_handle(major, 0), shaped // 8, shaped // 8, 0, BURST_MS)
     default_id = make_handle(major, DEFAULT_MINOR)
-    ceil = link.unmatched_ceil_bps(direction)
+    ceil = min(link.unmatched_ceil_bps(direction), shaped)
     default_cls = htb_class(
         default_id, root_id, min(_default_min_bps(shaped), ceil) // 8, ceil // 8, DEFAULT_PRIO
     )
+    return root_cls, default_cls
+
+
+def _empty_tree(link: Link, direction: str, major: int, kind: str, rtt_ms: float) -> Tree:
+    root_cls, default_cls = _root_classes(link, direction, major, link.shaped_bps(direction))
+    root_id, default_id = root_cls.classid, default_cls.classid
     return Tree(
         root=HtbRoot(handle=make_handle(major, 0), default_minor=DEFAULT_MINOR, r2q=R2Q),
         classes=CowMap([(root_id, root_cls), (default_id, default_cls)]),

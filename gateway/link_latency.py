@@ -30,15 +30,20 @@ from desanet.shaper.plan import DIRECTIONS
 class LinkLatency:
     """The RTT window of one gateway and, with `[link] adapt`, its link rate controller."""
 
-    def __init__(self, source: RttSource, config: Config, t_ms: int) -> None:
-        """Take the first snapshot at `t_ms` (the service's start): the window counts from it."""
-        self.window = RttWindow(source, config.latency.window_ms)
-        self.window.update(t_ms)
-        self.headroom = config.shaping.headroom
-        self.autorate: Autorate | None = None
+    def __init__(
+        self, source: RttSource, window_ms: int, headroom: float, autorate: Autorate | None
+    ) -> None:
+        self.window = RttWindow(source, window_ms)
+        self.headroom = headroom  # the plan's: the root shapes to the rate less it
+        self.autorate = autorate
+
+    @classmethod
+    def from_config(cls, source: RttSource, config: Config, t_ms: int) -> LinkLatency:
+        """As `[latency]` and `[link]` ask, the first snapshot taken at `t_ms` (the start)."""
+        autorate = None
         if config.adapt is not None:
             a = config.adapt
-            self.autorate = Autorate(
+            autorate = Autorate(
                 AutorateConfig(
                     down_bps=config.link.down_bps,
                     up_bps=config.link.up_bps,
@@ -48,6 +53,9 @@ class LinkLatency:
                     up_max_bps=a.up_max_bps,
                 )
             )
+        latency = cls(source, config.latency.window_ms, config.shaping.headroom, autorate)
+        latency.window.update(t_ms)
+        return latency
 
     def tick(self, t_ms: int, rates_bps: npt.NDArray[np.float64]) -> list[RateChange]:
         """Snapshot the histograms; the rate changes the controller decided (none when off).

@@ -170,7 +170,7 @@ class GatewayService:
                 self.delivered.restore(delivered_state)
         self._poller = Poller(self.delivered, self.aggregator)
         if parts.open_latency is not None:
-            self.latency = LinkLatency(parts.open_latency(), cfg, now)
+            self.latency = LinkLatency.from_config(parts.open_latency(), cfg, now)
         self._resync(self._initial_plan)
         for consumer in parts.outbound:
             consumer.start()  # it catches up from its own cursor in the journal

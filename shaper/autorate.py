@@ -23,7 +23,10 @@ Theory of operation:
    actually got through (the throughput is what the link carried: a measured
    capacity); loaded (throughput >= `load_share` of the rate) and the RTT
    flat (excess under half the threshold): probe up by `increase` x, up to
-   `max`; neither loaded nor queueing: drift back toward the configured rate.
+   `max`, but by only `increase_near_edge` while within reach of the rate
+   that queued last (each step past the edge then builds a small queue, not
+   a large one); neither loaded nor queueing: drift back toward the
+   configured rate.
    The result is clamped to [min, max]. An RTT that rises with no traffic of
    ours (a route change) moves nothing; one that rises while the link is
    busy is taken for a queue, and the baseline learns it within minutes.
@@ -59,6 +62,7 @@ class AutorateConfig:
     busy_share: float = 0.1
     decrease: float = 0.9
     increase: float = 1.05
+    increase_near_edge: float = 0.02
     idle_drift: float = 0.1
     threshold_min_ms: float = 15.0
     threshold_share: float = 0.1
@@ -109,6 +113,8 @@ class Autorate:
     jitter_ms: float = 0.0
     changes: int = 0
     _last_change_ms: dict[str, int] = field(default_factory=dict)
+    # Per direction, what got through when it last queued: probing slows down near it.
+    _edge_bps: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.rates_bps:
@@ -174,10 +180,17 @@ class Autorate:
         if busy and excess is not None and excess > threshold:
             # What got through is what the link carries now: go below it.
             target, reason = min(rate, throughput) * c.decrease, f"wan rtt +{excess:.0f} ms"
+            self._edge_bps[direction] = min(rate, throughput)
         elif loaded and excess is not None and flat:
             if rate >= high:
                 return None
-            target, reason = rate * c.increase, "loaded, rtt flat: probing"
+            edge = self._edge_bps.get(direction)
+            if edge is not None and rate >= edge * (1 + c.increase_near_edge) / c.decrease:
+                edge = None  # well past where it queued: the capacity came back
+                del self._edge_bps[direction]
+            # Near the rate that queued last, creep: each step over the edge is a small queue.
+            step = c.increase_near_edge if edge is not None else c.increase - 1
+            target, reason = rate * (1 + step), "loaded, rtt flat: probing"
         elif not loaded and flat:
             configured = c.configured(direction)
             gap = configured - rate

@@ -12,8 +12,8 @@ and with `[link] adapt`, alternating:
   p95 ping RTT in the low-capacity phase over its idle median;
 - `utilisation_adaptive_<leo|geo>`: delivered download over the low capacity;
 - `rtt_error_ms`: the largest gap between the datapath's passive WAN RTT
-  (p50 of the downloads' TCP timestamps) and the idle subscriber's ping
-  median during the steady phase.
+  (p50 of the downloads' TCP timestamps) and the median of the gateway's own
+  pings to the internet host (the same path) during the steady phase.
 
 Like benchmarks/bufferbloat.py it needs netem and a stock kernel: on the host
 it boots Debian's kernel (tests.vm.machine) and runs itself inside. `--quick`
@@ -85,7 +85,7 @@ def measure(report: Report) -> None:
                         report.headline[f"utilisation_adaptive_{name}"] = round(
                             r.low_utilisation, 3
                         )
-                    errors.append(abs(r.steady_wan_p50_ms - r.steady_ping_ms))
+                    errors.append(abs(r.steady_wan_p50_ms - r.steady_gateway_ping_ms))
         finally:
             gw.stop()
     report.headline["rtt_error_ms"] = round(max(errors), 1)

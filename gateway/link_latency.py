@@ -4,10 +4,10 @@ Each interval the service hands this the time and the aggregator's rates;
 it snapshots the datapath's RTT histograms (meter/latency.py), feeds the
 link's WAN RTT of the interval and the link's throughput to the controller
 (shaper/autorate.py) when `[link] adapt` is on, and keeps the running
-shaping plan's root classes at the controller's rates: a changed rate is one
-incremental shaper apply of two classes per direction (no tree rebuild, no
-counters lost), and a plan rebuilt by a reload or a resync gets the adapted
-rates back at the next interval.
+shaping plan at the controller's rates: a changed rate is one incremental
+shaper apply that changes the classes of that direction in place (no tree
+rebuild, no leaf replaced, no counters lost), and a plan rebuilt by a reload
+or a resync gets the adapted rates back at the next interval.
 """
 
 from __future__ import annotations
@@ -30,11 +30,8 @@ from desanet.shaper.plan import DIRECTIONS
 class LinkLatency:
     """The RTT window of one gateway and, with `[link] adapt`, its link rate controller."""
 
-    def __init__(
-        self, source: RttSource, window_ms: int, headroom: float, autorate: Autorate | None
-    ) -> None:
+    def __init__(self, source: RttSource, window_ms: int, autorate: Autorate | None) -> None:
         self.window = RttWindow(source, window_ms)
-        self.headroom = headroom  # the plan's: the root shapes to the rate less it
         self.autorate = autorate
 
     @classmethod
@@ -53,7 +50,7 @@ class LinkLatency:
                     up_max_bps=a.up_max_bps,
                 )
             )
-        latency = cls(source, config.latency.window_ms, config.shaping.headroom, autorate)
+        latency = cls(source, config.latency.window_ms, autorate)
         latency.window.update(t_ms)
         return latency
 
@@ -71,14 +68,13 @@ class LinkLatency:
         )
 
     def enforce(self, applier: Applier) -> int:
-        """Bring the running plan's root classes to the controller's rates; shaper requests."""
+        """Bring the running plan to the controller's rates; returns the shaper's requests."""
         if self.autorate is None:
             return 0
         running = plan = applier.running
         for direction in DIRECTIONS:
             rate = self.autorate.rates_bps[direction]
-            shaped = int(rate * (1.0 - self.headroom)) // 8 * 8
-            if running.root_rate_bps(direction) != shaped:
+            if running.adapted_bps.get(direction, running.link.rate_bps(direction)) != rate:
                 plan = plan.with_link_rate(direction, rate)
         if plan is running:
             return 0

@@ -1,5 +1,5 @@
 """The service's latency step on faked kernel parts: RTT in status and metrics, and the
-adaptive link rate changing the running plan's root class (and nothing else) with an event."""
+adaptive link rate changing the running plan's classes in place, with an event."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def test_rtt_percentiles_in_status_and_metrics(tmp_path: Path) -> None:
     assert {s.labels["subscriber"] for s in subs} == {"s1"}
 
 
-def test_adaptive_rate_lowers_the_root_only_and_says_so(tmp_path: Path) -> None:
+def test_adaptive_rate_scales_the_classes_in_place_and_says_so(tmp_path: Path) -> None:
     lab = LatencyLab(tmp_path, adapt=True)
     lab.write(S1, S2)
     service = lab.service()
@@ -112,14 +112,20 @@ def test_adaptive_rate_lowers_the_root_only_and_says_so(tmp_path: Path) -> None:
     finally:
         service.close()
     assert len(lab.shaper.applied) > steady
+    down = after.adapted_bps["down"]
+    assert 0 < down < 20 * MBIT and "up" not in after.adapted_bps
     assert after.root_rate_bps("down") < before.root_rate_bps("down")
     assert after.root_rate_bps("up") == before.root_rate_bps("up")
-    # Every subscriber class and leaf is the one running before: no tree rebuild.
-    for direction in ("down", "up"):
-        old, new = before.tree(direction), after.tree(direction)
-        subscriber_classes = set(old.leaves) - {c for c in old.leaves if c & 0xFFFF == 0xF}
-        assert all(old.classes[c] == new.classes[c] for c in subscriber_classes)
-        assert dict(old.leaves.items()) == dict(new.leaves.items())
+    # The same classes, changed in place: guarantees scaled with the link, leaves kept.
+    scale = down / (20 * MBIT)
+    old, new = before.tree("down"), after.tree("down")
+    assert set(old.classes) == set(new.classes)
+    assert dict(old.leaves.items()) == dict(new.leaves.items())
+    for classid in set(old.leaves) - {c for c in old.leaves if c & 0xFFFF == 0xF}:
+        was, now = old.classes[classid], new.classes[classid]
+        assert abs(now.rate_bytes_ps - was.rate_bytes_ps * scale) <= 1
+        assert now.ceil_bytes_ps <= after.root_rate_bps("down") // 8
+    assert dict(before.up.classes.items()) == dict(after.up.classes.items())
     rate_events = [e for e in snap.events if e["kind"] == "link_rate"]
     assert rate_events and rate_events[0]["sub"] == ""
     assert rate_events[0]["detail"].startswith("down 20.0 Mbit/s -> ")

@@ -17,6 +17,7 @@ the pings, and whether the rate moved at all.
 
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import numpy as np
 from desanet.ebpf import abi
 from desanet.ebpf.datapath import Provision
 from desanet.gateway.applier import Applier
-from desanet.gateway.lab import Village, in_netns, run
+from desanet.gateway.lab import INET_V4, Village, in_netns, run
 from desanet.gateway.link_latency import LinkLatency
 from desanet.meter.latency import LINK_EDGES_MS, RttReader, percentile_ms
 from desanet.shaper.autorate import Autorate, AutorateConfig
@@ -34,6 +35,7 @@ from tests.vm import satlink
 from tests.vm.satlink import Gateway, SatLink
 
 _UP, _DOWN = abi.COUNTER_FIELDS.index("up_bytes"), abi.COUNTER_FIELDS.index("down_bytes")
+_RTT = re.compile(r"time=([0-9.]+) ms")
 MODEM_BUFFER_MS = 400  # the modem's dumb buffer (tbf latency): what a fixed rate leaves queued
 
 
@@ -83,6 +85,7 @@ class AdaptRun:
     adapt: bool
     base_ms: float  # idle subscriber's median ping RTT, link idle
     steady_ping_ms: float  # ... during the steady loaded phase
+    steady_gateway_ping_ms: float  # the gateway's own pings to the internet host meanwhile
     steady_wan_p50_ms: float  # the passive WAN RTT of that phase, from the datapath
     steady_changes: int  # rate changes during the steady phase
     low_p95_ms: float  # the idle subscriber's p95 ping RTT in the low phase
@@ -93,6 +96,15 @@ class AdaptRun:
     def inflation_ms(self) -> float:
         """p95 RTT in the low-capacity phase over the idle link's median."""
         return self.low_p95_ms - self.base_ms
+
+
+def gateway_pings_ms(v: Village, seconds: float, interval_s: float = 0.2) -> list[float]:
+    """RTTs of pings from the gateway itself to the internet host: the WAN path and the
+    modem's queue, what the passive WAN RTT measures (no LAN, no desanet queue)."""
+    count = str(max(1, int(seconds / interval_s)))
+    out = run(["ping", "-n", "-i", f"{interval_s:g}", "-c", count, "-W", "3", INET_V4],
+              v.gw_ns, check=False)  # fmt: skip
+    return [float(m) for m in _RTT.findall(out)]
 
 
 def _p95(values: list[float]) -> float:
@@ -127,7 +139,7 @@ class _Driver:
             )
         with in_netns(v.gw_ns):
             reader = RttReader(gw.datapath.pin_dir)
-        self.latency = LinkLatency(reader, 60_000, plan.link.headroom, autorate)
+        self.latency = LinkLatency(reader, 60_000, autorate)
         self.changes = 0
         self._last = gw.counters()
         self._t = time.monotonic()
@@ -183,10 +195,11 @@ def capacity_drop(
         procs = satlink.start_downloads(v, busy, steady_s + low_s + 6, streams)
         driver.drive(3.0)  # slow start, and the controller's baseline
         changes_before = driver.changes
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        with ThreadPoolExecutor(max_workers=2) as pool:
             pings = pool.submit(satlink.ping_rtts_ms, v, idle, steady_s - 1)
+            own = pool.submit(gateway_pings_ms, v, steady_s - 1)
             wan = driver.drive(steady_s)
-            steady_pings = pings.result()
+            steady_pings, gateway_pings = pings.result(), own.result()
         steady_changes = driver.changes - changes_before
         modem(v, link, link.low_bps)
         driver.drive(settle_s)
@@ -203,6 +216,7 @@ def capacity_drop(
             adapt=adapt,
             base_ms=base,
             steady_ping_ms=satlink.median(steady_pings),
+            steady_gateway_ping_ms=satlink.median(gateway_pings),
             steady_wan_p50_ms=percentile_ms(wan, LINK_EDGES_MS, 0.5) or float("nan"),
             steady_changes=steady_changes,
             low_p95_ms=_p95(low_pings),

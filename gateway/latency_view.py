@@ -35,9 +35,7 @@ def status_section(
         return {d: s.as_dict() for d, s in summaries.items() if s.samples}
 
     subscribers = {
-        owners[slot]: shown(summaries)
-        for slot, summaries in window.slots().items()
-        if slot in owners
+        owners[slot]: shown(summaries) for slot, summaries in window.slots(sorted(owners)).items()
     }
     section: dict[str, Any] = {
         "window_s": window.window_ms // 1000,
@@ -79,9 +77,13 @@ def render_lines(latency: Mapping[str, Any]) -> list[str]:
 
 
 def prometheus_families(
-    link: npt.NDArray[np.uint64], slots: npt.NDArray[np.uint32], owners: Mapping[int, str]
+    link: npt.NDArray[np.uint64],
+    rows: npt.NDArray[np.intp],
+    slots: npt.NDArray[np.uint32],
+    owners: Mapping[int, str],
 ) -> Iterator[Any]:
-    """Histograms of the cumulative RTT samples: the link's and each subscriber's, by direction."""
+    """Histograms of the cumulative RTT samples: the link's, and each subscriber's by
+    direction (`slots[k]` holds the counts of slot `rows[k]`)."""
     link_family = HistogramMetricFamily(
         "desanet_link_rtt_seconds",
         "Passive RTT of the link from TCP timestamps (wan: via the internet, lan: to devices)",
@@ -98,11 +100,12 @@ def prometheus_families(
         "Passive RTT of a subscriber's TCP flows (wan: via the internet, lan: to its devices)",
         labels=["subscriber", "direction"],
     )
-    for slot, sub_id in sorted(owners.items()):
-        if slot >= len(slots):
+    for k, slot in enumerate(rows.tolist()):
+        sub_id = owners.get(slot)
+        if sub_id is None:
             continue
         for i, direction in enumerate(abi.RTT_DIRECTIONS):
-            running = np.cumsum(slots[slot, i].astype(np.float64))
+            running = np.cumsum(slots[k, i].astype(np.float64))
             if not running[-1]:
                 continue
             buckets = [

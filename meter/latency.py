@@ -16,6 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -138,9 +139,10 @@ class RttReader:
         self._maps.append(mapping)
         return memoryview(mapping)[: shape.max_entries * value_size]
 
-    def read_slots(self) -> npt.NDArray[np.uint32]:
-        """Cumulative per-slot counts, (n_slots, 2 directions, RTT_SLOT_BUCKETS), a copy."""
-        return self._slots.copy()
+    def read_slots(self, rows: npt.NDArray[np.intp] | None = None) -> npt.NDArray[np.uint32]:
+        """Cumulative per-slot counts, (slots, 2 directions, RTT_SLOT_BUCKETS), a copy: of
+        every slot, or of the slots in `rows` only (a village's few hundred of 65,536)."""
+        return self._slots.copy() if rows is None else self._slots[rows]
 
     def read_link(self) -> npt.NDArray[np.uint64]:
         """Cumulative link-wide counts, (2 directions, RTT_LINK_BUCKETS ms), a copy."""
@@ -186,7 +188,7 @@ def slot_percentiles(delta: npt.NDArray[np.integer], q: float) -> npt.NDArray[np
 class RttSource(Protocol):
     """What the window reads: RttReader, or a test's fake."""
 
-    def read_slots(self) -> npt.NDArray[np.uint32]: ...
+    def read_slots(self, rows: npt.NDArray[np.intp] | None = None) -> npt.NDArray[np.uint32]: ...
 
     def read_link(self) -> npt.NDArray[np.uint64]: ...
 
@@ -206,7 +208,8 @@ class RttWindow:
         self.window_ms = window_ms
         self._link: deque[tuple[int, npt.NDArray[np.uint64]]] = deque()
         self._slot_bases: deque[tuple[int, npt.NDArray[np.uint32]]] = deque(maxlen=2)
-        self._latest_slots: npt.NDArray[np.uint32] | None = None
+        # The rows `slots()` read last and their counts: what Prometheus is given.
+        self._latest: tuple[npt.NDArray[np.intp], npt.NDArray[np.uint32]] | None = None
         self.last_interval: npt.NDArray[np.uint64] = np.zeros((2, abi.RTT_LINK_BUCKETS), np.uint64)
 
     def update(self, t_ms: int) -> npt.NDArray[np.uint64]:
@@ -231,23 +234,25 @@ class RttWindow:
             name: summarize(delta[i], LINK_EDGES_MS) for i, name in enumerate(abi.RTT_DIRECTIONS)
         }
 
-    def slots(self) -> dict[int, dict[str, RttSummary]]:
-        """Slot -> its RTT per direction over the window, for slots with samples."""
-        if not self._slot_bases:
+    def slots(self, rows: Sequence[int]) -> dict[int, dict[str, RttSummary]]:
+        """Slot -> its RTT per direction over the window, for those of `rows` with samples."""
+        if not self._slot_bases or not rows:
             return {}
-        self._latest_slots = self.source.read_slots()
-        delta = (self._latest_slots - self._slot_bases[0][1]).astype(np.int64)
+        index = np.asarray(rows, dtype=np.intp)
+        current = self.source.read_slots(index)
+        self._latest = (index, current)
+        # Unsigned differences first (counts wrap), then signed for the sums.
+        delta = (current - self._slot_bases[0][1][index]).astype(np.int64)
         totals = delta.sum(axis=-1)
         moved = np.flatnonzero(totals.sum(axis=-1))
         if not len(moved):
             return {}
-        rows = delta[moved]
-        p50, p95 = slot_percentiles(rows, 0.5), slot_percentiles(rows, 0.95)
+        p50, p95 = slot_percentiles(delta[moved], 0.5), slot_percentiles(delta[moved], 0.95)
         result: dict[int, dict[str, RttSummary]] = {}
-        for k, slot in enumerate(moved.tolist()):
-            result[slot] = {
+        for k, row in enumerate(moved.tolist()):
+            result[int(index[row])] = {
                 name: RttSummary(
-                    int(totals[slot, i]),
+                    int(totals[row, i]),
                     None if np.isnan(p50[k, i]) else float(p50[k, i]),
                     None if np.isnan(p95[k, i]) else float(p95[k, i]),
                 )
@@ -255,10 +260,11 @@ class RttWindow:
             }
         return result
 
-    def cumulative(self) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint32]] | None:
-        """The latest snapshots (link, per slot; the slots as of the last `slots()`), for
-        Prometheus's cumulative histograms."""
-        if not self._link or not self._slot_bases:
+    def cumulative(
+        self,
+    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.intp], npt.NDArray[np.uint32]] | None:
+        """The latest link snapshot, and the rows and counts `slots()` read last: what
+        Prometheus's cumulative histograms are made of."""
+        if not self._link or self._latest is None:
             return None
-        slots = self._latest_slots if self._latest_slots is not None else self._slot_bases[-1][1]
-        return self._link[-1][1], slots
+        return self._link[-1][1], *self._latest

@@ -33,8 +33,8 @@ class FakeRtt:
         self.slots[slot, direction, abi.rtt_slot_bucket(rtt_ms * 1000)] += n
         self.link[direction, rtt_ms] += n
 
-    def read_slots(self) -> npt.NDArray[np.uint32]:
-        return self.slots.copy()
+    def read_slots(self, rows: npt.NDArray[np.intp] | None = None) -> npt.NDArray[np.uint32]:
+        return self.slots.copy() if rows is None else self.slots[rows]
 
     def read_link(self) -> npt.NDArray[np.uint64]:
         return self.link.copy()

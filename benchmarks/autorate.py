@@ -46,7 +46,7 @@ def measure(report: Report) -> None:
 
     durations = {
         "LEO": {"steady_s": 8.0, "low_s": 24.0, "settle_s": 8.0},
-        "GEO": {"steady_s": 15.0, "low_s": 60.0, "settle_s": 25.0},
+        "GEO": {"steady_s": 12.0, "low_s": 45.0, "settle_s": 20.0},
     }
     errors = []
     with village(4) as v:
@@ -67,6 +67,7 @@ def measure(report: Report) -> None:
                         settle_s=d["settle_s"],
                     )
                     case = "adaptive" if adapt else "fixed"
+                    print(f"note: {link.name} {case}: {r}", flush=True)
                     report.add(
                         link=link.name,
                         case=case,

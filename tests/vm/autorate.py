@@ -98,12 +98,12 @@ class AdaptRun:
         return self.low_p95_ms - self.base_ms
 
 
-def gateway_pings_ms(v: Village, seconds: float, interval_s: float = 0.2) -> list[float]:
-    """RTTs of pings from the gateway itself to the internet host: the WAN path and the
-    modem's queue, what the passive WAN RTT measures (no LAN, no desanet queue)."""
+def pings_ms(v: Village, netns: str, seconds: float, interval_s: float = 0.2) -> list[float]:
+    """RTTs of pings from `netns` to the internet host for `seconds` (a deadline: under
+    emulation a count of pings can take far longer than count x interval)."""
     count = str(max(1, int(seconds / interval_s)))
-    out = run(["ping", "-n", "-i", f"{interval_s:g}", "-c", count, "-W", "3", INET_V4],
-              v.gw_ns, check=False)  # fmt: skip
+    out = run(["ping", "-n", "-i", f"{interval_s:g}", "-c", count, "-w", f"{seconds + 3:g}",
+               "-W", "3", INET_V4], netns, check=False)  # fmt: skip
     return [float(m) for m in _RTT.findall(out)]
 
 
@@ -191,13 +191,15 @@ def capacity_drop(
     try:
         driver = _Driver(v, gw, link, adapt)
         idle, busy = v.subscribers[0], v.subscribers[1:]
-        base = satlink.median(satlink.ping_rtts_ms(v, idle, 2.0))
+        base = satlink.median(pings_ms(v, idle.netns, 2.0))
         procs = satlink.start_downloads(v, busy, steady_s + low_s + 6, streams)
         driver.drive(3.0)  # slow start, and the controller's baseline
         changes_before = driver.changes
         with ThreadPoolExecutor(max_workers=2) as pool:
-            pings = pool.submit(satlink.ping_rtts_ms, v, idle, steady_s - 1)
-            own = pool.submit(gateway_pings_ms, v, steady_s - 1)
+            pings = pool.submit(pings_ms, v, idle.netns, steady_s - 1)
+            # The gateway's own pings cross the WAN path and the modem's queue, no LAN and
+            # no desanet queue: what the passive WAN RTT measures.
+            own = pool.submit(pings_ms, v, v.gw_ns, steady_s - 1)
             wan = driver.drive(steady_s)
             steady_pings, gateway_pings = pings.result(), own.result()
         steady_changes = driver.changes - changes_before
@@ -205,7 +207,7 @@ def capacity_drop(
         driver.drive(settle_s)
         down0, t0 = gw.down_bytes(), time.monotonic()
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pings = pool.submit(satlink.ping_rtts_ms, v, idle, low_s - settle_s - 1)
+            pings = pool.submit(pings_ms, v, idle.netns, low_s - settle_s - 1)
             driver.drive(low_s - settle_s)
             low_pings = pings.result()
         delivered = float((gw.down_bytes() - down0)[[s.index for s in busy]].sum()) * 8

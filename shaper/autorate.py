@@ -18,10 +18,13 @@ Theory of operation:
    jitter never reaches; a LEO link's 40 ms gives `threshold_min_ms`.
 4. Per direction, each interval: busy (throughput >= `busy_share` of the
    shaped rate: a link whose capacity fell carries far less than the shaped
-   rate, so "loaded" cannot be the test here) and excess above the threshold:
-   the capacity dropped below the shaped rate: lower it to `decrease` x what
-   actually got through (the throughput is what the link carried: a measured
-   capacity); loaded (throughput >= `load_share` of the rate) and the RTT
+   rate, so "loaded" cannot be the test here) and excess above the threshold
+   for two intervals running (or above twice it in one), and not shrinking
+   (a queue draining under the last cut needs no other): the capacity
+   dropped below the shaped rate: lower it to `decrease` x what actually got
+   through (what the link carried, a measured capacity: after a big rise
+   this interval's, else the median of the last three, so a dip of the
+   traffic's own cuts no deeper); loaded (throughput >= `load_share` of the rate) and the RTT
    flat (excess under half the threshold): probe up by `increase` x, up to
    `max`, but by only `increase_near_edge` while within reach of the rate
    that queued last (each step past the edge then builds a small queue, not
@@ -42,6 +45,8 @@ queue each time it finds the edge.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 from desanet.errors import ValidationError
@@ -115,6 +120,11 @@ class Autorate:
     _last_change_ms: dict[str, int] = field(default_factory=dict)
     # Per direction, what got through when it last queued: probing slows down near it.
     _edge_bps: dict[str, float] = field(default_factory=dict)
+    # Per direction, the throughput of the last intervals; how many intervals in a row the
+    # RTT was above the threshold.
+    _recent_bps: dict[str, deque[float]] = field(default_factory=dict)
+    _over: int = 0
+    _last_excess: float | None = None
 
     def __post_init__(self) -> None:
         if not self.rates_bps:
@@ -138,11 +148,16 @@ class Autorate:
         excess = None
         if wan_rtt_ms is not None and samples >= c.min_samples:
             excess = self._observe(wan_rtt_ms, throughput_bps)
+        self._over = self._over + 1 if excess is not None and excess > self.threshold_ms() else 0
+        for direction in ("down", "up"):
+            recent = self._recent_bps.setdefault(direction, deque(maxlen=3))
+            recent.append(throughput_bps.get(direction, 0.0))
         changes = []
         for direction in ("down", "up"):
             change = self._decide(t_ms, direction, excess, throughput_bps.get(direction, 0.0))
             if change is not None:
                 changes.append(change)
+        self._last_excess = excess
         return changes
 
     def _loaded(self, direction: str, throughput: float) -> bool:
@@ -177,10 +192,24 @@ class Autorate:
         busy = throughput >= c.busy_share * rate
         threshold = self.threshold_ms()
         flat = excess is None or excess < threshold / 2
-        if busy and excess is not None and excess > threshold:
-            # What got through is what the link carries now: go below it.
-            target, reason = min(rate, throughput) * c.decrease, f"wan rtt +{excess:.0f} ms"
-            self._edge_bps[direction] = min(rate, throughput)
+        # A queue shows in two intervals running, a big one at once: one noisy interval
+        # (a host busy elsewhere, a burst of cross traffic) moves nothing.
+        big = excess is not None and excess > 2 * threshold
+        queueing = excess is not None and (big or (excess > threshold and self._over >= 2))
+        # A queue that shrinks is draining under the last cut: another would overshoot.
+        draining = (
+            excess is not None
+            and self._last_excess is not None
+            and excess < 0.95 * self._last_excess
+        )
+        if busy and queueing and not draining:
+            # What got through is what the link carries now: go below it. After a small rise
+            # the median of the last intervals, so a dip of the traffic's own (a loss, a
+            # pause) cuts no deeper; after a big one this interval's, the capacity of now.
+            recent = self._recent_bps.get(direction, [throughput])
+            carried = min(rate, throughput if big else statistics.median(recent))
+            target, reason = carried * c.decrease, f"wan rtt +{excess:.0f} ms"
+            self._edge_bps[direction] = carried
         elif loaded and excess is not None and flat:
             if rate >= high:
                 return None

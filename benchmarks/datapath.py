@@ -5,6 +5,12 @@ tc program and of the datapath with 1, 1,000 and 65,536 subscribers
 provisioned, IPv4 and IPv6, 64- and 1500-byte frames; overhead = datapath -
 empty, in ns and %. Empty and datapath runs alternate, the median is kept.
 
+The datapath runs with passive RTT tracking compiled in (the default); its
+peer is the same program compiled without it (DESANET_RTT_TRACK 0), loaded on
+the same maps and measured in the same rounds, on the UDP frames above and on
+TCP frames carrying the timestamp option (the packets the tracker reads: one
+flow-table lookup each).
+
 Part 2 (real packets through a veth path): a UDP flood of small packets from a
 subscriber namespace through a router namespace to a sink, counted per
 subscriber either by the desanet datapath or by the usual alternative, an
@@ -28,7 +34,7 @@ from pyroute2 import IPRoute
 from desanet.benchmarks.common import Report, median, parse_args
 from desanet.ebpf import frames
 from desanet.ebpf.bpf_syscall import prog_test_run
-from desanet.ebpf.datapath import Datapath, Provision
+from desanet.ebpf.datapath import Datapath, Provision, compile_program
 from desanet.gateway.lab import in_netns, netns_cmd, run
 
 SUBSCRIBER_COUNTS = (1, 1000, 65536)
@@ -63,7 +69,7 @@ def provision(dp: Datapath, start: int, stop: int) -> None:
     )
 
 
-def _test_run_ns(fds: tuple[int, int], frame: bytes, repeat: int, rounds: int) -> list[float]:
+def _test_run_ns(fds: tuple[int, ...], frame: bytes, repeat: int, rounds: int) -> list[float]:
     """Per program, the median over `rounds` of the kernel's mean ns per run on `frame`;
     the programs take turns within each round, so drift affects both alike."""
     samples: list[list[float]] = [[] for _ in fds]
@@ -73,11 +79,13 @@ def _test_run_ns(fds: tuple[int, int], frame: bytes, repeat: int, rounds: int) -
     return [median(x) for x in samples]
 
 
-def ns_per_packet(report: Report, quick: bool) -> dict[tuple[int, str, int], float]:
+def ns_per_packet(report: Report, quick: bool) -> dict[tuple[int, str, int, str], float]:
+    """Overhead in ns over the empty program, keyed (subscribers, family, frame, program):
+    program "rtt" (tracking on, what runs) or "no-rtt" (the peer without it)."""
     repeat = 20_000 if quick else 1_000_000
     rounds = 3 if quick else 5
     counts = (1, 1000) if quick else SUBSCRIBER_COUNTS
-    overheads: dict[tuple[int, str, int], float] = {}
+    overheads: dict[tuple[int, str, int, str], float] = {}
     with namespace(f"dnb{os.getpid()}") as ns:
         run(["ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan1"], ns)
         with in_netns(ns):
@@ -86,6 +94,9 @@ def ns_per_packet(report: Report, quick: bool) -> dict[tuple[int, str, int], flo
             try:
                 empty_fd = dp.program_fd("desanet_empty")
                 ingress_fd = dp.program_fd("desanet_ingress")
+                # The peer shares the pinned maps, so it sees the same subscribers.
+                peer = compile_program(dp.capacity, dp.pin_dir, rtt_track=False)
+                peer_fd = int(peer.load_func(b"desanet_ingress", peer.SCHED_CLS).fd)
                 provisioned = 0
                 for count in counts:
                     provision(dp, provisioned, count)
@@ -99,19 +110,25 @@ def ns_per_packet(report: Report, quick: bool) -> dict[tuple[int, str, int], flo
                         )
                         for size in (64, 1500)
                     ]
+                    # An upload ACK of a flow the tracker knows (the first run adds it).
+                    tcp = frames.tcp_frame(subscriber_v4(last), INTERNET_V4, tsval=7, tsecr=3)
+                    cases.append(("IPv4 TCP+TS", len(tcp), tcp))
                     for family, size, frame in cases:
-                        e, f = _test_run_ns((empty_fd, ingress_fd), frame, repeat, rounds)
-                        overheads[(count, family, size)] = f - e
-                        report.add(
-                            case="test_run",
-                            subscribers=count,
-                            family=family,
-                            frame=size,
-                            empty_ns=e,
-                            datapath_ns=f,
-                            overhead_ns=f - e,
-                            overhead_pct=100.0 * (f - e) / e if e else 0.0,
-                        )
+                        fds = (empty_fd, ingress_fd, peer_fd)
+                        e, f, g = _test_run_ns(fds, frame, repeat, rounds)
+                        overheads[(count, family, size, "rtt")] = f - e
+                        overheads[(count, family, size, "no-rtt")] = g - e
+                        for program, ns_run in (("rtt", f), ("no-rtt", g)):
+                            report.add(
+                                case=f"test_run {program}",
+                                subscribers=count,
+                                family=family,
+                                frame=size,
+                                empty_ns=e,
+                                datapath_ns=ns_run,
+                                overhead_ns=ns_run - e,
+                                overhead_pct=100.0 * (ns_run - e) / e if e else 0.0,
+                            )
             finally:
                 dp.detach()
     return overheads
@@ -301,16 +318,26 @@ def main() -> None:
     )
     overheads = ns_per_packet(report, args.quick)
     ratio = pps_comparison(report, args.quick)
-    largest = max(c for c, _, _ in overheads)
+    largest = max(c for c, _, _, _ in overheads)
+    tcp_size = next(size for _, family, size, _ in overheads if family == "IPv4 TCP+TS")
     report.headline = {
-        "overhead_ns_1": overheads[(1, "IPv4", 1500)],
-        f"overhead_ns_{largest}": overheads[(largest, "IPv4", 1500)],
+        "overhead_ns_1": overheads[(1, "IPv4", 1500, "rtt")],
+        f"overhead_ns_{largest}": overheads[(largest, "IPv4", 1500, "rtt")],
         "nft_pps_ratio": ratio,
     }
+    for count in (1, largest):
+        report.headline[f"overhead_ns_no_rtt_{count}"] = overheads[(count, "IPv4", 1500, "no-rtt")]
+        for program in ("rtt", "no-rtt"):
+            key = f"overhead_ns_tcp_ts_{program.replace('-', '_')}_{count}"
+            report.headline[key] = overheads[(count, "IPv4 TCP+TS", tcp_size, program)]
     if args.quick:
         report.notes.append("quick run: 1 and 1,000 subscribers only, short floods")
     report.notes.append(
         "test_run: ingress program, median of alternating runs; pps: sink rx, median"
+    )
+    report.notes.append(
+        "test_run rtt: passive RTT tracking on (what runs); no-rtt: the same program compiled "
+        "without it, same maps, same rounds"
     )
     report.finish(args)
 

@@ -23,6 +23,9 @@ PROG_SUM_COUNTERS = "sum_counters"
 MAP_MACS = "macs"
 MAP_GATEWAY_ADDRS = "gateway_addrs"
 MAP_DROPS = "drops"
+MAP_RTT_FLOWS = "rtt_flows"
+MAP_RTT_SLOTS = "rtt_slots"
+MAP_RTT_LINK = "rtt_link"
 # Everything pinned in a datapath's directory, maps and program alike.
 PINNED = (
     MAP_SUBSCRIBERS,
@@ -35,6 +38,9 @@ PINNED = (
     MAP_MACS,
     MAP_GATEWAY_ADDRS,
     MAP_DROPS,
+    MAP_RTT_FLOWS,
+    MAP_RTT_SLOTS,
+    MAP_RTT_LINK,
 )
 
 SLOT_BLOCKED = 0x1
@@ -51,6 +57,33 @@ class DropReason(enum.IntEnum):
 
 
 DROP_REASONS = 4  # entries of the `drops` map (index 0 is unused)
+
+# Passive RTT (ebpf/datapath.bpf.c): directions, the flow table's size, histogram shapes.
+RTT_WAN = 0
+RTT_LAN = 1
+RTT_DIRECTIONS = ("wan", "lan")  # names by index, as status and metrics show them
+RTT_FLOWS_LOG2 = 17
+RTT_FLOWS = 1 << RTT_FLOWS_LOG2
+RTT_SLOT_BUCKETS = 24
+RTT_LINK_BUCKETS = 2048
+
+
+def rtt_slot_bucket_lower_us(bucket: int) -> int:
+    """Where per-slot RTT bucket `bucket` starts, in us (the header's half octaves from 768 us)."""
+    if bucket == 0:
+        return 0
+    b = bucket + 18
+    return (2 + b % 2) << (b // 2 - 1)
+
+
+def rtt_slot_bucket(us: int) -> int:
+    """The per-slot bucket of a sample of `us` us (rtt_slot_bucket() of ebpf/datapath.bpf.c)."""
+    if us < 768:
+        return 0
+    top = us.bit_length() - 1
+    b = 2 * top + ((us >> (top - 1)) & 1) - 18
+    return min(b, RTT_SLOT_BUCKETS - 1)
+
 
 # Columns of struct desanet_counters, in order; the aggregator reads them by index.
 COUNTER_FIELDS = ("up_bytes", "up_pkts", "down_bytes", "down_pkts")
@@ -103,6 +136,35 @@ class SumRun(ctypes.Structure):
     _fields_ = [("first_slot", ctypes.c_uint64)]
 
 
+class RttFlowKey(ctypes.Structure):
+    """struct desanet_rtt_flow_key: one TCP flow, the subscriber's side first."""
+
+    _fields_ = [
+        ("sub_addr", ctypes.c_uint32),
+        ("remote_addr", ctypes.c_uint32),
+        ("sub_port", ctypes.c_uint16),
+        ("remote_port", ctypes.c_uint16),
+    ]
+
+
+class RttFlow(ctypes.Structure):
+    """struct desanet_rtt_flow: whose entry, each direction's outstanding and last TSval, its ns."""
+
+    _fields_ = [
+        ("key", RttFlowKey),
+        ("reserved", ctypes.c_uint32),
+        ("tsval", ctypes.c_uint32 * 2),
+        ("seen", ctypes.c_uint32 * 2),
+        ("t_ns", ctypes.c_uint64 * 2),
+    ]
+
+
+class RttHist(ctypes.Structure):
+    """struct desanet_rtt_hist: one slot's cumulative RTT samples per direction and bucket."""
+
+    _fields_ = [("count", ctypes.c_uint32 * (2 * RTT_SLOT_BUCKETS))]
+
+
 class Settings(ctypes.Structure):
     """struct desanet_settings: the upload IFB ifindex and SETTING_* flags."""
 
@@ -118,6 +180,9 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "desanet_settings": Settings,
     "desanet_mac_key": MacKey,
     "desanet_drops": Drops,
+    "desanet_rtt_flow_key": RttFlowKey,
+    "desanet_rtt_flow": RttFlow,
+    "desanet_rtt_hist": RttHist,
 }
 
 

@@ -36,7 +36,15 @@
  *      the packet to the IFB whose HTB tree shapes upload. bpf_redirect()
  *      would be shorter, but IFB drops what is not marked as redirected, and
  *      bpf_redirect() marks packets only since Linux 6.5 (Debian 12 ships 6.1);
- *      act_mirred marks them on every kernel.
+ *      act_mirred marks them on every kernel;
+ *   8. a TCP packet with the timestamp option (counted, not dropped) feeds
+ *      the passive RTT tracker (the RTT section below): its TSval is remembered, its
+ *      TSecr may answer the other direction's, and an answer is one sample in
+ *      the slot's and the link's histograms (WAN RTT on egress, LAN RTT on
+ *      ingress). Compiled out with DESANET_RTT_TRACK 0.
+ *
+ * (Over 400 lines: BCC rewrites map calls in the main source file only, so
+ * the RTT tracker cannot live in a header of its own.)
  *
  * "The gateway itself": on ingress the destination, on egress the source, is
  * one of the gateway's own addresses (the `gateway_addrs` hash, which the
@@ -49,8 +57,9 @@
  * is what UAPI alone can see.
  *
  * Cost: benchmarks/datapath.py (BPF_PROG_TEST_RUN, ns per packet over an empty
- * program). Settings are compile-time defines set by the loader (capacity, pin
- * directory); nothing edits this text.
+ * program; the RTT tracker's cost on TCP packets with timestamps beside the
+ * program without it). Settings are compile-time defines set by the loader
+ * (capacity, pin directory, RTT tracking); nothing edits this text.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -104,8 +113,207 @@ struct parsed {
 	__u64 ip_bytes;
 	__u64 packets;
 	__u32 l3_off;
+	__u32 l4_off;
 	__u32 ipv6;
+	__u8 l4_proto;
 };
+
+/* Passive round-trip times from TCP timestamps (step 8 above).
+ *
+ * The pping method: a TCP packet carrying the timestamp option (RFC 7323)
+ * leaves its TSval and the time it was first seen; the first packet of the
+ * other direction whose TSecr echoes that TSval gives one RTT sample, and the
+ * timestamp is forgotten. Per flow direction at most one timestamp is
+ * outstanding (a flow costs one entry of a fixed table and never floods it), a TSval
+ * is recorded only the first time it is seen (duplicates and retransmissions
+ * carry one already seen), and an echo that has moved past the outstanding
+ * TSval drops it unmatched (that TSval was lost or never echoed exactly).
+ * Flows without timestamps cost one test of the option bytes.
+ *
+ * Where the samples are taken decides what they measure. Both hooks run before
+ * the qdisc of their direction:
+ *   - WAN RTT: a subscriber's TSval seen at LAN ingress, echoed from the
+ *     internet at LAN egress: desanet's upload queue, the uplink, the far
+ *     end and the modem's download queue; not desanet's own download queue;
+ *   - LAN RTT: the internet's TSval seen at LAN egress, echoed by the
+ *     subscriber at LAN ingress: desanet's download queue and the village
+ *     LAN (WiFi) to the device and back.
+ * Packets of the gateway's own sockets (skb->sk at egress: the console,
+ * DNS over TCP) are skipped, so the gateway's talk with a device is never
+ * taken for the internet.
+ *
+ * Only the option layout RFC 7323 appendix A recommends, NOP NOP TS first, is
+ * read (what Linux, Windows, macOS, iOS and Android send on every segment
+ * after the handshake): one compare instead of an option walk. Handshake
+ * segments (MSS first) are therefore not timed.
+ *
+ * Samples go to two histograms, both plain arrays the reader maps into its
+ * memory: per slot and direction in half-octave buckets (desanet_abi.h), and
+ * link-wide per direction in 1 ms buckets. Samples are rare (at most one per
+ * flow direction per RTT), so an atomic add on a shared array costs less than
+ * per-CPU copies of 12 MB would. The two directions of a flow may run on two
+ * CPUs at once; a race there can lose or skew one sample, never a counter.
+ *
+ * DESANET_RTT_TRACK 0 compiles rtt_track() to nothing (the maps still exist,
+ * so readers work and see no samples). It lives in this file, not a header of
+ * its own, because BCC rewrites map calls (`rtt_flows.lookup`) in the main
+ * source file only.
+ */
+#ifndef DESANET_RTT_TRACK
+#error "DESANET_RTT_TRACK must be defined by the loader (0 or 1)"
+#endif
+
+BPF_TABLE_PINNED("array", __u32, struct desanet_rtt_flow, rtt_flows, DESANET_RTT_FLOWS,
+		 DESANET_PIN_DIR "/" DESANET_MAP_RTT_FLOWS);
+BPF_TABLE_PINNED("array", __u32, struct desanet_rtt_hist, rtt_slots, SLOTS,
+		 DESANET_PIN_DIR "/" DESANET_MAP_RTT_SLOTS, BPF_F_MMAPABLE);
+BPF_TABLE_PINNED("array", __u32, __u64, rtt_link, 2 * DESANET_RTT_LINK_BUCKETS,
+		 DESANET_PIN_DIR "/" DESANET_MAP_RTT_LINK, BPF_F_MMAPABLE);
+
+/* NOP, NOP, kind 8 (timestamps), length 10: the first option word, network order. */
+#define RTT_TS_WORD_BE 0x0a080101
+
+#if DESANET_RTT_TRACK
+
+/* Index of the most significant set bit of v (v > 0), without a loop. */
+static __always_inline __u32 rtt_log2(__u32 v)
+{
+	__u32 r = 0, s;
+	s = (v > 0xFFFF) << 4; v >>= s; r |= s;
+	s = (v > 0xFF) << 3;   v >>= s; r |= s;
+	s = (v > 0xF) << 2;    v >>= s; r |= s;
+	s = (v > 0x3) << 1;    v >>= s; r |= s;
+	return r | (v >> 1);
+}
+
+/* The per-slot bucket of a sample of `us` microseconds: half octaves from 768 us. */
+static __always_inline __u32 rtt_slot_bucket(__u32 us)
+{
+	if (us < 768)
+		return 0;
+	__u32 l = rtt_log2(us);
+	__u32 b = 2 * l + ((us >> (l - 1)) & 1) - 18;
+	return b < DESANET_RTT_SLOT_BUCKETS ? b : DESANET_RTT_SLOT_BUCKETS - 1;
+}
+
+static __always_inline void rtt_sample(__u32 slot, __u32 dir, __u64 rtt_ns)
+{
+	__u64 ms = rtt_ns / 1000000;
+	__u32 link = dir * DESANET_RTT_LINK_BUCKETS +
+		     (ms < DESANET_RTT_LINK_BUCKETS ? ms : DESANET_RTT_LINK_BUCKETS - 1);
+	__u64 *n = rtt_link.lookup(&link);
+	if (n)
+		lock_xadd(n, 1);
+	struct desanet_rtt_hist *h = rtt_slots.lookup(&slot);
+	if (h) {
+		__u64 us = rtt_ns / 1000;
+		__u32 i = dir * DESANET_RTT_SLOT_BUCKETS +
+			  rtt_slot_bucket(us < 0xFFFFFFFF ? us : 0xFFFFFFFF);
+		/* clang folds the bucket's clamp into copies the verifier cannot follow:
+		 * the barrier makes it check the index it is given. */
+		asm volatile("" : "+r"(i));
+		if (i < 2 * DESANET_RTT_SLOT_BUCKETS)
+			lock_xadd(&h->count[i], 1);
+	}
+}
+
+/* Time one TCP packet of `slot` (parse() found it; `down`: at egress). */
+static __always_inline void rtt_track(struct __sk_buff *skb, int down, __u32 slot,
+				      struct parsed *p)
+{
+	if (p->l4_proto != IPPROTO_TCP)
+		return;
+	if (down) {
+		/* The gateway's own socket: not the internet's echo. BPF_PROG_TEST_RUN
+		 * hands the program a stand-in socket with no port; a real one has one. */
+		struct bpf_sock *sk = skb->sk;
+		if (sk && sk->src_port)
+			return;
+	}
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	/* parse() bounded l4_off; the verifier needs the bound stated here. */
+	__u32 off = p->l4_off;
+	if (off > 18 + 60)
+		return;
+	struct tcphdr *tcp = data + off;
+	__u32 *opt = (void *)(tcp + 1);
+	if ((void *)(opt + 3) > data_end || tcp->doff < 8)
+		return;
+	if (opt[0] != RTT_TS_WORD_BE)
+		return;
+	__u32 tsval = bpf_ntohl(opt[1]);
+	__u32 tsecr = bpf_ntohl(opt[2]);
+
+	struct desanet_rtt_flow_key key;
+	if (p->ipv6) {
+		struct ipv6hdr *ip6 = data + p->l3_off;
+		if ((void *)(ip6 + 1) > data_end)
+			return;
+		__u32 *sub = down ? ip6->daddr.in6_u.u6_addr32 : ip6->saddr.in6_u.u6_addr32;
+		__u32 *remote = down ? ip6->saddr.in6_u.u6_addr32 : ip6->daddr.in6_u.u6_addr32;
+		key.sub_addr = sub[0] ^ sub[1] ^ sub[2] ^ sub[3];
+		key.remote_addr = remote[0] ^ remote[1] ^ remote[2] ^ remote[3];
+	} else {
+		struct iphdr *ip = data + p->l3_off;
+		if ((void *)(ip + 1) > data_end)
+			return;
+		key.sub_addr = down ? ip->daddr : ip->saddr;
+		key.remote_addr = down ? ip->saddr : ip->daddr;
+	}
+	key.sub_port = down ? tcp->dest : tcp->source;
+	key.remote_port = down ? tcp->source : tcp->dest;
+
+	/* This packet's TSval waits at index `mine`; its TSecr may answer `echo`. */
+	const __u32 mine = down ? DESANET_RTT_LAN : DESANET_RTT_WAN;
+	const __u32 echo = down ? DESANET_RTT_WAN : DESANET_RTT_LAN;
+	/* A direct-mapped table: the flow's hash picks its one entry, which holds
+	 * the key to tell whose it is; a new flow takes the entry over. An array
+	 * lookup is a few inlined instructions where a hash map's costs 25 ns. */
+	__u32 h = key.sub_addr * 0x9E3779B1u ^ key.remote_addr;
+	h = (h * 0x85EBCA6Bu) ^ ((__u32)key.sub_port << 16 | key.remote_port);
+	h = (h * 0xC2B2AE35u) >> (32 - DESANET_RTT_FLOWS_LOG2);
+	struct desanet_rtt_flow *f = rtt_flows.lookup(&h);
+	if (!f)
+		return; /* cannot happen: h < DESANET_RTT_FLOWS; the verifier needs the check */
+	if (f->key.sub_addr != key.sub_addr || f->key.remote_addr != key.remote_addr ||
+	    f->key.sub_port != key.sub_port || f->key.remote_port != key.remote_port) {
+		f->key = key;
+		f->tsval[echo] = 0;
+		f->seen[echo] = 0;
+		f->t_ns[echo] = 0;
+		f->tsval[mine] = tsval;
+		f->seen[mine] = tsval;
+		f->t_ns[mine] = bpf_ktime_get_ns();
+		return;
+	}
+	if (tsecr && f->t_ns[echo]) {
+		__s32 ahead = tsecr - f->tsval[echo];
+		if (ahead == 0) {
+			rtt_sample(slot, echo, bpf_ktime_get_ns() - f->t_ns[echo]);
+			f->t_ns[echo] = 0;
+		} else if (ahead > 0) {
+			f->t_ns[echo] = 0; /* echoes moved past it: never timed */
+		}
+	}
+	if (tsval != f->seen[mine]) {
+		f->seen[mine] = tsval;
+		if (!f->t_ns[mine]) {
+			f->tsval[mine] = tsval;
+			f->t_ns[mine] = bpf_ktime_get_ns();
+		}
+	}
+}
+
+#else
+
+static __always_inline void rtt_track(struct __sk_buff *skb, int down, __u32 slot,
+				      struct parsed *p)
+{
+}
+
+#endif /* DESANET_RTT_TRACK */
+
 
 /* Header bytes repeated in every segment of a GSO packet beyond the first:
  * the IP header plus the TCP or UDP header. Returns 0 if it cannot tell. */
@@ -184,6 +392,8 @@ static __always_inline int parse(struct __sk_buff *skb, int dst, struct parsed *
 	if (skb->len < l3_off + hdr_len)
 		return -1;
 	p->l3_off = l3_off;
+	p->l4_off = l4_off;
+	p->l4_proto = l4_proto;
 	__u32 l3_len = skb->len - l3_off;
 	if (skb->gso_size) {
 		/* A super-packet (its length field may be 0 or stale): the wire sees
@@ -343,6 +553,7 @@ static __always_inline int account(struct __sk_buff *skb, int down)
 			c->up_pkts += p.packets;
 		}
 	}
+	rtt_track(skb, down, slot, &p);
 	return 0;
 }
 

@@ -42,11 +42,13 @@ BPFFS = abi.BPFFS
 _HOST = 128  # key length of a whole address: such keys live in the `hosts` hash
 
 
-def compile_program(capacity: int, pin_dir: Path) -> Any:
-    """Compile the datapath with BCC for `capacity` subscribers, maps pinned under `pin_dir`."""
+def compile_program(capacity: int, pin_dir: Path, rtt_track: bool = True) -> Any:
+    """Compile the datapath with BCC for `capacity` subscribers, maps pinned under `pin_dir`;
+    `rtt_track` False compiles the passive RTT tracker out (its maps stay, with no samples)."""
     defines: dict[str, str | int] = {
         "DESANET_CAPACITY": capacity,
         "DESANET_PIN_DIR": f'"{pin_dir}"',
+        "DESANET_RTT_TRACK": int(rtt_track),
     }
     return build.compile_source(SOURCE, defines, "the datapath")
 
@@ -99,6 +101,7 @@ class Datapath:
         upload_ifb: str | None = None,
         bpffs: Path = BPFFS,
         block_unprovisioned: bool = False,
+        rtt_track: bool = True,
     ) -> None:
         check_gateway_id(gateway_id)
         if not 1 <= capacity <= 4_000_000:
@@ -111,6 +114,7 @@ class Datapath:
         self.upload_ifb = upload_ifb
         self.bpffs = bpffs
         self.block_unprovisioned = block_unprovisioned
+        self.rtt_track = rtt_track
         self.pin_dir = abi.pin_dir(gateway_id, lan, bpffs)
         self._bpf: Any = None  # the BCC module, in the process that attached
         self._maps: dict[str, BpfMap] = {}
@@ -137,7 +141,7 @@ class Datapath:
         self._check_pinned_capacity()
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         try:
-            bpf = compile_program(self.capacity, self.pin_dir)
+            bpf = compile_program(self.capacity, self.pin_dir, self.rtt_track)
             ingress = bpf.load_func(b"desanet_ingress", bpf.SCHED_CLS)
             egress = bpf.load_func(b"desanet_egress", bpf.SCHED_CLS)
             steer = bpf.load_func(b"desanet_steer", bpf.SCHED_CLS)

@@ -27,11 +27,29 @@
 #define DESANET_MAP_MACS "macs"               /* hash: desanet_mac_key -> __u32 slot */
 #define DESANET_MAP_GATEWAY_ADDRS "gateway_addrs" /* hash: desanet_host_key -> __u32 (1): the gateway's own */
 #define DESANET_MAP_DROPS "drops"             /* array: drop reason -> desanet_drops */
+#define DESANET_MAP_RTT_FLOWS "rtt_flows"     /* array: flow hash -> desanet_rtt_flow */
+#define DESANET_MAP_RTT_SLOTS "rtt_slots"     /* mmapable array: slot -> desanet_rtt_hist */
+#define DESANET_MAP_RTT_LINK "rtt_link"       /* mmapable array: dir * LINK_BUCKETS + ms -> __u64 */
 
 /* MACs per subscriber the `macs` hash is sized for (capacity * this). */
 #define DESANET_MACS_PER_SUBSCRIBER 4
 /* Addresses of the gateway itself the datapath knows (all interfaces of its namespace). */
 #define DESANET_GATEWAY_ADDRS_MAX 256
+
+/* Passive RTT (the RTT section of ebpf/datapath.bpf.c). Directions: WAN = the subscriber's TSval echoed
+ * from the internet (gateway -> internet -> gateway), LAN = the internet's
+ * TSval echoed by the subscriber (gateway -> subscriber's device -> gateway). */
+#define DESANET_RTT_WAN 0
+#define DESANET_RTT_LAN 1
+/* Entries of the direct-mapped flow table (2^DESANET_RTT_FLOWS_LOG2). */
+#define DESANET_RTT_FLOWS_LOG2 17
+#define DESANET_RTT_FLOWS 131072
+/* Per-slot histogram: half-octave buckets of microseconds; bucket 0 is below
+ * 768 us, bucket i >= 1 starts at (2 + (i + 18) % 2) << ((i + 18) / 2 - 1) us,
+ * the last (from 1.57 s) is open-ended. abi.py computes the same bounds. */
+#define DESANET_RTT_SLOT_BUCKETS 24
+/* Link histogram: 1 ms buckets per direction, the last one open-ended (>= 2047 ms). */
+#define DESANET_RTT_LINK_BUCKETS 2048
 
 /* desanet_slot.flags */
 #define DESANET_SLOT_BLOCKED 0x1 /* drop the subscriber's traffic (suspended, blocked) */
@@ -95,6 +113,36 @@ struct desanet_slot {
  * slots from first_slot on and returns how many it summed. */
 struct desanet_sum_run {
 	__u64 first_slot;
+};
+
+/* One TCP flow as the RTT tracker keys it: the subscriber's side first, so
+ * both directions of the flow find the same entry. 12 bytes, so the lookup
+ * hashes one word group: IPv4 addresses whole, IPv6 addresses folded (the
+ * XOR of their four words). Two IPv6 flows that fold alike share an entry;
+ * a sample then needs a TSecr equal to the other's TSval, and is at worst one
+ * wrong sample, never a wrong byte. Addresses and ports in network order. */
+struct desanet_rtt_flow_key {
+	__u32 sub_addr;
+	__u32 remote_addr;
+	__u16 sub_port;
+	__u16 remote_port;
+};
+
+/* The outstanding timestamp of each direction of a flow, indexed by the RTT
+ * direction its echo measures (DESANET_RTT_WAN: the subscriber's TSval).
+ * t_ns 0 = none outstanding; seen = the last TSval the direction carried. */
+struct desanet_rtt_flow {
+	struct desanet_rtt_flow_key key; /* whose entry this is */
+	__u32 reserved;
+	__u32 tsval[2];
+	__u32 seen[2];
+	__u64 t_ns[2];
+};
+
+/* RTT samples of one slot: count[dir * DESANET_RTT_SLOT_BUCKETS + bucket],
+ * cumulative, wrapping modulo 2^32 (readers take differences). */
+struct desanet_rtt_hist {
+	__u32 count[2 * DESANET_RTT_SLOT_BUCKETS];
 };
 
 /* Global settings, key 0. */

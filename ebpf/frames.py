@@ -112,6 +112,54 @@ def udp_frame(
     return ethernet(ethertype, packet, vlan, src_mac, dst_mac), len(packet)
 
 
+def tcp_frame(
+    src: str,
+    dst: str,
+    *,
+    tsval: int | None = None,
+    tsecr: int = 0,
+    sport: int = 40000,
+    dport: int = 443,
+    payload_len: int = 0,
+) -> bytes:
+    """A TCP ACK segment; with `tsval`, the timestamp option laid out as Linux sends it
+    (NOP, NOP, TS: RFC 7323 appendix A)."""
+    options = b"" if tsval is None else struct.pack("!BBBBII", 1, 1, 8, 10, tsval, tsecr)
+    doff = (20 + len(options)) // 4
+    segment = (
+        struct.pack("!HHIIBBHHH", sport, dport, 1, 1, doff << 4, 0x10, 65535, 0, 0)
+        + options
+        + bytes(payload_len)
+    )
+    v6 = ipaddress.ip_address(src).version == 6
+    if v6:
+        header = struct.pack(
+            "!IHBB16s16s",
+            6 << 28,
+            len(segment),
+            IPPROTO_TCP,
+            64,
+            ipaddress.IPv6Address(src).packed,
+            ipaddress.IPv6Address(dst).packed,
+        )
+        return ethernet(ETH_P_IPV6, header + segment)
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(segment),
+        1,
+        0,
+        64,
+        IPPROTO_TCP,
+        0,
+        ipaddress.IPv4Address(src).packed,
+        ipaddress.IPv4Address(dst).packed,
+    )
+    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+    return ethernet(ETH_P_IP, header + segment)
+
+
 def arp_frame() -> bytes:
     """An ARP request (not IP: the datapath must pass it uncounted)."""
     sender = _mac(SRC_MAC) + bytes(4)

@@ -24,6 +24,7 @@ from desanet.meter.fleet import FleetConnection, gateway_inbox
 from desanet.meter.fleet_control import ControlInbox
 from desanet.meter.fleet_forward import Forwarder, ForwarderConfig
 from desanet.meter.journal import Retention
+from desanet.meter.latency import RttReader
 from desanet.meter.poll import CounterReader, CounterSource
 from desanet.meter.service import MeterService, StreamConfig
 from desanet.shaper.apply import Shaper, upload_ifb_name
@@ -69,6 +70,7 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
             capacity=config.capacity,
             upload_ifb=ifb,
             block_unprovisioned=config.policy.unprovisioned == "block",
+            rtt_track=config.latency.track,
         ),
         shaper=Shaper(config.lan, ifb),
         meter=meter,
@@ -77,6 +79,7 @@ def production_parts(config: Config, roles: Roles, slot_owners: Mapping[int, str
         clock=steady_clock(meter),
         outbound=outbound,
         radius=radius,
+        open_latency=lambda: RttReader.for_datapath(config.gateway_id, config.lan),
     )
 
 

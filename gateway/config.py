@@ -47,6 +47,24 @@ class LinkConfig:
 
 
 @dataclass(frozen=True)
+class AdaptConfig:
+    """`[link] adapt = true`: the shaped link rate follows the capacity within these bounds."""
+
+    down_min_bps: int
+    down_max_bps: int
+    up_min_bps: int
+    up_max_bps: int
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """`[latency]`: passive RTT tracking in the datapath and the window status shows."""
+
+    track: bool = True
+    window_ms: int = 60_000
+
+
+@dataclass(frozen=True)
 class ShapingConfig:
     """Leaf qdisc wanted under every subscriber class and the path RTT the AQM is tuned for."""
 
@@ -163,12 +181,15 @@ class Config:
     delivered_read: str = "moved"
     fleet: FleetConfig | None = None  # absent: no forwarding, the local endpoints only
     radius: RadiusConfig | None = None  # absent: no RADIUS accounting or CoA
+    latency: LatencyConfig = LatencyConfig()
+    adapt: AdaptConfig | None = None  # absent: the link rate is fixed
 
 
 _SCHEMA: dict[str, tuple[set[str], set[str]]] = {
     # section: (required keys, optional keys)
     "gateway": ({"id", "lan", "state_dir"}, {"capacity"}),
-    "link": ({"down", "up"}, set()),
+    "link": ({"down", "up"}, {"adapt", "down_min", "down_max", "up_min", "up_max"}),
+    "latency": (set(), {"track", "window"}),
     "shaping": (set(), {"leaf", "rtt", "headroom"}),
     "meter": (set(), {"interval", "delivered_read"}),
     "publish": (
@@ -396,7 +417,38 @@ def _build(doc: Mapping[str, Any], loc: _Located, path: Path) -> Config:
         policy=_policy(doc, loc, get, parsed),
         fleet=_fleet(doc, loc, base, get) if "fleet" in doc else None,
         radius=_radius(doc, loc, base, get, parsed) if "radius" in doc else None,
+        **_latency_and_adapt(loc, get, parsed),
     )
+
+
+def _latency_and_adapt(
+    loc: _Located, get: Callable[..., Any], parsed: Callable[..., Any]
+) -> dict[str, Any]:
+    latency = LatencyConfig(
+        track=get("latency", "track", bool, True),
+        window_ms=int(parsed("latency", "window", parse_duration_ms, "60s")),
+    )
+    if not 10_000 <= latency.window_ms <= 3_600_000:
+        raise loc.error("latency", "window", f"{latency.window_ms} ms must be 10s to 1h")
+    if not get("link", "adapt", bool, False):
+        return {"latency": latency}
+    if not latency.track:
+        raise loc.error("link", "adapt", "follows the passive RTT: needs [latency] track = true")
+    bounds = {}
+    for direction in ("down", "up"):
+        rate = parsed("link", direction, parse_rate_bps)
+        # Defaults: down to a quarter of the configured rate, never above it.
+        low = parsed("link", f"{direction}_min", parse_rate_bps, f"{max(rate // 4, 64_000)}bit")
+        high = parsed("link", f"{direction}_max", parse_rate_bps, f"{rate}bit")
+        if not low <= rate <= high:
+            raise loc.error(
+                "link",
+                f"{direction}_min",
+                f"needs {direction}_min <= {direction} <= {direction}_max",
+            )
+        bounds[direction] = (low, high)
+    adapt = AdaptConfig(*bounds["down"], *bounds["up"])
+    return {"latency": latency, "adapt": adapt}
 
 
 def _fleet(

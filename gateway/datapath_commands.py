@@ -37,6 +37,7 @@ class SpawnedDatapath(Datapath):
         cmd += ["--lan", self.lan, "--gateway-id", self.gateway_id]
         cmd += ["--capacity", str(self.capacity), "--bpffs", str(self.bpffs)]
         cmd += ["--block-unprovisioned"] if self.block_unprovisioned else []
+        cmd += [] if self.rtt_track else ["--no-rtt"]
         return cmd + (["--upload-ifb", self.upload_ifb] if self.upload_ifb else [])
 
     def attach(self) -> None:
@@ -96,6 +97,11 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="drop forwarded traffic of addresses no subscriber owns ([policy] block)",
     )
+    attach.add_argument(
+        "--no-rtt",
+        action="store_true",
+        help="compile the passive RTT tracker out ([latency] track = false)",
+    )
     attach.set_defaults(func=_attach)
 
     detach = verbs.add_parser("detach", help="remove filters, clsact qdisc and pinned maps")
@@ -123,7 +129,10 @@ def _datapath(args: argparse.Namespace, **kwargs: Any) -> Datapath:
 
 def _attach(args: argparse.Namespace) -> int:
     datapath = _datapath(
-        args, upload_ifb=args.upload_ifb, block_unprovisioned=args.block_unprovisioned
+        args,
+        upload_ifb=args.upload_ifb,
+        block_unprovisioned=args.block_unprovisioned,
+        rtt_track=not args.no_rtt,
     )
     datapath.attach()
     print(f"datapath attached to {args.lan}; maps pinned in {datapath.pin_dir}")

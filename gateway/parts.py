@@ -16,6 +16,7 @@ from desanet.cython_ext.usage import UsageInterval
 from desanet.ebpf.datapath import Provision
 from desanet.gateway.registry import Subscriber
 from desanet.meter.delivered import LeafStats
+from desanet.meter.latency import RttSource
 from desanet.meter.poll import CounterSource
 from desanet.meter.service import StreamStats
 from desanet.meter.state import StateArrays
@@ -134,3 +135,5 @@ class Parts:
     clock: Clock
     outbound: Sequence[OutboundPort] = ()
     radius: RadiusPort | None = None  # also in `outbound`
+    # The datapath's RTT histograms (meter/latency.py), once it is attached; None: not read.
+    open_latency: Callable[[], RttSource] | None = None

@@ -39,6 +39,7 @@ from desanet.gateway.control_record import SubscriberControl
 from desanet.gateway.control_requests import Context
 from desanet.gateway.control_state import ControlState
 from desanet.gateway.faults import LoopFaults, Outbox
+from desanet.gateway.link_latency import LinkLatency
 from desanet.gateway.metrics import GatewayCollector, serve
 from desanet.gateway.parts import Parts
 from desanet.gateway.pidlock import StateLock
@@ -51,6 +52,7 @@ from desanet.meter.delivered import DeliveredReader, split_state
 from desanet.meter.poll import Poller
 from desanet.meter.wire import UsageEvent
 from desanet.shaper.plan import ShapingPlan
+from desanet.units import format_rate
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,7 @@ class GatewayService:
         self.events: list[dict[str, Any]] = []
         self.outbox = Outbox()
         self._drops: dict[str, tuple[int, int]] = {}  # the datapath's drops, read each tick
+        self.latency: LinkLatency | None = None  # RTT and the adaptive link rate, from start()
         self._reload_error: str | None = None
         self._resync_due = False
         self.started_ms = 0
@@ -170,6 +173,8 @@ class GatewayService:
             if delivered_state:
                 self.delivered.restore(delivered_state)
         self._poller = Poller(self.delivered, self.aggregator)
+        if parts.open_latency is not None:
+            self.latency = LinkLatency.from_config(parts.open_latency(), cfg, now)
         self._resync(self._initial_plan)
         self._initial_plan = None  # the applier holds the running plan from here on
         for consumer in parts.outbound:
@@ -336,7 +341,8 @@ class GatewayService:
         return replies
 
     def _event(self, event: UsageEvent) -> None:
-        log.info("subscriber %s: %s %s", event.sub, event.kind, event.detail)
+        who = f"subscriber {event.sub}" if event.sub else "link"  # link events name nobody
+        log.info("%s: %s %s", who, event.kind, event.detail)
         self.events = [*self.events[-_MAX_EVENTS + 1 :], event._asdict()]
         # Billing hears of it in the next usage message (key `ev`), journaled like the usage.
         self.outbox.events.append(event)
@@ -373,6 +379,9 @@ class GatewayService:
             guard("shaper", self._retry_not_applied)
         if self.roster.slots.retired:
             guard("state", lambda: self._expire_retired(t))
+        latency = self.latency
+        if latency is not None and interval is not None:
+            guard("latency", lambda: self._link_latency(t, latency))
         guard("status", lambda: self._status(t))
 
     def _roll_up(self, t: int) -> UsageInterval:
@@ -398,6 +407,16 @@ class GatewayService:
             if refusal is not None:
                 raise ShaperError(f"quota changes recorded, not applied: {refusal}")
         return bool(changed)
+
+    def _link_latency(self, t: int, latency: LinkLatency) -> None:
+        # The RTT window moves every interval; the adaptive rate, when on, follows it.
+        for change in latency.tick(t, self.aggregator.rates_bps()):
+            detail = (
+                f"{change.direction} {format_rate(change.old_bps)} -> "
+                f"{format_rate(change.new_bps)}: {change.reason}"
+            )
+            self._event(UsageEvent(t, "", "link_rate", detail))
+        latency.enforce(self.applier)
 
     def _retry_not_applied(self) -> None:
         refusal = self.applier.enforce_subscribers((), set())
@@ -443,6 +462,10 @@ class GatewayService:
             outbound=[consumer.progress() for consumer in self.parts.outbound],
         )
         rows = self._status_rows.update(self.roster, totals, self.aggregator.rates_bps())
+        if self.latency is not None:
+            owners = self.roster.slots.owners()
+            snapshot.latency = self.latency.status(owners)
+            self.collector.latency = self.latency.metrics(owners)
         # Metrics first: they still see the snapshot when the status file cannot be written.
         self.collector.update(snapshot, rows)
         status.write_snapshot(self.config.state_dir, snapshot, rows)

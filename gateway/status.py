@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from desanet.durable import replace_atomically
 from desanet.errors import DesanetError
+from desanet.gateway import latency_view
 from desanet.gateway.control_record import SubscriberControl
 from desanet.gateway.enforcement import Enforced, quota_in_force
 from desanet.gateway.quota import usage_bytes, used_in_period
@@ -179,6 +180,8 @@ class StatusSnapshot:
     journal: dict[str, int] = field(default_factory=dict)
     # Consumers of the journal in the gateway (the fleet forwarder): name, acked_seq, ...
     outbound: list[dict[str, Any]] = field(default_factory=list)
+    # Passive RTT p50/p95 of the link and each subscriber, the adaptive rate (latency_view).
+    latency: dict[str, Any] = field(default_factory=dict)
 
     @property
     def down_bps(self) -> float:
@@ -314,6 +317,7 @@ def render(snap: StatusSnapshot, now_ms: int | None = None) -> str:
             f"no subscriber (billed to nobody): down {format_bytes(u['down_total'])}, "
             f"up {format_bytes(u['up_total'])}; dropped: {drops or 'nothing'}"
         )
+    lines.extend(latency_view.render_lines(snap.latency))
     lines.extend(f"warning: {w}" for w in snap.warnings)
     lines.extend(
         f"event: {e.get('sub', '')} {e.get('kind', '')}: {e.get('detail', '')}"

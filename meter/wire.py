@@ -88,6 +88,7 @@ EVENT_KINDS = (
     "resume",
     "quota",
     "quota_reset",
+    "link_rate",
 )
 
 

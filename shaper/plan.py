@@ -231,6 +231,9 @@ class ShapingPlan:
     # the shaper diffs only those when `base` is what it last applied.
     base: ShapingPlan | None = None
     touched: set[int] = field(default_factory=set)
+    # The adaptive link rate per direction (bit/s) where it differs from `link`'s: the
+    # classes shape to it, while subscribers' rates are still checked against `link`.
+    adapted_bps: dict[str, int] = field(default_factory=dict)
 
     def tree(self, direction: str) -> Tree:
         return self.down if direction == "down" else self.up
@@ -301,7 +304,54 @@ class ShapingPlan:
             dict(self.min_sum_bps),
             self.slot_owner.copy(),
             base=self,
+            adapted_bps=dict(self.adapted_bps),
         )
+
+    def _scale(self, direction: str) -> float:
+        adapted = self.adapted_bps.get(direction)
+        return 1.0 if adapted is None else adapted / self.link.rate_bps(direction)
+
+    def _subscriber_class(self, sub: SubscriberPlan, direction: str, scale: float) -> HtbClass:
+        # HTB guarantees a class its rate whatever its parent's: under an adapted link
+        # rate every guarantee shrinks with it, or their sum could exceed the link.
+        major = DOWN_MAJOR if direction == "down" else UP_MAJOR
+        lo, hi = sub.rates_bps(direction)
+        shaped = int(self.link.shaped_bps(direction) * scale)
+        return htb_class(
+            make_handle(major, sub.slot + SLOT_MINOR_OFFSET),
+            make_handle(major, ROOT_MINOR),
+            int(lo * scale) // 8,
+            min(hi, shaped) // 8,
+            0,
+        )
+
+    def with_link_rate(self, direction: str, rate_bps: int) -> ShapingPlan:
+        """A copy shaping `direction` to `rate_bps` (the adaptive link rate): the root and
+        default classes, and every subscriber's guarantee and ceiling scaled alike, change
+        in place; leaves keep the settings of the configured rates (a leaf replaced would
+        lose its queue), and `link`, which subscribers' rates are checked against, stays."""
+        new = self._copy()
+        if rate_bps == self.link.rate_bps(direction):
+            new.adapted_bps.pop(direction, None)
+        else:
+            new.adapted_bps[direction] = rate_bps
+        scale = new._scale(direction)
+        major = DOWN_MAJOR if direction == "down" else UP_MAJOR
+        tree = new.tree(direction)
+        shaped = int(self.link.shaped_bps(direction) * scale)
+        for cls in _root_classes(self.link, direction, major, shaped):
+            tree.classes[cls.classid] = cls
+            new.touched.add(cls.classid)
+        for sub in self.subscribers.values():
+            cls = new._subscriber_class(sub, direction, scale)
+            tree.classes[cls.classid] = cls
+            new.touched.add(cls.classid)
+        return new
+
+    def root_rate_bps(self, direction: str) -> int:
+        """The rate the `direction` root class shapes to, bit/s."""
+        major = DOWN_MAJOR if direction == "down" else UP_MAJOR
+        return self.tree(direction).classes[make_handle(major, ROOT_MINOR)].rate_bytes_ps * 8
 
     def leaf_in_plan(self) -> str:
         """The leaf kind the trees of this plan use."""
@@ -329,18 +379,15 @@ class ShapingPlan:
     def _add(self, sub: SubscriberPlan) -> None:
         self._check_fits(sub, None)
         kind = self.leaf_in_plan()
-        for direction, major in (("down", DOWN_MAJOR), ("up", UP_MAJOR)):
-            lo, hi = sub.rates_bps(direction)
-            shaped = self.link.shaped_bps(direction)
-            self.min_sum_bps[direction] += lo
+        for direction in DIRECTIONS:
+            self.min_sum_bps[direction] += sub.rates_bps(direction)[0]
             tree = self.tree(direction)
-            classid = make_handle(major, sub.slot + SLOT_MINOR_OFFSET)
-            cls = htb_class(
-                classid, make_handle(major, ROOT_MINOR), lo // 8, min(hi, shaped) // 8, 0
-            )
-            tree.classes[classid] = cls
-            tree.leaves[classid] = _leaf(kind, cls, self.rtt_ms)
-            self.touched.add(classid)
+            configured = self._subscriber_class(sub, direction, 1.0)
+            cls = self._subscriber_class(sub, direction, self._scale(direction))
+            tree.classes[cls.classid] = cls
+            # The leaf as at the configured rate: with_link_rate never replaces leaves.
+            tree.leaves[cls.classid] = _leaf(kind, configured, self.rtt_ms)
+            self.touched.add(cls.classid)
         self.subscribers[sub.id] = sub
         self.slot_owner[sub.slot] = sub.id
 
@@ -400,15 +447,21 @@ def _check_link(link: Link) -> None:
             )
 
 
-def _empty_tree(link: Link, direction: str, major: int, kind: str, rtt_ms: float) -> Tree:
-    shaped = link.shaped_bps(direction)
+def _root_classes(link: Link, direction: str, major: int, shaped: int) -> tuple[HtbClass, HtbClass]:
+    """The root class at `shaped` bit/s and the default class under it."""
     root_id = make_handle(major, ROOT_MINOR)
     root_cls = htb_class(root_id, make_handle(major, 0), shaped // 8, shaped // 8, 0, BURST_MS)
     default_id = make_handle(major, DEFAULT_MINOR)
-    ceil = link.unmatched_ceil_bps(direction)
+    ceil = min(link.unmatched_ceil_bps(direction), shaped)
     default_cls = htb_class(
         default_id, root_id, min(_default_min_bps(shaped), ceil) // 8, ceil // 8, DEFAULT_PRIO
     )
+    return root_cls, default_cls
+
+
+def _empty_tree(link: Link, direction: str, major: int, kind: str, rtt_ms: float) -> Tree:
+    root_cls, default_cls = _root_classes(link, direction, major, link.shaped_bps(direction))
+    root_id, default_id = root_cls.classid, default_cls.classid
     return Tree(
         root=HtbRoot(handle=make_handle(major, 0), default_minor=DEFAULT_MINOR, r2q=R2Q),
         classes=CowMap([(root_id, root_cls), (default_id, default_cls)]),

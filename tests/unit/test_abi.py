@@ -68,6 +68,12 @@ def test_abi_constants_match_the_header() -> None:
     assert int(defines["DESANET_MACS_PER_SUBSCRIBER"]) == abi.MACS_PER_SUBSCRIBER
     assert int(defines["DESANET_GATEWAY_ADDRS_MAX"]) == abi.GATEWAY_ADDRS_MAX
     assert int(defines["DESANET_DROP_REASONS"]) == abi.DROP_REASONS
+    assert int(defines["DESANET_RTT_WAN"]) == abi.RTT_WAN
+    assert int(defines["DESANET_RTT_LAN"]) == abi.RTT_LAN
+    assert int(defines["DESANET_RTT_FLOWS"]) == abi.RTT_FLOWS
+    assert 1 << int(defines["DESANET_RTT_FLOWS_LOG2"]) == abi.RTT_FLOWS
+    assert int(defines["DESANET_RTT_SLOT_BUCKETS"]) == abi.RTT_SLOT_BUCKETS
+    assert int(defines["DESANET_RTT_LINK_BUCKETS"]) == abi.RTT_LINK_BUCKETS
     # Drop reasons are mirrored by name: the same names, the same stable numbers.
     reasons = {
         name: int(value)

@@ -11,7 +11,7 @@
 4. From an empty folder, where neither `tests` nor the source folders can be imported:
    --version, --help, `usage --help`, `collect --help`; `desanet demo` without the demo
    extra stops at once naming it; `desanet bench --quick` runs every benchmark that
-   needs no VM and skips bufferbloat, saying it needs a checkout's tests/vm.
+   needs no VM and skips bufferbloat and autorate, saying they need a checkout's tests/vm.
 
 Exit code 0 when every check held; else 1, with the failed check and its output.
 """
@@ -32,7 +32,7 @@ import desanet
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHON = "/usr/bin/python3"
 Completed = subprocess.CompletedProcess[str]
-VM_BENCHMARKS = {"bufferbloat"}  # they boot the checkout's VM harness
+VM_BENCHMARKS = {"bufferbloat", "autorate"}  # they boot the checkout's VM harness
 # They start the checkout's nats-server and PostgreSQL harnesses.
 HARNESS_BENCHMARKS = {"fleet": "tests/fleet_harness.py"}
 # Benchmarks of an optional part: without its extra they say which extra to install.

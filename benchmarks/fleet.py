@@ -358,8 +358,8 @@ def main() -> None:
     report.headline["vs_radius_sql"] = float(row["rows_per_s"]) / radius_rate
     report.notes.append(
         f"records_per_s_to_postgres: {row['rows']} rows; the simulated gateways (one process) "
-        f"journaled {row['rows'] / row['journaled_s']:.0f} rows/s meanwhile, and the hub had "
-        f"stored the last {row['end_to_end_s'] - row['journaled_s']:.1f} s after the last was "
+        f"journaled {row['rows'] / row['journaled_s']:.0f} rows/s meanwhile; the last row was "
+        f"stored {row['end_to_end_s'] - row['journaled_s']:.1f} s after the last interval was "
         "journaled"
     )
     report.notes.append(

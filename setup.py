@@ -75,6 +75,11 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],
     ),
+    Extension(
+        "desanet.cython_ext._copyrows",
+        ["cython_ext/_copyrows.pyx"],
+        extra_compile_args=["-O3"],
+    ),
 ]
 
 setup(

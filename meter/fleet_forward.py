@@ -6,7 +6,8 @@ hub has not acknowledged, publishes each message's bytes unchanged to
 to `window` publishes in flight, so a 600 ms satellite round trip still
 carries thousands of messages a second. The cursor (the last seq below which
 every message is acknowledged) moves only on acknowledgements and is written
-durably every `save_interval_s` and on stop. After an outage, a lost ack, or
+durably every `save_interval_s` and on stop, in a worker thread (the fsyncs
+never hold up the event loop's acknowledgements). After an outage, a lost ack, or
 a restart it republishes from the cursor: JetStream drops the copies it
 already holds within its duplicate window, and the hub collector is
 idempotent on (gw, epoch, seq, sub) beyond it.
@@ -163,6 +164,8 @@ class Forwarder:
         self._in_flight_bytes = 0
         self._next_seq = 1
         self._last_save = 0.0
+        self._save_lock = asyncio.Lock()  # one cursor write at a time, never an older one last
+        self._save_task: asyncio.Task[None] | None = None
 
     # -- the service loop's side ------------------------------------------------------------
 
@@ -280,7 +283,7 @@ class Forwarder:
                 self._compact_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._compact_task
-            self._save()
+            await self._save()
 
     def _resumed_sent(self) -> int:
         """The sent mark of the journal life resumed (Cursor.save says what it is for)."""
@@ -291,11 +294,11 @@ class Forwarder:
             return max(cursor.seq, self.journal.last_seq)  # unknown: assume all of it
         return max(cursor.seq, self._saved_sent)
 
-    def _raise_sent(self, upto: int) -> None:
+    async def _raise_sent(self, upto: int) -> None:
         """Durably move the sent mark to at least `upto` before anything up to it is read."""
         if upto > self._sent:
             self._sent = upto + self.config.sent_ahead
-            self._save(force=True)
+            await self._save()
 
     async def _compact_loop(self) -> None:
         """Every compact_every_s: compact the journal above the sent mark, publishing paused."""
@@ -389,6 +392,17 @@ class Forwarder:
                 await asyncio.sleep(REFUSED_PAUSE_S)
             oldest = next(iter(self._in_flight.items()), None)
             if oldest is not None and time.monotonic() - oldest[1].sent > cfg.ack_timeout_s:
+                if await self._answers(nc):
+                    # Alive but slow, or the ack was lost in a leader change: resend here. A
+                    # new connection would add a TLS handshake to a loaded hub and nothing else.
+                    log.info(
+                        "fleet: %s got no acknowledgement of seq %d in %s s; the server answers",
+                        self.gateway_id,
+                        oldest[0],
+                        cfg.ack_timeout_s,
+                    )
+                    self._rewind(f"no acknowledgement of seq {oldest[0]}")
+                    continue
                 # A hung server keeps its TCP connection: leave it for the next one.
                 log.warning(
                     "fleet: %s got no acknowledgement of seq %d in %s s from %s; reconnecting",
@@ -399,8 +413,16 @@ class Forwarder:
                 )
                 return
             if time.monotonic() - self._last_save >= cfg.save_interval_s:
-                self._save()
+                self._save_soon()
         await self._drain(cfg.stop_grace_s)
+
+    async def _answers(self, nc: Client) -> bool:
+        """True if the server answers a ping within half the ack timeout (it is not hung)."""
+        try:
+            await nc.flush(timeout=max(1, int(self.config.ack_timeout_s / 2)))
+        except (nats.errors.Error, TimeoutError):
+            return False
+        return True
 
     async def _fill(self, nc: Client) -> None:
         cfg = self.config
@@ -412,7 +434,7 @@ class Forwarder:
             if self._compacting:
                 return  # woken when it is done
             want = min(cfg.read_batch, cfg.window - len(self._in_flight))
-            self._raise_sent(self._next_seq + want - 1)
+            await self._raise_sent(self._next_seq + want - 1)
             records = await asyncio.to_thread(self.journal.read, self._next_seq, want)
             if not records:
                 return
@@ -570,12 +592,27 @@ class Forwarder:
             if len(self._in_flight) == before:
                 return  # refused or timed out: the next start resends it
 
-    def _save(self, force: bool = False) -> None:
-        """Write the cursor if it moved (fsync'd: after a crash, resending starts here)."""
-        if force or self._cursor != self._saved:
-            self._cursor.save(self.cursor_path, self._sent)
-            self._saved, self._saved_sent = self._cursor, self._sent
+    async def _save(self) -> None:
+        """Write the cursor and sent mark if either moved (fsync'd: a crash resends from here).
+
+        The write runs in a worker thread, so the event loop (in the fleet simulator,
+        every gateway's) goes on meanwhile. The values are taken once the lock is
+        held: the file never goes back to an older sent mark.
+        """
+        async with self._save_lock:
+            cursor, sent = self._cursor, self._sent
+            if cursor != self._saved or sent != self._saved_sent:
+                await asyncio.to_thread(cursor.save, self.cursor_path, sent)
+                self._saved, self._saved_sent = cursor, sent
         self._last_save = time.monotonic()
+
+    def _save_soon(self) -> None:
+        """The periodic cursor save, in the background (one at a time): publishing goes on."""
+        self._last_save = time.monotonic()
+        if self._save_task is not None and self._save_task.done():
+            self._save_task.result()  # a failed write stops the forwarder, as in the foreground
+        if self._save_task is None or self._save_task.done():
+            self._save_task = asyncio.ensure_future(self._save())
 
     async def _on_error(self, err: Exception) -> None:
         text = str(err)

@@ -11,7 +11,8 @@ Tables, in schema `hub`:
     progress(gw, epoch, seq)                                 the newest seq stored
     events(gw, epoch, seq, idx, t, sub, kind, detail)        the messages' events
 
-A batch of messages is one transaction: its rows are COPYed (binary) into a
+A batch of messages is one transaction: its rows are COPYed (binary, the
+tuples encoded by cython_ext._copyrows in one pass per message) into a
 temporary staging table and moved with INSERT ... ON CONFLICT DO NOTHING, so a
 redelivered message changes nothing. Totals only move forward in (t1, seq).
 """
@@ -27,6 +28,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from desanet.cython_ext._copyrows import COPY_SIGNATURE, COPY_TRAILER, usage_rows
 from desanet.errors import ConfigError, StreamError
 from desanet.meter.collector import PeriodUsage, month_bounds_ms
 from desanet.meter.dsn import redacted, scrub
@@ -59,7 +61,6 @@ _STAGING = """CREATE TEMP TABLE IF NOT EXISTS hub_staging (
     gw text, epoch text, seq bigint, sub text, t0 bigint, t1 bigint, up bigint, down bigint,
     up_pkts bigint, down_pkts bigint, up_total bigint, down_total bigint, snapshot boolean)
     ON COMMIT DELETE ROWS"""
-_STAGING_TYPES = ["text", "text", "int8", "text", *["int8"] * 8, "bool"]
 _COPY = f"COPY hub_staging ({_COLUMNS}, snapshot) FROM STDIN (FORMAT BINARY)"
 _MOVE_USAGE = f"""INSERT INTO {SCHEMA}.usage ({_COLUMNS})
     SELECT {_COLUMNS} FROM hub_staging WHERE NOT snapshot ON CONFLICT DO NOTHING"""
@@ -105,6 +106,17 @@ def partition_bounds(period: str) -> tuple[int, int]:
     """[from, to) of the t1 values partition usage_YYYYMM holds: t1 in (start, end]."""
     start, end = month_bounds_ms(period)
     return start + 1, end + 1
+
+
+def copy_data(batch: Sequence[StoredUsage]) -> bytes:
+    """The binary COPY stream of every subscriber row of `batch`, in hub_staging's columns."""
+    chunks = [COPY_SIGNATURE]
+    for s in batch:
+        m = s.msg
+        columns = (m.up, m.down, m.up_pkts, m.down_pkts, m.up_total, m.down_total)
+        chunks.append(usage_rows(m.gw, s.epoch, m.seq, m.sub, m.t0, m.t1, columns, m.snapshot))
+    chunks.append(COPY_TRAILER)
+    return b"".join(chunks)
 
 
 class HubStore:
@@ -166,17 +178,12 @@ class HubStore:
             for s in batch
             for i, e in enumerate(s.msg.events)
         ]
+        data = copy_data(batch)
         try:
             async with self._conn.transaction():
                 cur = self._conn.cursor()
                 async with cur.copy(_COPY) as copy:
-                    copy.set_types(_STAGING_TYPES)
-                    for s in batch:
-                        m = s.msg
-                        head = (m.gw, s.epoch, m.seq)
-                        columns = (m.up, m.down, m.up_pkts, m.down_pkts, m.up_total, m.down_total)
-                        for sub, *values in zip(m.sub, *columns, strict=True):
-                            await copy.write_row((*head, sub, m.t0, m.t1, *values, m.snapshot))
+                    await copy.write(data)
                 await cur.execute(_MOVE_USAGE)
                 new_rows = cur.rowcount
                 await cur.execute(_MOVE_TOTALS)

@@ -6,7 +6,10 @@ synthetic counters instead of the kernel: every interval a seeded random
 subset of its subscribers moves by random byte counts, and the simulator adds
 those deltas up as that gateway's truth. All forwarders share one asyncio
 loop in one thread (a real gateway has its own), each with its own NKEY, so
-the hub sees N distinct, separately authorised clients.
+the hub sees N distinct, separately authorised clients. The gateways journal
+an interval in parallel from a pool of threads (each journal fsyncs on its
+own, as on its own machine); that loop's worker threads write the forwarders'
+cursors.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from tests.fleet_harness import FleetHub
 
 ANY_PORT = "tcp://127.0.0.1:*"
 INTERVAL_MS = 1000
+JOURNAL_THREADS = 16  # fsyncs in parallel: the disk commits them together
+LOOP_WORKERS = 32  # the forwarders' journal reads and cursor writes
 
 
 class LoopThread:
@@ -37,6 +42,7 @@ class LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        self.loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(LOOP_WORKERS))
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
 
@@ -69,6 +75,9 @@ class FleetSim:
     """N gateways against one hub; `step()` makes every gateway journal one interval."""
 
     gateways: list[SimGateway] = field(default_factory=list)
+    pool: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(JOURNAL_THREADS)
+    )
 
     @classmethod
     def start(
@@ -115,32 +124,34 @@ class FleetSim:
 
     def step(self) -> int:
         """Every gateway journals one interval (about 80 % of its subscribers move); rows made."""
-        rows = 0
-        for g in self.gateways:
-            n = len(g.up_total)
-            moved = np.flatnonzero(g.rng.random(n) < 0.8).astype(np.uint32)
-            up = g.rng.integers(1, 50_000, moved.shape[0], dtype=np.uint64)
-            down = g.rng.integers(1, 500_000, moved.shape[0], dtype=np.uint64)
-            g.up_total[moved] += up
-            g.down_total[moved] += down
-            g.t1_ms += INTERVAL_MS
-            pkts = np.ones(moved.shape[0], dtype=np.uint64)
-            interval = UsageInterval(
-                g.t1_ms - INTERVAL_MS,
-                g.t1_ms,
-                moved + 1,  # slot i is subscriber s<i>; slot 0 is nobody's
-                up,
-                down,
-                pkts,
-                pkts,
-                g.up_total[moved],
-                g.down_total[moved],
-            )
-            g.service.publish(interval, {})
-            g.forwarder.notify()
-            g.rows += moved.shape[0]
-            rows += moved.shape[0]
-        return rows
+        return sum(self.pool.map(self._step_one, self.gateways))
+
+    @staticmethod
+    def _step_one(g: SimGateway) -> int:
+        """One interval of gateway `g` (its own generator: the same truth in any thread)."""
+        n = len(g.up_total)
+        moved = np.flatnonzero(g.rng.random(n) < 0.8).astype(np.uint32)
+        up = g.rng.integers(1, 50_000, moved.shape[0], dtype=np.uint64)
+        down = g.rng.integers(1, 500_000, moved.shape[0], dtype=np.uint64)
+        g.up_total[moved] += up
+        g.down_total[moved] += down
+        g.t1_ms += INTERVAL_MS
+        pkts = np.ones(moved.shape[0], dtype=np.uint64)
+        interval = UsageInterval(
+            g.t1_ms - INTERVAL_MS,
+            g.t1_ms,
+            moved + 1,  # slot i is subscriber s<i>; slot 0 is nobody's
+            up,
+            down,
+            pkts,
+            pkts,
+            g.up_total[moved],
+            g.down_total[moved],
+        )
+        g.service.publish(interval, {})
+        g.forwarder.notify()
+        g.rows += moved.shape[0]
+        return int(moved.shape[0])
 
     def truth(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(up, down) bytes of every subscriber that moved, summed over all intervals."""
@@ -169,6 +180,7 @@ class FleetSim:
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda g: g.forwarder.stop(), self.gateways))
             list(pool.map(lambda g: g.service.close(), self.gateways))
+        self.pool.shutdown()
 
 
 def gateway_ids(n: int) -> list[str]:

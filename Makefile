@@ -51,7 +51,7 @@ lint: setup
 
 # pytest exits 5 when it collects nothing: every tier here must run tests, so that is a failure.
 define run_pytest
-	rc=0; $(PYTEST) $(1) || rc=$$?; \
+	rc=0; $(PYTEST) --durations=10 $(1) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: no tests collected in $(1)" >&2; exit 1; fi; exit $$rc
 endef
 

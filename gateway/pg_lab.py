@@ -27,11 +27,21 @@ PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
 MISSING = "PostgreSQL is not installed: run `make setup` (Debian package postgresql)"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on loopback that nothing listens on right now, and not one this process
+    was given before: the kernel often hands a just-released port out again, and a server
+    given the same port for two of its listeners fails to start."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise OSError("no loopback port left that this process has not used already")
 
 
 @dataclass(frozen=True)

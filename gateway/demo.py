@@ -36,7 +36,7 @@ from desanet.gateway.control import request
 from desanet.gateway.demo_console import USER as DEMO_USER
 from desanet.gateway.demo_console import DemoConsole
 from desanet.gateway.lab import INET_V4, INET_V6, Village, in_netns, netns_cmd, run, village
-from desanet.gateway.report import DemoRecord, DemoSubscriber, Sample
+from desanet.gateway.report import DemoRecord, DemoSubscriber, LatencySample, Sample
 from desanet.gateway.status import read_snapshot
 from desanet.meter.client import UsageClient
 from desanet.meter.keys import ClientSecurity
@@ -124,6 +124,9 @@ rtt = "50ms"
 
 [meter]
 interval = "500ms"
+
+[latency]
+window = "10s"
 
 [publish]
 usage = "{endpoints["usage"]}"
@@ -226,6 +229,15 @@ def _start_load(lab: Village, seconds: int, paced: bool) -> list[subprocess.Pope
     return procs
 
 
+def _link_rtt(latency: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """The link's (p50, p95) ms by direction from the status snapshot's `latency` part."""
+    return {
+        direction: (entry["p50_ms"], entry["p95_ms"])
+        for direction, entry in latency.get("link", {}).items()
+        if entry.get("p50_ms") is not None and entry.get("p95_ms") is not None
+    }
+
+
 def _progress(record: DemoRecord, print_: Printer) -> None:
     # Mean rates over the last ~5 s, the span between two progress lines.
     if len(record.samples) < 2:
@@ -271,13 +283,17 @@ def run_demo(
         "throttle announced in the usage stream": any(
             sub == "s5" and kind == "throttled" for _, sub, kind, _ in record.stream_events
         ),
+        "passive WAN RTT shown": summary["passive_rtt_ms"].get("wan", {}).get("points", 0) > 0,
     }
     summary["ok"] = all(checks.values())
     summary["lab_tag"] = tag
     print_(report.render_markdown(record, summary, str(out_dir / "throughput.png")))
     for name, passed in checks.items():
         print_(f"{'PASS' if passed else 'FAIL'}: {name}")
-    print_(f"report written to {out_dir}/report.md and {out_dir}/throughput.png")
+    print_(
+        f"report written to {out_dir}/report.md with {out_dir}/throughput.png and "
+        f"{out_dir}/{report.LATENCY_PLOT}"
+    )
     return summary
 
 
@@ -399,6 +415,7 @@ def _drive(
                 states,
             )
         )
+        record.latency.append(LatencySample(t_s, _link_rtt(snap.latency)))
         if record.throttled_at_s is None and states.get("s5") == "fair-use":
             record.throttled_at_s = t_s
             record.events.append((t_s, "s5", "throttled", "quota passed: fair-use plan"))

@@ -17,6 +17,8 @@ from typing import Any
 from desanet.errors import DesanetError
 from desanet.units import format_bytes, format_rate
 
+LATENCY_PLOT = "latency.png"
+
 
 @dataclass
 class DemoSubscriber:
@@ -39,11 +41,20 @@ class Sample:
 
 
 @dataclass
+class LatencySample:
+    """The link's passive RTT as status showed it at `t_s`: direction -> (p50, p95) ms."""
+
+    t_s: float
+    link: dict[str, tuple[float, float]]
+
+
+@dataclass
 class DemoRecord:
     """Everything the demo observed, from which the report is computed."""
 
     subscribers: list[DemoSubscriber]
     samples: list[Sample] = field(default_factory=list)
+    latency: list[LatencySample] = field(default_factory=list)
     idle_ping_ms: list[float] = field(default_factory=list)
     loaded_ping_ms: list[tuple[float, float]] = field(default_factory=list)
     billed: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (up, down)
@@ -126,6 +137,15 @@ def series(
     return times, rates
 
 
+def _rtt_points(record: DemoRecord) -> dict[str, list[tuple[float, float]]]:
+    """Every status reading of the link's RTT, by direction: [(p50, p95)]."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for sample in record.latency:
+        for direction, pair in sample.link.items():
+            points.setdefault(direction, []).append(pair)
+    return points
+
+
 def summarize(record: DemoRecord, warmup_s: float = 5.0) -> dict[str, Any]:
     """The report's figures: fairness windows, per-subscriber rates, latency, billing accuracy."""
     end = record.samples[-1].t_s if record.samples else 0.0
@@ -166,6 +186,14 @@ def summarize(record: DemoRecord, warmup_s: float = 5.0) -> dict[str, Any]:
             "loaded_median": percentile(loaded, 50),
             "loaded_p95": percentile(loaded, 95),
             "loaded_samples": len(loaded),
+        },
+        "passive_rtt_ms": {
+            direction: {
+                "points": len(points),
+                "p50_median": percentile([p50 for p50, _ in points], 50),
+                "p95_max": max((p95 for _, p95 in points), default=0.0),
+            }
+            for direction, points in _rtt_points(record).items()
         },
         "billing": billing,
         "billing_error": abs(billed_all - truth_all) / truth_all if truth_all else 0.0,
@@ -238,6 +266,19 @@ def render_markdown(record: DemoRecord, summary: dict[str, Any], plot_name: str)
         f"idle median {lat['idle_median']:.1f} ms; under load median {lat['loaded_median']:.1f} "
         f"ms, p95 {lat['loaded_p95']:.1f} ms ({lat['loaded_samples']} probes)",
         "",
+        "Passive RTT from TCP timestamps, as `desanet status` showed it during the load "
+        "(wan: gateway -> internet -> gateway; lan: gateway -> device -> gateway):",
+        "",
+    ]
+    for direction, rtt in summary["passive_rtt_ms"].items():
+        lines.append(
+            f"- {direction}: median p50 {rtt['p50_median']:.1f} ms, largest p95 "
+            f"{rtt['p95_max']:.1f} ms ({rtt['points']} status readings)"
+        )
+    lines += [
+        "",
+        f"![passive RTT over time]({LATENCY_PLOT})",
+        "",
         "## Billed bytes against ground truth (nftables counters)",
         "",
         "Billing counts delivered IP bytes. Ground truth: down = what each subscriber's own",
@@ -300,6 +341,26 @@ def pyplot() -> ModuleType:
     return plt
 
 
+def plot_latency(record: DemoRecord, path: Path) -> None:
+    """PNG of the link's passive RTT p50 and p95 over time, WAN and LAN, as status showed it."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    for ax, direction in zip(axes, ("wan", "lan"), strict=True):
+        shown = [(s.t_s, s.link[direction]) for s in record.latency if direction in s.link]
+        times = [t for t, _ in shown]
+        ax.plot(times, [pair[0] for _, pair in shown], label="p50", marker=".")
+        ax.plot(times, [pair[1] for _, pair in shown], label="p95", marker=".")
+        ax.set_ylabel(f"{direction} RTT ms")
+        ax.axvline(record.suspend_at_s, color="grey", linestyle="--")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("desanet demo: passive RTT of the link (status window, TCP timestamps)")
+    axes[1].set_xlabel("seconds into the load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot(record: DemoRecord, path: Path) -> None:
     """PNG of every subscriber's download and upload throughput over time."""
     plt = pyplot()
@@ -324,10 +385,12 @@ def plot(record: DemoRecord, path: Path) -> None:
 
 
 def write(record: DemoRecord, out_dir: Path) -> dict[str, Any]:
-    """Write report.md, throughput.png and summary.json (figures and record); returns figures."""
+    """Write report.md, throughput.png, latency.png and summary.json (figures and record);
+    returns the figures."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(record)
     plot(record, out_dir / "throughput.png")
+    plot_latency(record, out_dir / LATENCY_PLOT)
     (out_dir / "report.md").write_text(render_markdown(record, summary, "throughput.png"))
     (out_dir / "summary.json").write_text(
         json.dumps({"summary": summary, "record": asdict(record)}, indent=1)

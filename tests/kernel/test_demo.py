@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -32,6 +33,16 @@ def test_demo_report_meets_its_checks_and_cleans_up(tmp_path: Path) -> None:
     if summary["leaf_in_use"] != summary["leaf_wanted"]:
         assert f"this kernel lacks {summary['leaf_wanted']}" in report
     assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+    # The latency plot is drawn from the link RTT status showed through the load: both
+    # directions read most intervals, with percentiles that are real times (p50 <= p95).
+    rtt = summary["passive_rtt_ms"]
+    for direction in ("wan", "lan"):
+        assert rtt[direction]["points"] >= 20, rtt
+        assert 0 < rtt[direction]["p50_median"] <= rtt[direction]["p95_max"] < 1000, rtt
+    record = json.loads((tmp_path / "summary.json").read_text())["record"]
+    assert all(p50 <= p95 for s in record["latency"] for p50, p95 in s["link"].values())
+    assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![passive RTT over time](latency.png)" in report
     # The console was served on the demo village, and the report says where.
     assert summary["console"]["answered"], summary["console"]
     assert summary["console"]["url"] in report

@@ -11,6 +11,10 @@ and with `[link] adapt`, alternating:
 - `rtt_p95_inflation_ms_<fixed|adaptive>_<leo|geo>`: the idle subscriber's
   p95 ping RTT in the low-capacity phase over its idle median;
 - `utilisation_adaptive_<leo|geo>`: delivered download over the low capacity;
+- `rtt_p95_inflation_ms_adaptive_leo_sawtooth`, `utilisation_adaptive_leo_sawtooth`:
+  LEO with 5 ms of netem jitter (on the paced return half, so not reordered)
+  and a slow sawtooth of capacity, 12 -> 5 -> 12 Mbit/s over 24 s, adaptive
+  only (utilisation over what the link could carry under `max`);
 - `rtt_error_ms`: the largest gap between the datapath's passive WAN RTT
   (p50 of the downloads' TCP timestamps) and the median of the gateway's own
   pings to the internet host (the same path) during the steady phase.
@@ -87,12 +91,34 @@ def measure(report: Report) -> None:
                             r.low_utilisation, 3
                         )
                     errors.append(abs(r.steady_wan_p50_ms - r.steady_gateway_ping_ms))
+            # LEO with 5 ms of jitter, the capacity a slow sawtooth 12 -> 5 -> 12 Mbit/s.
+            saw = autorate.sawtooth(v, gw, autorate.LEO_JITTER, adapt=True)
+            print(f"note: LEO sawtooth with jitter, adaptive: {saw}", flush=True)
+            report.add(
+                link="LEO jitter",
+                case="adaptive sawtooth",
+                base_ms=saw.base_ms,
+                low_p95_ms=saw.p95_ms,
+                inflation_ms=saw.inflation_ms,
+                util=saw.utilisation,
+                rate_mbit=float("nan"),
+                wan_ms=float("nan"),
+            )
+            report.headline["rtt_p95_inflation_ms_adaptive_leo_sawtooth"] = round(
+                saw.inflation_ms, 1
+            )
+            report.headline["utilisation_adaptive_leo_sawtooth"] = round(saw.utilisation, 3)
         finally:
             gw.stop()
     report.headline["rtt_error_ms"] = round(max(errors), 1)
     report.notes.append(
         "capacity 12 -> 5 Mbit/s under a configured 10 Mbit/s; modem buffer 400 ms; "
         "inflation: p95 ping RTT of the idle subscriber in the low phase minus its idle median"
+    )
+    report.notes.append(
+        "sawtooth: LEO with netem jitter 5 ms on the return half (paced, so not reordered), "
+        "capacity 12 -> 5 -> 12 Mbit/s over 24 s, a step a second; utilisation over "
+        "min(capacity, max)"
     )
 
 

@@ -43,8 +43,9 @@ MODEM_BUFFER_MS = 400  # the modem's dumb buffer (tbf latency): what a fixed rat
 class ModemLink:
     """A satellite path whose capacity the run changes: RTT and the rates.
 
-    No jitter: netem's reorders packets, which TCP takes for loss; the
-    controller's tolerance of jitter is tested in tests/unit/test_autorate.py."""
+    `jitter_ms` goes on the return half only: netem with jitter reorders
+    packets (TCP takes that for loss) unless it also paces at a `rate`, which
+    that half does (each packet then leaves after the one before it)."""
 
     name: str
     rtt_ms: float
@@ -52,9 +53,11 @@ class ModemLink:
     up_bps: int
     high_bps: int  # the modem's capacity in the good hours (above the configured rate)
     low_bps: int  # in the rain fade
+    jitter_ms: float = 0.0
 
 
 LEO = ModemLink("LEO", 40.0, 10_000_000, 4_000_000, 12_000_000, 5_000_000)
+LEO_JITTER = ModemLink("LEO", 40.0, 10_000_000, 4_000_000, 12_000_000, 5_000_000, 5.0)
 GEO = ModemLink("GEO", 600.0, 10_000_000, 4_000_000, 12_000_000, 5_000_000)
 
 
@@ -67,7 +70,8 @@ def modem(v: Village, link: ModemLink, capacity_bps: int) -> None:
     run(["tc", "qdisc", "replace", "dev", "uplink", "parent", "1:1", "handle", "2:", "tbf",
          "rate", f"{capacity_bps}bit", "burst", "16kb", "latency", f"{MODEM_BUFFER_MS}ms"],
         v.inet_ns)  # fmt: skip
-    run(["tc", "qdisc", "replace", "dev", v.wan, "root", "netem", "delay", half,
+    jitter = [f"{link.jitter_ms:g}ms"] if link.jitter_ms else []
+    run(["tc", "qdisc", "replace", "dev", v.wan, "root", "netem", "delay", half, *jitter,
          "rate", f"{link.up_bps}bit", "limit", limit], v.gw_ns)  # fmt: skip
 
 
@@ -224,6 +228,59 @@ def capacity_drop(
             low_p95_ms=_p95(low_pings),
             low_utilisation=utilisation,
             low_rate_bps=driver.rate_bps(),
+        )
+    finally:
+        remove_modem(v)
+
+
+@dataclass(frozen=True)
+class SawtoothRun:
+    """What a sawtooth run measured: the idle subscriber's RTT and the link's use."""
+
+    base_ms: float  # idle subscriber's median ping RTT, link idle
+    p95_ms: float  # its p95 ping RTT while the capacity moves
+    utilisation: float  # delivered download over what the link could carry under max
+    changes: int  # rate changes during the sawtooth
+
+    @property
+    def inflation_ms(self) -> float:
+        """p95 RTT while the capacity moves over the idle link's median."""
+        return self.p95_ms - self.base_ms
+
+
+def sawtooth(
+    v: Village, gw: Gateway, link: ModemLink, adapt: bool, seconds: int = 24, streams: int = 2
+) -> SawtoothRun:
+    """The capacity falls from `high` to `low` and climbs back, a step each second."""
+    modem(v, link, link.high_bps)
+    try:
+        driver = _Driver(v, gw, link, adapt)
+        idle, busy = v.subscribers[0], v.subscribers[1:]
+        base = satlink.median(pings_ms(v, idle.netns, 2.0))
+        procs = satlink.start_downloads(v, busy, seconds + 6, streams)
+        driver.drive(3.0)  # slow start
+        changes_before = driver.changes
+        down0 = gw.down_bytes()
+        carried = 0.0  # bits the link could have carried below the shaper's max
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pings = pool.submit(pings_ms, v, idle.netns, seconds - 1)
+            last = time.monotonic()
+            for s in range(seconds):
+                fall = abs(2 * s / seconds - 1)  # 1 -> 0 -> 1
+                capacity = int(link.low_bps + (link.high_bps - link.low_bps) * fall)
+                modem(v, link, capacity)
+                driver.drive(1.0)
+                now = time.monotonic()
+                carried += min(capacity, link.configured_bps) * (now - last)
+                last = now
+            low_pings = pings.result()
+        delivered = float((gw.down_bytes() - down0)[[s.index for s in busy]].sum()) * 8
+        satlink.finish(procs)
+        return SawtoothRun(
+            base_ms=base,
+            p95_ms=_p95(low_pings),
+            utilisation=delivered / carried if carried else 0.0,
+            changes=driver.changes - changes_before,
         )
     finally:
         remove_modem(v)

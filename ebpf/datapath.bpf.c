@@ -245,24 +245,32 @@ static __always_inline void rtt_track(struct __sk_buff *skb, int down, __u32 slo
 	__u32 tsval = bpf_ntohl(opt[1]);
 	__u32 tsecr = bpf_ntohl(opt[2]);
 
-	struct desanet_rtt_flow_key key;
+	/* The key and the entry's reserved word (always 0) as two 64-bit words: one
+	 * compare each for "is this entry this flow's", where four fields took four. */
+	union {
+		struct {
+			struct desanet_rtt_flow_key key;
+			__u32 reserved;
+		};
+		__u64 w[2];
+	} k = {};
 	if (p->ipv6) {
 		struct ipv6hdr *ip6 = data + p->l3_off;
 		if ((void *)(ip6 + 1) > data_end)
 			return;
 		__u32 *sub = down ? ip6->daddr.in6_u.u6_addr32 : ip6->saddr.in6_u.u6_addr32;
 		__u32 *remote = down ? ip6->saddr.in6_u.u6_addr32 : ip6->daddr.in6_u.u6_addr32;
-		key.sub_addr = sub[0] ^ sub[1] ^ sub[2] ^ sub[3];
-		key.remote_addr = remote[0] ^ remote[1] ^ remote[2] ^ remote[3];
+		k.key.sub_addr = sub[0] ^ sub[1] ^ sub[2] ^ sub[3];
+		k.key.remote_addr = remote[0] ^ remote[1] ^ remote[2] ^ remote[3];
 	} else {
 		struct iphdr *ip = data + p->l3_off;
 		if ((void *)(ip + 1) > data_end)
 			return;
-		key.sub_addr = down ? ip->daddr : ip->saddr;
-		key.remote_addr = down ? ip->saddr : ip->daddr;
+		k.key.sub_addr = down ? ip->daddr : ip->saddr;
+		k.key.remote_addr = down ? ip->saddr : ip->daddr;
 	}
-	key.sub_port = down ? tcp->dest : tcp->source;
-	key.remote_port = down ? tcp->source : tcp->dest;
+	k.key.sub_port = down ? tcp->dest : tcp->source;
+	k.key.remote_port = down ? tcp->source : tcp->dest;
 
 	/* This packet's TSval waits at index `mine`; its TSecr may answer `echo`. */
 	const __u32 mine = down ? DESANET_RTT_LAN : DESANET_RTT_WAN;
@@ -270,15 +278,14 @@ static __always_inline void rtt_track(struct __sk_buff *skb, int down, __u32 slo
 	/* A direct-mapped table: the flow's hash picks its one entry, which holds
 	 * the key to tell whose it is; a new flow takes the entry over. An array
 	 * lookup is a few inlined instructions where a hash map's costs 25 ns. */
-	__u32 h = key.sub_addr * 0x9E3779B1u ^ key.remote_addr;
-	h = (h * 0x85EBCA6Bu) ^ ((__u32)key.sub_port << 16 | key.remote_port);
-	h = (h * 0xC2B2AE35u) >> (32 - DESANET_RTT_FLOWS_LOG2);
+	__u64 mixed = (k.w[0] ^ (k.w[1] << 17)) * 0x9E3779B97F4A7C15ull;
+	__u32 h = mixed >> (64 - DESANET_RTT_FLOWS_LOG2);
 	struct desanet_rtt_flow *f = rtt_flows.lookup(&h);
 	if (!f)
 		return; /* cannot happen: h < DESANET_RTT_FLOWS; the verifier needs the check */
-	if (f->key.sub_addr != key.sub_addr || f->key.remote_addr != key.remote_addr ||
-	    f->key.sub_port != key.sub_port || f->key.remote_port != key.remote_port) {
-		f->key = key;
+	__u64 *held = (__u64 *)&f->key;
+	if (held[0] != k.w[0] || held[1] != k.w[1]) {
+		f->key = k.key;
 		f->tsval[echo] = 0;
 		f->seen[echo] = 0;
 		f->t_ns[echo] = 0;

@@ -133,7 +133,7 @@ struct desanet_rtt_flow_key {
  * t_ns 0 = none outstanding; seen = the last TSval the direction carried. */
 struct desanet_rtt_flow {
 	struct desanet_rtt_flow_key key; /* whose entry this is */
-	__u32 reserved;
+	__u32 reserved; /* always 0: the program compares key and it as two 64-bit words */
 	__u32 tsval[2];
 	__u32 seen[2];
 	__u64 t_ns[2];

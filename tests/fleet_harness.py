@@ -13,6 +13,8 @@ init, starts the nodes with its fragment and creates the stream, as an
 operator would. `make_tls()` makes a
 throwaway CA and a server certificate for 127.0.0.1 with openssl (installed
 with postgresql's ssl-cert).
+(Over 400 lines: the nodes, the cluster and the hub around them are started, killed
+and restarted together; one module keeps their ports and stores consistent.)
 """
 
 from __future__ import annotations

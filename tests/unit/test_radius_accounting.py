@@ -3,6 +3,7 @@
 The usage is produced by the real MeterService (journal and all); the ground
 truth is the sum of the `up`/`down` columns it journaled. radacct must hold
 exactly those bytes per user and month, after outages and restarts too.
+(Over 400 lines: every case shares one FreeRADIUS and PostgreSQL, started once per module.)
 """
 
 from __future__ import annotations

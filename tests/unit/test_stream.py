@@ -1,4 +1,7 @@
-"""The usage stream over real ZeroMQ sockets on loopback: schema, replay, gaps, security."""
+"""The usage stream over real ZeroMQ sockets on loopback: schema, replay, gaps, security.
+
+(Over 400 lines: the cases share the publisher and billing-client fixtures defined here.)
+"""
 
 from __future__ import annotations
 

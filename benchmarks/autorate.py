@@ -27,19 +27,12 @@ experiment in every `make test`.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
 import os
-import platform
 import sys
-import tempfile
-from pathlib import Path
 
-from desanet.benchmarks.common import Report, parse_args
+from desanet.benchmarks.common import Report, parse_args, run_in_guest, vm_unavailable_reason
 
 REPORT_NAME = "autorate"
-GUEST_REPORT = "autorate.json"
 COLUMNS = ["link", "case", "base_ms", "low_p95_ms", "inflation_ms", "util", "rate_mbit", "wan_ms"]
 
 
@@ -122,63 +115,11 @@ def measure(report: Report) -> None:
     )
 
 
-def _on_host(args: argparse.Namespace) -> int:
-    from tests.vm.machine import GUEST_SHARE, run_in_vm
-
-    argv = [
-        sys.executable,
-        "-m",
-        "desanet.benchmarks.autorate",
-        "--json",
-        f"{GUEST_SHARE}/{GUEST_REPORT}",
-    ]
-    if args.quick:
-        argv.append("--quick")
-    with tempfile.TemporaryDirectory(prefix="desanet-autorate-") as tmp:
-        share = Path(tmp)
-        run = run_in_vm(argv, timeout_s=1200, share=share)
-        produced = share / GUEST_REPORT
-        if not run.finished or run.exit_code != 0 or not produced.exists():
-            print(run.console_after_boot() if run.booted else run.console, file=sys.stderr)
-            print(
-                f"autorate: the VM run failed (booted={run.booted}, exit={run.exit_code})",
-                file=sys.stderr,
-            )
-            return 1
-        doc = json.loads(produced.read_text())
-    where = f"measured inside a VM on Linux {run.guest_kernel} ({run.accel})"
-    doc["notes"].append(where)
-    print(f"note: {where}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
-    return 0
-
-
-def _why_not_here() -> str | None:
-    """Why this machine cannot run the benchmark, or None when it can."""
-    try:
-        harness = importlib.util.find_spec("tests.vm.machine") is not None
-    except ModuleNotFoundError:  # no `tests` or `tests.vm`: not a source checkout
-        harness = False
-    if not harness:
-        return (
-            "it needs the VM harness of a source checkout (tests/vm), which the installed "
-            "package does not ship; run `make bench` in a clone of the repository"
-        )
-    if platform.machine() != "x86_64":
-        return (
-            "it boots Debian's amd64 kernel under qemu-system-x86, so it runs only on "
-            f"x86-64 hosts (this one is {platform.machine()})"
-        )
-    return None
-
-
 def main() -> int:
     """Entry point: measure inside the VM, or boot one and measure there."""
     args = parse_args(__doc__ or REPORT_NAME)
     report = Report(REPORT_NAME, COLUMNS, quick=args.quick)
-    reason = _why_not_here()
+    reason = vm_unavailable_reason()
     if reason is None and args.quick:
         reason = (
             "the quick run skips it: its VM runs take minutes; tests/vm/test_autorate.py "
@@ -190,7 +131,7 @@ def main() -> int:
     from tests.vm.guest import IN_VM_ENV
 
     if os.environ.get(IN_VM_ENV) != "1":
-        return _on_host(args)
+        return run_in_guest("autorate", args, timeout_s=1200)
     measure(report)
     report.finish(args)
     return 0

@@ -9,9 +9,12 @@ a benchmark this machine cannot run calls `report.skip(args, reason)` instead.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,3 +130,53 @@ def _fmt(value: Any) -> str:
             return f"{value:.2f}"
         return f"{value:.3g}"
     return str(value)
+
+
+def vm_unavailable_reason() -> str | None:
+    """Why this machine cannot run a benchmark inside the VM tier, or None when it can."""
+    try:
+        harness = importlib.util.find_spec("tests.vm.machine") is not None
+    except ModuleNotFoundError:  # no `tests` or `tests.vm`: not a source checkout
+        harness = False
+    if not harness:
+        return (
+            "it needs the VM harness of a source checkout (tests/vm), which the installed "
+            "package does not ship; run `make bench` in a clone of the repository"
+        )
+    if platform.machine() != "x86_64":
+        return (
+            "it boots Debian's amd64 kernel under qemu-system-x86, so it runs only on "
+            f"x86-64 hosts (this one is {platform.machine()})"
+        )
+    return None
+
+
+def run_in_guest(name: str, args: argparse.Namespace, timeout_s: int) -> int:
+    """Boot the VM tier, run `desanet.benchmarks.<name>` inside it and keep its report.
+
+    The guest writes its JSON into the shared folder; a note names the guest's
+    kernel and accelerator."""
+    from tests.vm.machine import GUEST_SHARE, run_in_vm
+
+    report = f"{name}.json"
+    argv = [sys.executable, "-m", f"desanet.benchmarks.{name}", "--json"]
+    argv += [f"{GUEST_SHARE}/{report}", *(["--quick"] if args.quick else [])]
+    with tempfile.TemporaryDirectory(prefix=f"desanet-{name}-") as tmp:
+        share = Path(tmp)
+        run = run_in_vm(argv, timeout_s=timeout_s, share=share)
+        produced = share / report
+        if not run.finished or run.exit_code != 0 or not produced.exists():
+            print(run.console_after_boot() if run.booted else run.console, file=sys.stderr)
+            print(
+                f"{name}: the VM run failed (booted={run.booted}, exit={run.exit_code})",
+                file=sys.stderr,
+            )
+            return 1
+        doc = json.loads(produced.read_text())
+    where = f"measured inside a VM on Linux {run.guest_kernel} ({run.accel})"
+    doc["notes"].append(where)
+    print(f"note: {where}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0

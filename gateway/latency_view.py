@@ -27,15 +27,21 @@ SUB_EDGE_BUCKETS = tuple(range(2, abi.RTT_SLOT_BUCKETS, 2))  # upper edges: 1.02
 
 
 def status_section(
-    window: RttWindow, owners: Mapping[int, str], adapt: Mapping[str, Any] | None
+    window: RttWindow,
+    owners: Mapping[int, str],
+    adapt: Mapping[str, Any] | None,
+    active: npt.NDArray[np.intp] | None = None,
 ) -> dict[str, Any]:
-    """The snapshot's `latency`: the window, the link's and each subscriber's p50/p95 (ms)."""
+    """The snapshot's `latency`: the window, the link's and each subscriber's p50/p95 (ms).
+
+    `active`: the slots whose traffic moved (RttWindow.slots reads only those again)."""
 
     def shown(summaries: Mapping[str, RttSummary]) -> dict[str, Any]:
         return {d: s.as_dict() for d, s in summaries.items() if s.samples}
 
     subscribers = {
-        owners[slot]: shown(summaries) for slot, summaries in window.slots(sorted(owners)).items()
+        owners[slot]: shown(summaries)
+        for slot, summaries in window.slots(sorted(owners), active).items()
     }
     section: dict[str, Any] = {
         "window_s": window.window_ms // 1000,

@@ -12,7 +12,7 @@ or a resync gets the adapted rates back at the next interval.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -80,14 +80,18 @@ class LinkLatency:
             return 0
         return applier.apply(plan, [], [])
 
-    def status(self, owners: Mapping[int, str]) -> dict[str, Any]:
-        """The status snapshot's `latency` section."""
+    def status(
+        self, owners: Mapping[int, str], active: npt.NDArray[np.intp] | None = None
+    ) -> dict[str, Any]:
+        """The status snapshot's `latency` section; `active`: the slots whose traffic moved."""
         adapt = self.autorate.state() if self.autorate is not None else None
-        return latency_view.status_section(self.window, owners, adapt)
+        return latency_view.status_section(self.window, owners, adapt, active)
 
-    def metrics(self, owners: Mapping[int, str]) -> list[Any]:
-        """Prometheus families of the cumulative histograms (none before the first interval)."""
+    def metrics(self, owners: Mapping[int, str]) -> Callable[[], list[Any]]:
+        """Prometheus families of the cumulative histograms (none before the first interval),
+        built when a scrape asks: every tick only takes the arrays (copies, never changed
+        afterwards), so the cost follows the scrapes, not the subscriber list."""
         cumulative = self.window.cumulative()
         if cumulative is None:
-            return []
-        return list(latency_view.prometheus_families(*cumulative, owners))
+            return list
+        return lambda: list(latency_view.prometheus_families(*cumulative, owners))

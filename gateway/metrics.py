@@ -21,7 +21,7 @@ scrape never races the service loop. Names (see docs/operations.md):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -41,8 +41,9 @@ class GatewayCollector(Collector):
         self.control_requests = {"ok": 0, "refused": 0}
         # The service loop's live failure counts by step (read at every scrape).
         self.failures: Mapping[str, int] = failures if failures is not None else {}
-        # RTT histogram families (gateway/latency_view.py), replaced with every status.
-        self.latency: list[Any] = []
+        # Builds the RTT histogram families (gateway/latency_view.py) when scraped; replaced
+        # with every status.
+        self.latency: Callable[[], list[Any]] = list
 
     def update(self, snapshot: StatusSnapshot, rows: Sequence[bytes] | None = None) -> None:
         """Take a new snapshot; `rows`, its subscriber rows as JSON, are decoded at a scrape."""
@@ -67,7 +68,7 @@ class GatewayCollector(Collector):
         for step, count in sorted(self.failures.items()):
             failures.add_metric([step], count)
         yield failures
-        yield from self.latency
+        yield from self.latency()
         snap, rows = self.snapshot, self._rows
         if snap is None:
             return

@@ -464,7 +464,9 @@ class GatewayService:
         rows = self._status_rows.update(self.roster, totals, self.aggregator.rates_bps())
         if self.latency is not None:
             owners = self.roster.slots.owners()
-            snapshot.latency = self.latency.status(owners)
+            # Only subscribers with traffic can have new RTT samples.
+            active = np.flatnonzero(self.aggregator.rates_bps().any(axis=1))
+            snapshot.latency = self.latency.status(owners, active)
             self.collector.latency = self.latency.metrics(owners)
         # Metrics first: they still see the snapshot when the status file cannot be written.
         self.collector.update(snapshot, rows)

@@ -195,6 +195,16 @@ class RttSource(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass
+class _SlotCache:
+    """The per-slot figures of the last `RttWindow.slots()`: for which rows and base."""
+
+    base_t: int
+    rows: npt.NDArray[np.intp]
+    summaries: dict[int, dict[str, RttSummary]]
+    counts: npt.NDArray[np.uint32]  # the rows' cumulative counts as last read
+
+
 class RttWindow:
     """Percentiles over the last `window_ms`, from snapshots of the cumulative histograms.
 
@@ -210,6 +220,7 @@ class RttWindow:
         self._slot_bases: deque[tuple[int, npt.NDArray[np.uint32]]] = deque(maxlen=2)
         # The rows `slots()` read last and their counts: what Prometheus is given.
         self._latest: tuple[npt.NDArray[np.intp], npt.NDArray[np.uint32]] | None = None
+        self._cache: _SlotCache | None = None  # what `slots()` computed, kept between calls
         self.last_interval: npt.NDArray[np.uint64] = np.zeros((2, abi.RTT_LINK_BUCKETS), np.uint64)
 
     def update(self, t_ms: int) -> npt.NDArray[np.uint64]:
@@ -234,15 +245,53 @@ class RttWindow:
             name: summarize(delta[i], LINK_EDGES_MS) for i, name in enumerate(abi.RTT_DIRECTIONS)
         }
 
-    def slots(self, rows: Sequence[int]) -> dict[int, dict[str, RttSummary]]:
-        """Slot -> its RTT per direction over the window, for those of `rows` with samples."""
+    def slots(
+        self, rows: Sequence[int], active: npt.NDArray[np.intp] | None = None
+    ) -> dict[int, dict[str, RttSummary]]:
+        """Slot -> its RTT per direction over the window, for those of `rows` (ascending)
+        with samples.
+
+        `active`, when given, names the slots that can have new samples since the last
+        call (their traffic moved): only they are read again, the others keep the figures
+        of the last call. Everything is read again when the rows or the window's base
+        change (every half window), so a quiet village costs a bounded sweep, not a read
+        of every subscriber each interval."""
         if not self._slot_bases or not rows:
             return {}
         index = np.asarray(rows, dtype=np.intp)
-        current = self.source.read_slots(index)
-        self._latest = (index, current)
+        base_t, base = self._slot_bases[0]
+        cached = self._cache
+        if (
+            active is None
+            or cached is None
+            or cached.base_t != base_t
+            or not np.array_equal(cached.rows, index)
+        ):
+            current = self.source.read_slots(index)
+            self._latest = (index, current)
+            self._cache = _SlotCache(base_t, index, self._summaries(index, current, base), current)
+            return dict(self._cache.summaries)
+        read = np.intersect1d(index, active)
+        if len(read):
+            current = self.source.read_slots(read)
+            fresh = self._summaries(read, current, base)
+            for slot in read.tolist():
+                if slot in fresh:
+                    cached.summaries[slot] = fresh[slot]
+                else:
+                    cached.summaries.pop(slot, None)
+            counts = cached.counts.copy()  # a scrape may hold the previous one: not changed
+            counts[np.searchsorted(index, read)] = current
+            cached.counts = counts
+            self._latest = (index, counts)
+        return dict(cached.summaries)
+
+    @staticmethod
+    def _summaries(
+        index: npt.NDArray[np.intp], current: npt.NDArray[np.uint32], base: npt.NDArray[np.uint32]
+    ) -> dict[int, dict[str, RttSummary]]:
         # Unsigned differences first (counts wrap), then signed for the sums.
-        delta = (current - self._slot_bases[0][1][index]).astype(np.int64)
+        delta = (current - base[index]).astype(np.int64)
         totals = delta.sum(axis=-1)
         moved = np.flatnonzero(totals.sum(axis=-1))
         if not len(moved):

@@ -84,3 +84,29 @@ def test_window_counts_only_its_samples_across_a_wrap() -> None:
     window.update(25_000)
     window.update(26_000)
     assert window.link()["wan"].samples == 0
+
+
+def test_only_active_slots_are_read_again_until_the_base_moves() -> None:
+    counts = Counts()
+    bucket = abi.rtt_slot_bucket(45_000)
+    window = RttWindow(counts, window_ms=20_000)
+    window.update(0)
+    counts.slots[1, abi.RTT_WAN, bucket] = 3
+    counts.slots[2, abi.RTT_WAN, bucket] = 5
+    first = window.slots([1, 2, 3], np.array([], np.intp))  # nothing cached yet: all read
+    assert {s: f["wan"].samples for s, f in first.items()} == {1: 3, 2: 5}
+    counts.slots[1, abi.RTT_WAN, bucket] = 10
+    counts.slots[2, abi.RTT_WAN, bucket] = 9
+    window.update(1000)
+    # Only slot 1 moved traffic: it is read again, slot 2 keeps its last figures.
+    second = window.slots([1, 2, 3], np.array([1], np.intp))
+    assert {s: f["wan"].samples for s, f in second.items()} == {1: 10, 2: 5}
+    _, cumulative = window.cumulative()[1:]  # what Prometheus gets follows the reads
+    assert cumulative[:, abi.RTT_WAN, bucket].tolist() == [10, 5, 0]
+    # Half a window on, the base moves and every row is read again.
+    window.update(10_000)
+    window.update(21_000)
+    third = window.slots([1, 2, 3], np.array([], np.intp))
+    assert third == {}  # no samples since the new base
+    counts.slots[3, abi.RTT_WAN, bucket] = 1
+    assert {s: f["wan"].samples for s, f in window.slots([1, 2, 3]).items()} == {3: 1}

@@ -31,17 +31,21 @@ def status_section(
     owners: Mapping[int, str],
     adapt: Mapping[str, Any] | None,
     active: npt.NDArray[np.intp] | None = None,
+    rows: npt.NDArray[np.intp] | None = None,
 ) -> dict[str, Any]:
     """The snapshot's `latency`: the window, the link's and each subscriber's p50/p95 (ms).
 
-    `active`: the slots whose traffic moved (RttWindow.slots reads only those again)."""
+    `active`: the slots whose traffic moved (RttWindow.slots reads only those again);
+    `rows`: the owners' slots, ascending, when the caller keeps them."""
 
     def shown(summaries: Mapping[str, RttSummary]) -> dict[str, Any]:
         return {d: s.as_dict() for d, s in summaries.items() if s.samples}
 
     subscribers = {
         owners[slot]: shown(summaries)
-        for slot, summaries in window.slots(sorted(owners), active).items()
+        for slot, summaries in window.slots(
+            sorted(owners) if rows is None else rows, active
+        ).items()
     }
     section: dict[str, Any] = {
         "window_s": window.window_ms // 1000,

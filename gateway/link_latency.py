@@ -33,6 +33,8 @@ class LinkLatency:
     def __init__(self, source: RttSource, window_ms: int, autorate: Autorate | None) -> None:
         self.window = RttWindow(source, window_ms)
         self.autorate = autorate
+        self._owners: Mapping[int, str] | None = None  # the slot table `_rows` was sorted from
+        self._rows = np.zeros(0, np.intp)
 
     @classmethod
     def from_config(cls, source: RttSource, config: Config, t_ms: int) -> LinkLatency:
@@ -85,7 +87,9 @@ class LinkLatency:
     ) -> dict[str, Any]:
         """The status snapshot's `latency` section; `active`: the slots whose traffic moved."""
         adapt = self.autorate.state() if self.autorate is not None else None
-        return latency_view.status_section(self.window, owners, adapt, active)
+        if owners is not self._owners:  # a new slot table: sort its slots once
+            self._owners, self._rows = owners, np.array(sorted(owners), np.intp)
+        return latency_view.status_section(self.window, owners, adapt, active, self._rows)
 
     def metrics(self, owners: Mapping[int, str]) -> Callable[[], list[Any]]:
         """Prometheus families of the cumulative histograms (none before the first interval),

@@ -97,6 +97,8 @@ class GatewayService:
         self.outbox = Outbox()
         self._drops: dict[str, tuple[int, int]] = {}  # the datapath's drops, read each tick
         self.latency: LinkLatency | None = None  # RTT and the adaptive link rate, from start()
+        self._owners_of: SlotTable | None = None
+        self._owners_map: dict[int, str] = {}
         self._reload_error: str | None = None
         self._resync_due = False
         self.started_ms = 0
@@ -463,7 +465,7 @@ class GatewayService:
         )
         rows = self._status_rows.update(self.roster, totals, self.aggregator.rates_bps())
         if self.latency is not None:
-            owners = self.roster.slots.owners()
+            owners = self._owners()
             # Only subscribers with traffic can have new RTT samples.
             active = np.flatnonzero(self.aggregator.rates_bps().any(axis=1))
             snapshot.latency = self.latency.status(owners, active)
@@ -471,6 +473,13 @@ class GatewayService:
         # Metrics first: they still see the snapshot when the status file cannot be written.
         self.collector.update(snapshot, rows)
         status.write_snapshot(self.config.state_dir, snapshot, rows)
+
+    def _owners(self) -> dict[int, str]:
+        # Slot -> subscriber of the current (immutable) slot table, built once per table.
+        table = self.roster.slots
+        if self._owners_of is not table:
+            self._owners_of, self._owners_map = table, table.owners()
+        return self._owners_map
 
     def _signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:

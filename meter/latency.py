@@ -246,7 +246,7 @@ class RttWindow:
         }
 
     def slots(
-        self, rows: Sequence[int], active: npt.NDArray[np.intp] | None = None
+        self, rows: Sequence[int] | npt.NDArray[np.intp], active: npt.NDArray[np.intp] | None = None
     ) -> dict[int, dict[str, RttSummary]]:
         """Slot -> its RTT per direction over the window, for those of `rows` (ascending)
         with samples.
@@ -256,7 +256,7 @@ class RttWindow:
         of the last call. Everything is read again when the rows or the window's base
         change (every half window), so a quiet village costs a bounded sweep, not a read
         of every subscriber each interval."""
-        if not self._slot_bases or not rows:
+        if not self._slot_bases or len(rows) == 0:
             return {}
         index = np.asarray(rows, dtype=np.intp)
         base_t, base = self._slot_bases[0]

@@ -1,4 +1,6 @@
 /* desanet datapath: per-subscriber metering and HTB steering on the LAN interface.
+ * (Over 400 lines: BCC rewrites map calls in the main source file only, so
+ * the RTT tracker cannot live in a header of its own.)
  *
  * Attach: tc clsact of the LAN interface, direct-action. desanet_ingress sees
  * what subscribers send (up), desanet_egress what is sent to them (down).
@@ -42,9 +44,6 @@
  *      TSecr may answer the other direction's, and an answer is one sample in
  *      the slot's and the link's histograms (WAN RTT on egress, LAN RTT on
  *      ingress). Compiled out with DESANET_RTT_TRACK 0.
- *
- * (Over 400 lines: BCC rewrites map calls in the main source file only, so
- * the RTT tracker cannot live in a header of its own.)
  *
  * "The gateway itself": on ingress the destination, on egress the source, is
  * one of the gateway's own addresses (the `gateway_addrs` hash, which the

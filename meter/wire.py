@@ -3,7 +3,7 @@
 Both sides (gateway and billing client) encode and decode through this module,
 so docs/usage-stream.md and the code describe one format. Decoding checks
 every key and type and raises `StreamError` naming what is wrong; decoding a
-request never raises anything else, whatever the bytes. (About 430 lines: the
+request never raises anything else, whatever the bytes. (Over 400 lines: the
 usage message and the replay protocol are one contract and share their checks.)
 """
 

@@ -11,5 +11,4 @@ def usage_rows(
     t0: int,
     t1: int,
     columns: tuple[list[int], list[int], list[int], list[int], list[int], list[int]],
-    snapshot: bool,
 ) -> bytes: ...

@@ -5,9 +5,9 @@ The hub collector COPYs every subscriber row of every message; building the
 rows as Python tuples and handing them to psycopg one by one cost more than
 PostgreSQL's work on them. This writes the COPY tuples of a whole message
 into one bytes object: (gw, epoch, seq, sub, t0, t1, up, down, up_pkts,
-down_pkts, up_total, down_total, snapshot) as text, text, int8, text, int8
-x 8, bool, the staging table's columns (meter/fleet_store.py). The stream's
-signature and trailer are COPY_SIGNATURE and COPY_TRAILER.
+down_pkts, up_total, down_total) as text, text, int8, text, int8 x 8, the
+columns of the hub's usage and snapshots tables (meter/fleet_store.py). The
+stream's signature and trailer are COPY_SIGNATURE and COPY_TRAILER.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
@@ -20,10 +20,10 @@ from desanet.errors import StreamError
 COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8  # no flags, no header extension
 COPY_TRAILER = b"\xff\xff"
 
-cdef int FIELDS = 13
+cdef int FIELDS = 12
 cdef int VALUES = 6  # up, down, up_pkts, down_pkts, up_total, down_total
-# Field count, 13 lengths, 9 int8 values (seq, t0, t1 and the 6 columns), 1 bool.
-cdef Py_ssize_t FIXED = 2 + 13 * 4 + 9 * 8 + 1
+# Field count, 12 lengths, 9 int8 values (seq, t0, t1 and the 6 columns).
+cdef Py_ssize_t FIXED = 2 + 12 * 4 + 9 * 8
 
 
 cdef inline char* put32(char* p, int32_t v) noexcept:
@@ -68,7 +68,6 @@ def usage_rows(
     object t0,
     object t1,
     tuple columns,
-    bint snapshot,
 ):
     """The COPY tuples of one message's rows; `columns` the 6 value lists, each as long as sub."""
     cdef Py_ssize_t n = len(sub), i, gw_n, epoch_n, sub_n, total
@@ -106,7 +105,4 @@ def usage_rows(
         p = put_int8(p, as_int8(c3[i], "down_pkts"))
         p = put_int8(p, as_int8(c4[i], "up_total"))
         p = put_int8(p, as_int8(c5[i], "down_total"))
-        p = put32(p, 1)
-        p[0] = 1 if snapshot else 0
-        p += 1
     return out

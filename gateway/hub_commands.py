@@ -180,7 +180,7 @@ async def _report(dsn: str, period: str) -> int:
         rows = await store.report(period)
     finally:
         await store.close()
-    print(f"usage in {period} (UTC); totals since provisioning")
+    print(f"usage in {period} (UTC); totals since provisioning, at the end of {period}")
     for row in rows:
         print(
             f"{row.gw} {row.sub}: up {row.up} B ({format_bytes(row.up)}), "

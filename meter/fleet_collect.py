@@ -90,6 +90,9 @@ def decode_stored(subject: str, headers: Mapping[str, str] | None, data: bytes) 
         )
     if seq != msg.seq:
         raise StreamError(f"message id {msg_id} on {subject} holds seq {msg.seq}")
+    # The store keeps one row per (message, subscriber) by storing each message once.
+    if len(set(msg.sub)) != len(msg.sub):
+        raise StreamError(f"message {msg_id} on {subject} names a subscriber twice")
     # Messages journaled before stream epochs carry none: the id names it alone.
     if msg.epoch and msg.epoch != epoch:
         raise StreamError(f"message id {msg_id} on {subject} holds epoch {msg.epoch!r}")

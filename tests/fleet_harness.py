@@ -409,3 +409,16 @@ def start_collector(
     args += ["--dsn", dsn, "--batch", str(batch), "--ack-wait", str(ack_wait_s)]
     with open(log, "ab") as out:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+
+
+def hub_totals(dsn: str, period: str) -> dict[tuple[str, str], tuple[int, int, int, int]]:
+    """The hub's monthly report (fleet_store.REPORT_SQL) of `period`, for every subscriber
+    that moved: (gw, sub) -> (up, down, up_total, down_total)."""
+    import psycopg  # the postgres extra, as the tests that call this need anyway
+
+    from desanet.meter.fleet_store import REPORT_SQL, partition_bounds
+
+    low, high = partition_bounds(period)
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(REPORT_SQL, {"low": low, "high": high}).fetchall()
+    return {(g, s): (int(u), int(d), int(ut), int(dt)) for g, s, u, d, ut, dt in rows if ut or dt}

@@ -82,38 +82,61 @@ def query(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         return list(conn.execute(sql, params).fetchall())
 
 
+def snapshot(gw: str, seq: int, t1: int, subs: list[str], totals: list[int]) -> StoredUsage:
+    """A totals snapshot: no deltas, up_total = totals, down_total = 2 * totals."""
+    zeros = [0] * len(subs)
+    columns = {
+        "up": zeros,
+        "down": zeros,
+        "up_pkts": zeros,
+        "down_pkts": zeros,
+        "up_total": totals,
+        "down_total": [2 * t for t in totals],
+    }
+    data = encode_usage(gw, seq, t1, t1, subs, columns, epoch="e1", snapshot=True)
+    return StoredUsage("e1", decode_usage(data))
+
+
 def test_store_is_idempotent_and_the_monthly_report_reads_one_partition(dsn: str) -> None:
     start, end = NOV
     batch = [
         stored("gw1", 1, start, ["a", "b"], [1, 2]),  # ends at midnight: October's
         stored("gw1", 2, start + 1000, ["a", "b"], [10, 20]),
+        snapshot("gw1", 3, start + 1000, ["a", "b", "c"], [20, 40, 7]),  # c never moved
         stored("gw2", 1, end, ["a"], [100]),  # the last instant of November
-        stored("gw1", 3, end + 1000, ["a"], [1000]),  # December
+        stored("gw1", 4, end + 1000, ["a"], [1000]),  # December
     ]
 
     async def run() -> list[Any]:
         store = await HubStore.connect(dsn)
         try:
             assert await store.store(batch) == 6
-            assert await store.store(batch[1:3]) == 0  # redelivered: nothing new
-            assert await store.progress() == {("gw1", "e1"): 3, ("gw2", "e1"): 1}
+            assert await store.store(batch[1:4]) == 0  # redelivered: nothing new
+            assert await store.store([batch[1], batch[1]]) == 0  # twice in one batch, too
+            assert await store.progress() == {("gw1", "e1"): 4, ("gw2", "e1"): 1}
             return await store.report("2026-11")
         finally:
             await store.close()
 
-    report = {(r.gw, r.sub): (r.up, r.down, r.up_total) for r in asyncio.run(run())}
+    report = {(r.gw, r.sub): (r.up, r.down, r.up_total, r.down_total) for r in asyncio.run(run())}
+    # Totals as November ended for them: seq 2 and the snapshot after it; December's
+    # seq 4 (a's total 4,000) is not November's.
     assert report == {
-        ("gw1", "a"): (10, 20, 3000),
-        ("gw1", "b"): (20, 40, 40),
-        ("gw2", "a"): (100, 200, 100),
+        ("gw1", "a"): (10, 20, 20, 40),
+        ("gw1", "b"): (20, 40, 40, 80),
+        ("gw1", "c"): (0, 0, 7, 14),
+        ("gw2", "a"): (100, 200, 100, 200),
     }
     assert query(dsn, "SELECT count(*) FROM hub.usage") == [(6,)]
-    partitions = query(
-        dsn,
-        "SELECT inhrelid::regclass::text FROM pg_inherits "
-        "WHERE inhparent = 'hub.usage'::regclass ORDER BY 1",
-    )
-    assert partitions == [("hub.usage_202610",), ("hub.usage_202611",), ("hub.usage_202612",)]
+    assert query(dsn, "SELECT count(*) FROM hub.snapshots") == [(3,)]
+    assert query(dsn, "SELECT count(*), SUM(rows) FROM hub.stored") == [(5, 9)]
+    for table in ("usage", "snapshots", "stored"):
+        partitions = query(
+            dsn,
+            "SELECT inhrelid::regclass::text FROM pg_inherits "
+            f"WHERE inhparent = 'hub.{table}'::regclass ORDER BY 1",
+        )
+        assert partitions == [(f"hub.{table}_{m}",) for m in ("202610", "202611", "202612")]
     low, high = partition_bounds("2026-11")
     (plan,) = query(
         dsn, f"EXPLAIN (FORMAT JSON, VERBOSE) {REPORT_SQL}", {"low": low, "high": high}
@@ -121,13 +144,24 @@ def test_store_is_idempotent_and_the_monthly_report_reads_one_partition(dsn: str
     scanned = set()
 
     def walk(node: dict[str, Any]) -> None:
-        if node.get("Schema") == "hub" and str(node.get("Relation Name", "")).startswith("usage"):
+        if node.get("Schema") == "hub" and "Relation Name" in node:
             scanned.add(node["Relation Name"])
         for child in node.get("Plans", []):
             walk(child)
 
     walk(plan[0]["Plan"])
-    assert scanned == {"usage_202611"}, json.dumps(plan, indent=1)
+    assert scanned == {"usage_202611", "snapshots_202611"}, json.dumps(plan, indent=1)
+
+
+def test_a_schema_of_the_earlier_layout_is_refused_untouched(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA hub")
+        conn.execute("CREATE TABLE hub.usage (gw text, sub text, up bigint)")
+        conn.execute("INSERT INTO hub.usage VALUES ('gw1', 'a', 5)")
+    with pytest.raises(ConfigError, match=r"earlier layout.*RENAME TO hub_old"):
+        asyncio.run(HubStore.connect(dsn))
+    assert query(dsn, "SELECT * FROM hub.usage") == [("gw1", "a", 5)]
+    assert query(dsn, "SELECT to_regclass('hub.stored')") == [(None,)]
 
 
 def test_a_message_must_come_from_the_gateway_it_names() -> None:
@@ -142,6 +176,9 @@ def test_a_message_must_come_from_the_gateway_it_names() -> None:
         decode_stored("desanet.usage.gw2", {fleet.MSG_ID_HEADER: "gw2:e8:7"}, data)
     with pytest.raises(StreamError, match="no Nats-Msg-Id"):
         decode_stored("desanet.usage.gw2", None, data)
+    twice = usage("gw2", 7, NOV[0] + 1000, ["a", "b", "a"], [1, 2, 3], epoch="e9")
+    with pytest.raises(StreamError, match="names a subscriber twice"):
+        decode_stored("desanet.usage.gw2", {fleet.MSG_ID_HEADER: "gw2:e9:7"}, twice)
 
 
 def test_the_dsn_password_is_never_in_argv_or_errors(

@@ -23,7 +23,7 @@ from desanet.meter.compact import compact_journal
 from desanet.meter.fleet_forward import ForwarderConfig
 from desanet.meter.journal import Journal, Retention
 from desanet.meter.wire import COLUMNS, UsageEvent, decode_usage, encode_usage
-from tests.fleet_harness import fleet_hub, start_collector
+from tests.fleet_harness import fleet_hub, hub_totals, start_collector
 from tests.fleet_sim import FleetSim, LoopThread, gateway_ids
 from tests.pg_harness import postgres_cluster
 
@@ -189,15 +189,17 @@ def test_a_gateway_offline_for_hours_compacts_then_delivers_every_byte(tmp_path:
             collector.terminate()
             collector.wait(10)
             loop.close()
+        report = hub_totals(pg.dsn, "2026-11")
         with psycopg.connect(pg.dsn) as conn:
             usage = conn.execute(
                 "SELECT gw, sub, SUM(up), SUM(down) FROM hub.usage GROUP BY gw, sub"
             ).fetchall()
-            totals = conn.execute("SELECT gw, sub, up_total, down_total FROM hub.totals").fetchall()
             minutes = conn.execute("SELECT count(*) FROM hub.usage WHERE t1 - t0 > 1000").fetchone()
     truth = sim.truth()
     assert {(g, s): (int(u), int(d)) for g, s, u, d in usage} == truth
-    assert {(g, s): (int(u), int(d)) for g, s, u, d in totals} == truth
+    # The monthly report: the same sums, and every subscriber's totals at the end of it.
+    assert {k: (u, d) for k, (u, d, _ut, _dt) in report.items()} == truth
+    assert {k: (ut, dt) for k, (_u, _d, ut, dt) in report.items()} == truth
     assert minutes is not None and minutes[0] > 0, "no compacted interval reached the hub"
 
 

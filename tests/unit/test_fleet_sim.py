@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from desanet.meter.fleet_forward import ForwarderConfig
-from tests.fleet_harness import fleet_hub, start_collector
+from tests.fleet_harness import fleet_hub, hub_totals, start_collector
 from tests.fleet_sim import FleetSim, LoopThread, gateway_ids
 from tests.pg_harness import postgres_cluster
 
@@ -74,12 +74,14 @@ def test_every_byte_reaches_postgres_through_node_collector_and_hub_failures(
                 proc.terminate()
                 proc.wait(10)
             loop.close()
+        report = hub_totals(pg.dsn, "2026-11")
         with psycopg.connect(pg.dsn) as conn:
             usage = conn.execute(
                 "SELECT gw, sub, SUM(up), SUM(down) FROM hub.usage GROUP BY gw, sub"
             ).fetchall()
-            totals = conn.execute("SELECT gw, sub, up_total, down_total FROM hub.totals").fetchall()
     truth = sim.truth()
     assert {(g, s): (int(u), int(d)) for g, s, u, d in usage} == truth
-    assert {(g, s): (int(u), int(d)) for g, s, u, d in totals} == truth
+    # The monthly report: the same sums, and every subscriber's totals at the end of it.
+    assert {k: (u, d) for k, (u, d, _ut, _dt) in report.items()} == truth
+    assert {k: (ut, dt) for k, (_u, _d, ut, dt) in report.items()} == truth
     assert sum(g.forwarder.status().republished for g in sim.gateways) > 0

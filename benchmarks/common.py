@@ -122,6 +122,33 @@ class Report:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
 
 
+def cpu_seconds(pids: set[int]) -> dict[int, float]:
+    """User + system CPU seconds each of `pids` has used so far (those still running)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def pids_named(name: str) -> set[int]:
+    """Every running process whose command name is `name` (e.g. postgres backends)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name:
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if value == 0 or abs(value) >= 100:

@@ -433,7 +433,12 @@ class Forwarder:
         ):
             if self._compacting:
                 return  # woken when it is done
-            want = min(cfg.read_batch, cfg.window - len(self._in_flight))
+            free = cfg.window - len(self._in_flight)
+            if free < min(cfg.read_batch, self.journal.last_seq - self._next_seq + 1):
+                # A backlog refills the window a read_batch at a time, not one message
+                # per acknowledgement (each read is a trip to a worker thread).
+                return
+            want = min(cfg.read_batch, free)
             await self._raise_sent(self._next_seq + want - 1)
             records = await asyncio.to_thread(self.journal.read, self._next_seq, want)
             if not records:

@@ -36,7 +36,7 @@ class ReplayServer:
 
     `previous` is what the current epoch took over from the one before (for
     clients that ask for that one); `watch` are more connection limiters for
-    this thread to serve; `tick` runs every poll round (at least every 100 ms).
+    this thread to serve; `tick` runs every poll round (at least every `poll_ms`).
     """
 
     def __init__(
@@ -51,6 +51,7 @@ class ReplayServer:
         limits: EndpointLimits = LIMITS,
         watch: Sequence[ConnectionLimiter] = (),
         tick: Callable[[], None] | None = None,
+        poll_ms: int = _POLL_MS,
     ) -> None:
         self.journal = journal
         self.snapshot = snapshot
@@ -59,6 +60,7 @@ class ReplayServer:
         self.errors = 0
         self.dropped_replies = 0
         self._tick = tick
+        self._poll_ms = poll_ms
         self._stop = threading.Event()
         self._last_log = 0.0
         self._unlogged = 0
@@ -100,7 +102,7 @@ class ReplayServer:
             poller.register(limiter.monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                ready = dict(poller.poll(_POLL_MS))
+                ready = dict(poller.poll(self._poll_ms))
                 if self._sock in ready:
                     self._guarded(self._serve_one)
                 for limiter in self._limiters:

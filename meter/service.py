@@ -65,6 +65,9 @@ class StreamConfig:
     send_hwm: int = 10_000
     max_connections: int = 64
     handshake_ms: int = 10_000
+    # How often the replay thread wakes with nothing to do (subscription notices, stop):
+    # nothing on a gateway; a simulator of a thousand gateways in one process sets it higher.
+    idle_poll_ms: int = 100
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,7 @@ class MeterService:
             limits=replay_limits,
             watch=[self._pub_limiter],
             tick=self._drain_subscriptions,
+            poll_ms=config.idle_poll_ms,
         )
         self.replay_endpoint = self._replay.endpoint
 

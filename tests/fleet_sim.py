@@ -9,7 +9,9 @@ loop in one thread (a real gateway has its own), each with its own NKEY, so
 the hub sees N distinct, separately authorised clients. The gateways journal
 an interval in parallel from a pool of threads (each journal fsyncs on its
 own, as on its own machine); that loop's worker threads write the forwarders'
-cursors.
+cursors. A benchmark of a thousand of them lets each service's replay thread
+sleep longer when idle (`idle_poll_ms`), since a thousand threads waking ten
+times a second in one process are a cost no real gateway has.
 """
 
 from __future__ import annotations
@@ -89,8 +91,11 @@ class FleetSim:
         config: ForwarderConfig | None = None,
         retention: Retention | None = None,
         checkpoint_every: int = 300,
+        forwarding: bool = True,
+        idle_poll_ms: int = 100,
     ) -> FleetSim:
-        """One gateway per id the hub was configured for, each forwarding at once."""
+        """One gateway per id the hub was configured for, each forwarding at once unless
+        `forwarding` is false (then from start_forwarding(): a backlog built first)."""
         sim = cls()
         security = ServerSecurity(plaintext=True)
         for index, gw in enumerate(sorted(hub.files.gateways)):
@@ -102,6 +107,7 @@ class FleetSim:
                 retention=retention or Retention(),
                 snapshot_every=50,
                 checkpoint_every=checkpoint_every,
+                idle_poll_ms=idle_poll_ms,
             )
             slots = {i: f"s{i:04d}" for i in range(1, subscribers + 1)}
             service = MeterService(gw, state, stream, slots)
@@ -113,7 +119,8 @@ class FleetSim:
                 config,
                 loop=loop,
             )
-            forwarder.start()
+            if forwarding:
+                forwarder.start()
             zeros = np.zeros(subscribers, dtype=np.uint64)
             sim.gateways.append(
                 SimGateway(
@@ -121,6 +128,11 @@ class FleetSim:
                 )
             )
         return sim
+
+    def start_forwarding(self) -> None:
+        """Start every gateway's forwarder (after `start(..., forwarding=False)`)."""
+        for g in self.gateways:
+            g.forwarder.start()
 
     def step(self) -> int:
         """Every gateway journals one interval (about 80 % of its subscribers move); rows made."""
@@ -177,7 +189,7 @@ class FleetSim:
 
     def close(self) -> None:
         """Stop every forwarder and service (in parallel: each service's close fsyncs)."""
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        with concurrent.futures.ThreadPoolExecutor(64) as pool:
             list(pool.map(lambda g: g.forwarder.stop(), self.gateways))
             list(pool.map(lambda g: g.service.close(), self.gateways))
         self.pool.shutdown()

@@ -53,25 +53,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 
 from desanet.benchmarks.common import Report, cpu_seconds, parse_args, pids_named
 from desanet.cython_ext.usage import UsageInterval
-from desanet.meter.compact import compact_records
 from desanet.meter.fleet import FleetConnection, gateway_inbox
 from desanet.meter.fleet_forward import Forwarder, ForwarderConfig
-from desanet.meter.journal import SUFFIX, Journal
 from desanet.meter.keys import ServerSecurity
-from desanet.meter.records import encode_record, encode_segment_header
+from desanet.meter.records import encode_record
 from desanet.meter.service import MeterService, StreamConfig
-from desanet.meter.wire import encode_usage
 
 QUICK = {"gateways": 20, "subscribers": 20, "seconds": 3.0}
 FULL = {"gateways": 1000, "subscribers": 100, "seconds": 60.0}
-# On 2 cores one collector stores more than two (hub only, 1,000,000 rows, R3: 68,000 rows/s
-# against 57,000): PostgreSQL's inserts, the nats-servers and the collectors share the cores.
-COLLECTORS = 1
+# Two collectors share the consumer: with PostgreSQL's part under 2 us a row, one
+# collector's fetch -> COPY -> commit -> acks in turn left the machine a core idle
+# (1,000 gateways' backlog: 86,000 rows/s with one, 115,000 with two, same load).
+COLLECTORS = 2
 # A thousand replay threads in one process, each waking ten times a second with nothing
 # to do, took 0.65 of a core from the rest of the run (0.07 waking once a second).
 IDLE_POLL_MS = 1000
@@ -80,8 +77,6 @@ WEEK_H = 7 * 24
 # The catch-up: (subscribers, seconds of the compacted sample, copies of it, raw seconds).
 CATCHUP_QUICK = (20, 600, 1, 60)
 CATCHUP_FULL = (200, HOUR_S, WEEK_H - 1, HOUR_S)
-EPOCH = "0000000000bench00000000000000000"
-T0_MS = 1_793_491_200_000
 
 
 def _progress(dsn: str) -> dict[str, int]:
@@ -233,94 +228,11 @@ def radius_sql_records_per_s(directory: Path, subscribers: int, rounds: int) -> 
     return rate
 
 
-def raw_intervals(subscribers: int, seconds: int, seed: int = 0) -> list[tuple[int, bytes]]:
-    """`seconds` 1 s usage messages of a gateway whose `subscribers` all move every interval."""
-    rng = np.random.default_rng(seed)
-    subs = [f"s{i:04d}" for i in range(1, subscribers + 1)]
-    totals = np.full((2, subscribers), 10**10, dtype=np.uint64)  # a few months in
-    out = []
-    for seq in range(1, seconds + 1):
-        up = rng.integers(1, 50_000, subscribers, dtype=np.uint64)
-        down = rng.integers(1, 500_000, subscribers, dtype=np.uint64)
-        totals += np.stack([up, down])
-        ones = [1] * subscribers
-        columns = {
-            "up": up.tolist(),
-            "down": down.tolist(),
-            "up_pkts": ones,
-            "down_pkts": ones,
-            "up_total": totals[0].tolist(),
-            "down_total": totals[1].tolist(),
-        }
-        t1 = T0_MS + seq * 1000
-        out.append((seq, encode_usage("desa-0001", seq, t1 - 1000, t1, subs, columns, epoch=EPOCH)))
-    return out
-
-
-def compacted_sample(subscribers: int, seconds: int) -> list[tuple[int, bytes]]:
-    """`seconds` of raw intervals compacted by meter.compact (all of it older than an hour)."""
-    raw = raw_intervals(subscribers, seconds)
-    compacted = compact_records(raw, older_than_ms=T0_MS + (seconds + HOUR_S) * 1000, first_seq=1)
-    if compacted is None:
-        raise RuntimeError("the compaction merged nothing")
-    return compacted[0]
-
-
-def _shifted(data: bytes, seqs: int, ms: int) -> bytes:
-    body = msgpack.unpackb(data, raw=False)
-    body["seq"] += seqs
-    body["t0"] += ms
-    body["t1"] += ms
-    if "merged" in body:
-        body["merged"] = [body["merged"][0] + seqs, body["merged"][1] + seqs]
-    if "merged_into" in body:
-        body["merged_into"] += seqs
-    return bytes(msgpack.packb(body))
-
-
-def write_backlog(
-    directory: Path, sample: list[tuple[int, bytes]], copies: int, raw: list[tuple[int, bytes]]
-) -> Journal:
-    """A journal of `copies` of the compacted `sample` in a row, then the `raw` intervals.
-
-    Written as segment files straight away (one fsync per segment, not per record,
-    so a week is built in seconds); the forwarder reads it through Journal as usual.
-    """
-    directory.mkdir(parents=True)
-    span = len(sample)
-    segment_bytes = 16 << 20
-    chunks: list[bytes] = []
-    first, size, seq = 1, 0, 0
-
-    def flush() -> None:
-        if chunks:
-            path = directory / f"{first:020d}{SUFFIX}"
-            path.write_bytes(encode_segment_header(EPOCH) + b"".join(chunks))
-            chunks.clear()
-
-    def add(data: bytes) -> None:
-        nonlocal first, size, seq
-        seq += 1
-        record = encode_record(seq, data, b"")
-        if size + len(record) > segment_bytes:
-            flush()
-            first, size = seq, 0
-        chunks.append(record)
-        size += len(record)
-
-    for copy in range(copies):
-        for _seq, data in sample:
-            add(_shifted(data, copy * span, copy * span * 1000))
-    for _seq, data in raw:
-        add(_shifted(data, copies * span, copies * span * 1000))
-    flush()
-    return Journal(directory)
-
-
 def catchup_run(directory: Path, quick: bool) -> dict[str, Any]:
     """A week's compacted backlog (quick: minutes) through the slow link to a hub; timed."""
     from tests.fleet_harness import fleet_hub, read_stream
     from tests.fleet_slowlink import LinkShape, SlowLink
+    from tests.fleet_week import EPOCH, compacted_sample, raw_intervals, write_backlog
 
     subscribers, sample_s, copies, raw_s = CATCHUP_QUICK if quick else CATCHUP_FULL
     sample = compacted_sample(subscribers, sample_s)
@@ -402,6 +314,8 @@ def main() -> None:
         backlog = fleet_run(Path(tmp) / "backlog", *sizes, backlog=True)
         per_interval = journal_bytes_per_interval(Path(tmp) / "journal200")
         radius_rate = radius_sql_records_per_s(Path(tmp) / "radius", 200, 5 if args.quick else 50)
+        from tests.fleet_week import compacted_sample  # a source checkout (checked above)
+
         sample = compacted_sample(200, 600 if args.quick else HOUR_S)
         catchup = catchup_run(Path(tmp) / "catchup", args.quick)
     report.add(**live)

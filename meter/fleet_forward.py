@@ -434,7 +434,7 @@ class Forwarder:
             if self._compacting:
                 return  # woken when it is done
             free = cfg.window - len(self._in_flight)
-            if free < min(cfg.read_batch, self.journal.last_seq - self._next_seq + 1):
+            if free < min(cfg.read_batch, cfg.window, self.journal.last_seq - self._next_seq + 1):
                 # A backlog refills the window a read_batch at a time, not one message
                 # per acknowledgement (each read is a trip to a worker thread).
                 return

@@ -131,11 +131,11 @@ def fleet_run(
         )
         logs = [directory / f"collector{i}.log" for i in range(COLLECTORS)]
         procs = [start_collector(hub, pg.dsn, log, batch=500, ack_wait_s=30) for log in logs]
-        hub_pids = {n.proc.pid for n in hub.nats.nodes if n.proc is not None}
-        hub_pids |= {p.pid for p in procs}
+        nats_pids = {n.proc.pid for n in hub.nats.nodes if n.proc is not None}
+        collector_pids = {p.pid for p in procs}
 
         def cpu() -> dict[int, float]:
-            return cpu_seconds({os.getpid()} | hub_pids | pids_named("postgres"))
+            return cpu_seconds({os.getpid()} | nats_pids | collector_pids | pids_named("postgres"))
 
         try:
             cpu_before = cpu()
@@ -173,6 +173,16 @@ def fleet_run(
             f"PostgreSQL's usage differs from the simulator's truth for {len(wrong)} "
             f"subscribers, e.g. {[(k, stored.get(k), truth.get(k)) for k in wrong[:3]]}"
         )
+    used = {p: v - cpu_before.get(p, 0.0) for p, v in cpu_after.items()}
+    groups = {
+        "simulator": {os.getpid()},
+        "nats-servers": nats_pids,
+        "collectors": collector_pids,
+    }
+    split = {
+        name: sum(used.get(p, 0.0) for p in pids) / end_to_end_s for name, pids in groups.items()
+    }
+    split["postgres"] = sum(used.values()) / end_to_end_s - sum(split.values())
     case = "backlog of every gateway at once" if backlog else "live"
     return {
         "case": f"desanet, {case}: journal -> JetStream R3 -> collectors -> PostgreSQL",
@@ -185,7 +195,8 @@ def fleet_run(
         "rows_per_s": rows / end_to_end_s,
         # What the whole run (simulator, nats-servers, collectors, PostgreSQL) took of the
         # machine while it was timed (backlog: the delivery only; live: from the start).
-        "cores": sum(v - cpu_before.get(p, 0.0) for p, v in cpu_after.items()) / end_to_end_s,
+        "cores": sum(used.values()) / end_to_end_s,
+        "cores_split": ", ".join(f"{name} {v:.2f}" for name, v in split.items()),
     }
 
 
@@ -329,8 +340,8 @@ def main() -> None:
         f"records_per_s_to_postgres: every gateway's journal delivered at once (the hub back "
         f"after an outage): {backlog['rows']} rows journaled beforehand in "
         f"{backlog['journaled_s']:.0f} s, delivered and stored in {backlog['end_to_end_s']:.1f} s "
-        f"using {backlog['cores']:.2f} cores of the machine (simulator, nats-servers, "
-        "collector, PostgreSQL)"
+        f"using {backlog['cores']:.2f} cores of the machine ({backlog['cores_split']}); "
+        f"live: {live['cores_split']}"
     )
     report.notes.append(
         f"records_per_s_live: the gateways journal and forward at once, all {live['gateways']} "

@@ -88,7 +88,7 @@ class AutorateConfig:
     increase: float = 1.05
     increase_max: float = 1.25
     increase_near_edge: float = 0.02
-    edge_share: float = 0.92
+    edge_share: float = 0.95
     edge_hold_rtts: float = 100.0
     idle_drift: float = 0.1
     threshold_min_ms: float = 15.0
@@ -319,7 +319,7 @@ class Autorate:
                 return None  # at the edge: past it only once the wait is over
             else:
                 # A creep: a small queue if the edge is still there; doubled by each creep
-                # that found none, as the far probes are.
+                # that found none, up to a far probe's first step.
                 near = min(c.increase - 1, c.increase_near_edge * 2**creeps)
                 step, creep = min(step, near), True
         change = self._change(t_ms, direction, rate * (1 + step), "loaded, rtt flat: probing")

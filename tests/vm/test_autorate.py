@@ -55,10 +55,10 @@ def test_passive_rtt_is_the_path_plus_the_modem_queue(
     assert abs(adaptive.steady_wan_p50_ms - adaptive.steady_gateway_ping_ms) <= 5.0
     assert adaptive.steady_wan_p50_ms >= LINKS[name].rtt_ms - 1.0
     # ... and behind the fixed rate, whose modem queue (read from its tbf) is hundreds of
-    # ms, that delay plus the queue.
+    # ms, that delay plus the queue, over time as the pings see it.
     fixed = runs[name, False]
     assert fixed.low_modem_queue_ms >= 200.0
-    assert abs(fixed.low_wan_p50_ms - fixed.low_gateway_ping_ms) <= 5.0
+    assert abs(fixed.low_wan_time_p50_ms - fixed.low_gateway_ping_ms) <= 5.0
 
 
 @pytest.mark.parametrize("name", ["LEO", "GEO"])

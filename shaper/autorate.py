@@ -19,8 +19,11 @@ Theory of operation:
 4. Per direction, each interval: busy (throughput >= `busy_share` of the
    shaped rate: a link whose capacity fell carries far less than the shaped
    rate, so "loaded" cannot be the test here) and excess above the threshold
-   for two intervals running (or above twice it in one), and not shrinking
-   (a queue draining under the last cut needs no other): the capacity
+   for two intervals running (or above twice it in one), not shrinking
+   (a queue draining under the last cut needs no other), and not a burst
+   the rate drains on its own (throughput above the rate: the modem's
+   capacity is above it too, and a queue that drains at the gap within a
+   settle time, a slow start's, needs no cut): the capacity
    dropped below the shaped rate: lower it to `decrease` x what actually got
    through (what the link carried, a measured capacity: after a big rise
    this interval's, else the median of the last three, so a dip of the
@@ -231,7 +234,12 @@ class Autorate:
         # (a host busy elsewhere, a burst of cross traffic) moves nothing.
         big = excess is not None and excess > 2 * threshold
         queueing = excess is not None and (big or (excess > threshold and self._over >= 2))
-        if busy and queueing and excess is not None and self._cut_due(t_ms, direction, excess):
+        if (
+            busy
+            and queueing
+            and excess is not None
+            and self._cut_due(t_ms, direction, excess, throughput)
+        ):
             return self._cut(t_ms, direction, excess, throughput, big)
         if loaded and excess is not None and flat:
             if not settled:
@@ -261,10 +269,16 @@ class Autorate:
             return
         self._edge_bps[direction] = max(edge, min(throughput, self.config.bounds(direction)[1]))
 
-    def _cut_due(self, t_ms: int, direction: str, excess: float) -> bool:
+    def _cut_due(self, t_ms: int, direction: str, excess: float, throughput: float) -> bool:
         """Whether a queue of `excess` ms calls for a cut, given the last cut's."""
         # A queue that shrinks is draining under the last cut: another would overshoot.
         if self._last_excess is not None and excess < 0.95 * self._last_excess:
+            return False
+        # The modem sent more than the shaped rate: its capacity is above it, and the
+        # queue is a burst of the senders' (a slow start) that the rate drains on its own,
+        # at the gap between the two. One that drains before a cut would show needs none.
+        rate = self.rates_bps[direction]
+        if throughput > rate and excess * throughput / (throughput - rate) < self.settle_ms():
             return False
         cut = self._last_cut.get(direction)
         if cut is None:

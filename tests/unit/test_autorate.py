@@ -232,3 +232,19 @@ def test_a_busy_link_that_is_not_loaded_keeps_its_rate() -> None:
     assert changes == []
     idle, _ = run(ctl, link, 60, t0=120, offered=0.0)
     assert idle and ctl.rates_bps["down"] == 19 * MBIT
+
+
+def test_a_slow_starts_burst_above_the_rate_is_no_capacity_drop() -> None:
+    # Senders in slow start push more than the shaped rate through the modem for an
+    # interval: its queue is theirs and the rate drains it within a settle time.
+    ctl = Autorate(config(10, 2, 10))
+    rate = ctl.rates_bps["down"]
+    for s in range(30):
+        ctl.step((s + 1) * 1000, 600.0, 10, {"down": 0.9 * rate, "up": 0.0})
+    burst = ctl.step(31_000, 840.0, 10, {"down": 1.19 * rate, "up": 0.0})
+    after = ctl.step(32_000, 604.0, 10, {"down": 0.95 * rate, "up": 0.0})
+    assert burst == after == []
+    # The same queue with the modem sending barely more than the rate drains for seconds:
+    # a spill near the edge, cut.
+    spill = ctl.step(33_000, 840.0, 10, {"down": 1.02 * rate, "up": 0.0})
+    assert spill and spill[0].new_bps < rate

@@ -137,9 +137,10 @@ def time_weighted_p50_ms(wan: np.ndarray) -> float:
 
     A flow gives one sample a round trip: while a fixed rate's modem queue swings
     (its tail drops halve the senders' windows), the short round trips give more
-    samples than the long ones, and the samples' median sits below the median a
-    ping every 0.2 s sees. Weighting each sample by its RTT (the time it stands
-    for) asks the histogram what the pings ask."""
+    samples than the long ones. Weighting each sample by its RTT (the time it
+    stands for) is the benchmark's second view of the samples beside the pings
+    (one every 0.2 s); neither view is the pings' exactly, as the flows' round
+    trips overlap."""
     middle_ms = LINK_EDGES_MS[:-1] + 0.5
     weights = np.rint(wan.astype(np.float64) * middle_ms).astype(np.int64)
     return percentile_ms(weights, LINK_EDGES_MS, 0.5) or float("nan")

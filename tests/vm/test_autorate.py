@@ -55,10 +55,14 @@ def test_passive_rtt_is_the_path_plus_the_modem_queue(
     assert abs(adaptive.steady_wan_p50_ms - adaptive.steady_gateway_ping_ms) <= 5.0
     assert adaptive.steady_wan_p50_ms >= LINKS[name].rtt_ms - 1.0
     # ... and behind the fixed rate, whose modem queue (read from its tbf) is hundreds of
-    # ms, that delay plus the queue, over time as the pings see it.
+    # ms, that delay plus the queue. That queue swings (its tail drops halve the senders'
+    # windows) and a flow gives one sample a round trip, so the samples' median and the
+    # pings' (one every 0.2 s) see its swings in different shares: measured 1-26 ms apart
+    # at 340-390 ms of queue, hence the 10 % of it allowed beside the 5 ms.
     fixed = runs[name, False]
     assert fixed.low_modem_queue_ms >= 200.0
-    assert abs(fixed.low_wan_time_p50_ms - fixed.low_gateway_ping_ms) <= 5.0
+    gap_ms = abs(fixed.low_wan_p50_ms - fixed.low_gateway_ping_ms)
+    assert gap_ms <= 5.0 + 0.1 * fixed.low_modem_queue_ms
 
 
 @pytest.mark.parametrize("name", ["LEO", "GEO"])

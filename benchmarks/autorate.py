@@ -33,8 +33,8 @@ what sqm and LibreQoS do) and with `[link] adapt`, one after the other:
 
 Like benchmarks/bufferbloat.py it needs netem and a stock kernel: on the host
 it boots Debian's kernel (tests.vm.machine) and runs itself inside. `--quick`
-skips: the VM tier's tests/vm/test_autorate.py runs the LEO half of the same
-experiment in every `make test`.
+skips: the VM tier's tests/vm/test_autorate.py runs shorter LEO and GEO runs of
+the same experiment in every `make test`.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def main() -> int:
     if reason is None and args.quick:
         reason = (
             "the quick run skips it: its VM runs take minutes; tests/vm/test_autorate.py "
-            "runs the LEO half of the same experiment in the VM tier"
+            "runs shorter LEO and GEO runs of the same experiment in the VM tier"
         )
     if reason is not None:
         report.skip(args, reason)

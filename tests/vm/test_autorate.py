@@ -6,7 +6,8 @@ modem's queue, so it is short) and one adaptive run of the same experiment
 issue's 20 -> 8 scaled to what TCG carries). LEO, with 5 ms of jitter, also
 steps back to 12, where the controller finds the capacity again within
 seconds; GEO waits 100 round trips (a minute) before it looks past the rate
-that queued, so its way back runs in `benchmarks.autorate`. About 150 s in all.
+that queued, so its way back runs in `benchmarks.autorate`. About 250 s under TCG,
+the village and the datapath's compile included.
 """
 
 from __future__ import annotations

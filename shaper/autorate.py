@@ -35,10 +35,8 @@ Theory of operation:
    the edge and stays there for `edge_hold_rtts` baselines since the last
    cut (a minute on GEO, 4 s on LEO); only then does it creep past, by
    `increase_near_edge`, doubled by each creep that found no queue, up to
-   `increase`, and only while the excess is under a quarter of the
-   threshold (a queue of a few ms: the rate sits at the capacity). On a
-   long path a TCP sender's own surplus spills into the modem before the
-   shaped rate reaches the capacity, and each spill is
+   `increase`. On a long path a TCP sender's own surplus spills into the
+   modem before the shaped rate reaches the capacity, and each spill is
    hundreds of ms of queue for seconds: what an overshoot costs grows with
    the round trip, so the wait does. Well past the edge (a cut by
    `decrease` would not reach back to it) the capacity came back:
@@ -246,7 +244,7 @@ class Autorate:
         if loaded and excess is not None and flat:
             if not settled:
                 return None
-            return self._probe(t_ms, direction, excess)
+            return self._probe(t_ms, direction)
         if not busy and flat:
             configured = c.configured(direction)
             gap = configured - rate
@@ -311,7 +309,7 @@ class Autorate:
         self._last_cut[direction] = (t_ms, excess)
         return self._change(t_ms, direction, carried * c.decrease, f"wan rtt +{excess:.0f} ms")
 
-    def _probe(self, t_ms: int, direction: str, excess: float) -> RateChange | None:
+    def _probe(self, t_ms: int, direction: str) -> RateChange | None:
         c = self.config
         rate = self.rates_bps[direction]
         if rate >= c.bounds(direction)[1]:
@@ -333,10 +331,6 @@ class Autorate:
                 step = min(step, below)  # straight back to just under the edge
             elif t_ms < self._creep_at_ms.get(direction, 0):
                 return None  # at the edge: past it only once the wait is over
-            elif excess >= self.threshold_ms() / 4:
-                # A queue of a few ms at the edge: the rate already sits at the capacity,
-                # and the next creep would make it grow fast.
-                return None
             else:
                 # A creep: a small queue if the edge is still there; doubled by each creep
                 # that found none, up to a far probe's first step.

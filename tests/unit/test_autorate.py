@@ -248,24 +248,3 @@ def test_a_slow_starts_burst_above_the_rate_is_no_capacity_drop() -> None:
     # a spill near the edge, cut.
     spill = ctl.step(33_000, 840.0, 10, {"down": 1.02 * rate, "up": 0.0})
     assert spill and spill[0].new_bps < rate
-
-
-def test_no_creep_past_the_edge_while_a_small_queue_shows() -> None:
-    # LEO: a cut at 4.8 Mbit/s, then back under the edge; once the wait is over (100 round
-    # trips, 4 s), a queue of a quarter of the threshold (the rate at the capacity) holds
-    # the creep back.
-    ctl = Autorate(config(10, 2, 10))
-    for t in range(1, 21):
-        ctl.step(t * 1000, 40.0, 50, {"down": 0.9 * ctl.rates_bps["down"], "up": 0.0})
-    cut = ctl.step(21_000, 140.0, 50, {"down": 4.8 * MBIT, "up": 0.0})
-    assert cut and cut[0].new_bps < 4.8 * MBIT
-    for t in range(22, 27):
-        ctl.step(t * 1000, 40.0, 50, {"down": 0.95 * ctl.rates_bps["down"], "up": 0.0})
-    at_edge = ctl.rates_bps["down"]
-    assert at_edge == pytest.approx(ctl.config.edge_share * 4.8 * MBIT, rel=0.01)
-    loaded = {"down": 0.98 * at_edge, "up": 0.0}
-    queued = 40.0 + ctl.threshold_ms() / 3
-    held = [ctl.step(t * 1000, queued, 50, loaded) for t in range(27, 40)]
-    assert held == [[]] * 13
-    crept = ctl.step(40_000, 40.0, 50, loaded)
-    assert crept and crept[0].new_bps == int(at_edge * (1 + ctl.config.increase_near_edge))

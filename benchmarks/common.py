@@ -182,12 +182,13 @@ def run_in_guest(name: str, args: argparse.Namespace, timeout_s: int) -> int:
     """Boot the VM tier, run `desanet.benchmarks.<name>` inside it and keep its report.
 
     The guest writes its JSON into the shared folder; a note names the guest's
-    kernel and accelerator."""
+    kernel and accelerator, and the host's load (a VM under TCG slows with it)."""
     from tests.vm.machine import GUEST_SHARE, run_in_vm
 
     report = f"{name}.json"
     argv = [sys.executable, "-m", f"desanet.benchmarks.{name}", "--json"]
     argv += [f"{GUEST_SHARE}/{report}", *(["--quick"] if args.quick else [])]
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix=f"desanet-{name}-") as tmp:
         share = Path(tmp)
         run = run_in_vm(argv, timeout_s=timeout_s, share=share)
@@ -200,7 +201,10 @@ def run_in_guest(name: str, args: argparse.Namespace, timeout_s: int) -> int:
             )
             return 1
         doc = json.loads(produced.read_text())
-    where = f"measured inside a VM on Linux {run.guest_kernel} ({run.accel})"
+    where = (
+        f"measured inside a VM on Linux {run.guest_kernel} ({run.accel}); host load average "
+        f"(1 min) {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    )
     doc["notes"].append(where)
     print(f"note: {where}")
     if args.json:

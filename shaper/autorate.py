@@ -19,23 +19,45 @@ Theory of operation:
 4. Per direction, each interval: busy (throughput >= `busy_share` of the
    shaped rate: a link whose capacity fell carries far less than the shaped
    rate, so "loaded" cannot be the test here) and excess above the threshold
-   for two intervals running (or above twice it in one), and not shrinking
-   (a queue draining under the last cut needs no other): the capacity
+   for two intervals running (or above twice it in one), not shrinking
+   (a queue draining under the last cut needs no other), and not a burst
+   the rate drains on its own (throughput above the rate: the modem's
+   capacity is above it too, and a queue that drains at the gap within a
+   settle time, a slow start's, needs no cut): the capacity
    dropped below the shaped rate: lower it to `decrease` x what actually got
    through (what the link carried, a measured capacity: after a big rise
    this interval's, else the median of the last three, so a dip of the
-   traffic's own cuts no deeper); loaded (throughput >= `load_share` of the rate) and the RTT
-   flat (excess under half the threshold): probe up by `increase` x, up to
-   `max`, but by only `increase_near_edge` while within reach of the rate
-   that queued last (each step past the edge then builds a small queue, not
-   a large one); neither loaded nor queueing: drift back toward the
-   configured rate.
+   traffic's own cuts no deeper); loaded (throughput >= `load_share` of the
+   rate) and the RTT flat (excess under half the threshold): probe up, to
+   `max` at most. What got through when it queued is the edge (and while
+   that queue drains, what gets through is the modem's whole capacity: the
+   edge takes the largest). Probing goes straight back to `edge_share` of
+   the edge and stays there for `edge_hold_rtts` baselines since the last
+   cut (a minute on GEO, 4 s on LEO); only then does it creep past, by
+   `increase_near_edge`, doubled by each creep that found no queue, up to
+   `increase`. On a long path a TCP sender's own surplus spills into the
+   modem before the shaped rate reaches the capacity, and each spill is
+   hundreds of ms of queue for seconds: what an overshoot costs grows with
+   the round trip, so the wait does. Well past the edge (a cut by
+   `decrease` would not reach back to it) the capacity came back:
+   `increase` x, doubled by each probe in a row that found no queue, up to
+   `increase_max`. Idle (under `busy_share` of the rate) with
+   the RTT flat: drift back toward the configured rate; busy but not loaded,
+   the rate stays (the traffic does not use what it has).
    The result is clamped to [min, max]. An RTT that rises with no traffic of
    ours (a route change) moves nothing; one that rises while the link is
    busy is taken for a queue, and the baseline learns it within minutes.
-5. Rate limits: at most one change per `hold_ms` per direction (so the
-   effect of the last change is seen before the next), and changes smaller
-   than `min_step` of the rate are not made.
+5. Rate limits: at most one change per `hold_ms` per direction, and
+   changes smaller than `min_step` of the rate are not made. A change shows
+   in the RTT a round trip after it, seen an interval later: a probe waits
+   the settle time, `hold_ms` plus two baselines, since the last change (on
+   a GEO link 3.2 s: a second probe made before the first one's queue shows
+   would stack on it). Within the settle time of the last cut plus the time
+   its queue takes to drain (the excess it answered over 1 - `decrease`),
+   another cut is made only for an excess grown by more than the threshold
+   past the one that cut answered (the capacity still falling): the RTT
+   samples trail the modem's queue, and on a long path a queue already
+   draining would otherwise be cut for twice.
 A steady link never moves the rate: shaped below its capacity, the modem
 never queues, the RTT stays on its baseline, and probing stops at `max`,
 which defaults to the configured rate. A `max` above it lets the controller
@@ -67,7 +89,10 @@ class AutorateConfig:
     busy_share: float = 0.1
     decrease: float = 0.9
     increase: float = 1.05
+    increase_max: float = 1.25
     increase_near_edge: float = 0.02
+    edge_share: float = 0.95
+    edge_hold_rtts: float = 100.0
     idle_drift: float = 0.1
     threshold_min_ms: float = 15.0
     threshold_share: float = 0.1
@@ -125,10 +150,21 @@ class Autorate:
     _recent_bps: dict[str, deque[float]] = field(default_factory=dict)
     _over: int = 0
     _last_excess: float | None = None
+    # Per direction: the last cut (time, the excess it answered); when creeping past the
+    # edge may start, and how many settle times the next wait is; probes in a row that
+    # found no queue (0: the last change was no probe).
+    _last_cut: dict[str, tuple[int, float]] = field(default_factory=dict)
+    _creep_at_ms: dict[str, int] = field(default_factory=dict)
+    _probes: dict[str, int] = field(default_factory=dict)
+    _creeps: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.rates_bps:
             self.rates_bps = {d: self.config.configured(d) for d in ("down", "up")}
+
+    def settle_ms(self) -> float:
+        """How long a change takes to show in the RTT: `hold_ms` plus two baselines."""
+        return self.config.hold_ms + 2 * (self.baseline_ms or 0.0)
 
     def threshold_ms(self) -> float:
         """The RTT excess over the baseline taken as a queue in the modem."""
@@ -183,55 +219,140 @@ class Autorate:
     ) -> RateChange | None:
         c = self.config
         rate = self.rates_bps[direction]
-        low, high = c.bounds(direction)
+        threshold = self.threshold_ms()
+        if excess is not None and excess > threshold:
+            self._learn_edge(t_ms, direction, throughput)
         last = self._last_change_ms.get(direction)
         if last is not None and t_ms - last < c.hold_ms:
             return None
+        settled = last is None or t_ms - last >= self.settle_ms()
         loaded = self._loaded(direction, throughput)
         # A link whose capacity fell carries less than the shaped rate: busy, not loaded.
         busy = throughput >= c.busy_share * rate
-        threshold = self.threshold_ms()
         flat = excess is None or excess < threshold / 2
         # A queue shows in two intervals running, a big one at once: one noisy interval
         # (a host busy elsewhere, a burst of cross traffic) moves nothing.
         big = excess is not None and excess > 2 * threshold
         queueing = excess is not None and (big or (excess > threshold and self._over >= 2))
-        # A queue that shrinks is draining under the last cut: another would overshoot.
-        draining = (
-            excess is not None
-            and self._last_excess is not None
-            and excess < 0.95 * self._last_excess
-        )
-        if busy and queueing and not draining:
-            # What got through is what the link carries now: go below it. After a small rise
-            # the median of the last intervals, so a dip of the traffic's own (a loss, a
-            # pause) cuts no deeper; after a big one this interval's, the capacity of now.
-            recent = self._recent_bps.get(direction, [throughput])
-            carried = min(rate, throughput if big else statistics.median(recent))
-            target, reason = carried * c.decrease, f"wan rtt +{excess:.0f} ms"
-            self._edge_bps[direction] = carried
-        elif loaded and excess is not None and flat:
-            if rate >= high:
+        if (
+            busy
+            and queueing
+            and excess is not None
+            and self._cut_due(t_ms, direction, excess, throughput)
+        ):
+            return self._cut(t_ms, direction, excess, throughput, big)
+        if loaded and excess is not None and flat:
+            if not settled:
                 return None
-            edge = self._edge_bps.get(direction)
-            if edge is not None and rate >= edge * (1 + c.increase_near_edge) / c.decrease:
-                edge = None  # well past where it queued: the capacity came back
-                del self._edge_bps[direction]
-            # Near the rate that queued last, creep: each step over the edge is a small queue.
-            step = c.increase_near_edge if edge is not None else c.increase - 1
-            target, reason = rate * (1 + step), "loaded, rtt flat: probing"
-        elif not loaded and flat:
+            return self._probe(t_ms, direction)
+        if not busy and flat:
             configured = c.configured(direction)
             gap = configured - rate
             # A share of the gap, but at least a min_step: the last stretch is not crawled.
             step = max(abs(gap) * c.idle_drift, c.min_step * configured)
             target = rate + min(step, abs(gap)) * (1 if gap > 0 else -1)
-            reason = "idle: back toward the configured rate"
-        else:
+            return self._change(t_ms, direction, target, "idle: back toward the configured rate")
+        return None
+
+    def _drain_ms(self, answered_ms: float) -> float:
+        """How long a cut's queue of `answered_ms` takes to show it stopped and drain."""
+        # It takes a round trip to stop growing, then drains at the gap between the
+        # capacity and the cut rate.
+        return self.settle_ms() + answered_ms / (1 - self.config.decrease)
+
+    def _learn_edge(self, t_ms: int, direction: str, throughput: float) -> None:
+        """While the queue the last cut answered still shows, the modem sends all it can:
+        what gets through is its capacity, a better measure than the cut's own interval
+        (which may have begun before the queue did)."""
+        cut, edge = self._last_cut.get(direction), self._edge_bps.get(direction)
+        if cut is None or edge is None or t_ms - cut[0] >= self._drain_ms(cut[1]):
+            return
+        self._edge_bps[direction] = max(edge, min(throughput, self.config.bounds(direction)[1]))
+
+    def _cut_due(self, t_ms: int, direction: str, excess: float, throughput: float) -> bool:
+        """Whether a queue of `excess` ms calls for a cut, given the last cut's."""
+        # A queue that shrinks is draining under the last cut: another would overshoot.
+        if self._last_excess is not None and excess < 0.95 * self._last_excess:
+            return False
+        # The modem sent more than the shaped rate: its capacity is above it, and the
+        # queue is a burst of the senders' (a slow start) that the rate drains on its own,
+        # at the gap between the two. One that drains before a cut would show needs none.
+        rate = self.rates_bps[direction]
+        if throughput > rate and excess * throughput / (throughput - rate) < self.settle_ms():
+            return False
+        cut = self._last_cut.get(direction)
+        if cut is None:
+            return True
+        cut_ms, answered = cut
+        # Until the last cut's queue has drained, only a queue grown by more than the
+        # threshold is a new one (the capacity still falling).
+        if t_ms - cut_ms >= self._drain_ms(answered):
+            return True
+        return excess > answered + self.threshold_ms()
+
+    def _cut(
+        self, t_ms: int, direction: str, excess: float, throughput: float, big: bool
+    ) -> RateChange | None:
+        c = self.config
+        rate = self.rates_bps[direction]
+        # What got through is what the link carries now: go below it. After a small rise
+        # the median of the last intervals, so a dip of the traffic's own (a loss, a
+        # pause) cuts no deeper; after a big one this interval's, the capacity of now.
+        recent = self._recent_bps.get(direction, [throughput])
+        carried = min(rate, throughput if big else statistics.median(recent))
+        self._edge_bps[direction] = carried
+        # The wait before creeping past the edge again: what an overshoot costs grows with
+        # the round trip (the senders' surplus, the time to see it), so the wait does too.
+        wait = max(self.settle_ms(), c.edge_hold_rtts * (self.baseline_ms or 0.0))
+        self._creep_at_ms[direction] = t_ms + int(wait)
+        self._creeps[direction] = 0
+        self._last_cut[direction] = (t_ms, excess)
+        return self._change(t_ms, direction, carried * c.decrease, f"wan rtt +{excess:.0f} ms")
+
+    def _probe(self, t_ms: int, direction: str) -> RateChange | None:
+        c = self.config
+        rate = self.rates_bps[direction]
+        if rate >= c.bounds(direction)[1]:
             return None
+        probes = self._probes.get(direction, 0)
+        edge = self._edge_bps.get(direction)
+        if edge is not None and rate >= edge * (1 + c.increase_near_edge) / c.decrease:
+            # Well past where it queued: the capacity came back.
+            del self._edge_bps[direction]
+            edge = None
+        # Each probe that found no queue doubles the next: capacity that came back is found
+        # in a few round trips, not tens.
+        step = min(c.increase_max - 1, (c.increase - 1) * 2**probes)
+        creeps = self._creeps.get(direction, 0)
+        creep = False
+        if edge is not None:
+            below = c.edge_share * edge / rate - 1
+            if below > c.min_step:
+                step = min(step, below)  # straight back to just under the edge
+            elif t_ms < self._creep_at_ms.get(direction, 0):
+                return None  # at the edge: past it only once the wait is over
+            else:
+                # A creep: a small queue if the edge is still there; doubled by each creep
+                # that found none, up to a far probe's first step.
+                near = min(c.increase - 1, c.increase_near_edge * 2**creeps)
+                step, creep = min(step, near), True
+        change = self._change(t_ms, direction, rate * (1 + step), "loaded, rtt flat: probing")
+        if change is not None:
+            self._probes[direction] = probes + 1
+            self._creeps[direction] = creeps + 1 if creep else 0
+        return change
+
+    def _change(self, t_ms: int, direction: str, target: float, reason: str) -> RateChange | None:
+        c = self.config
+        rate = self.rates_bps[direction]
+        low, high = c.bounds(direction)
         new = int(min(max(target, low), high))
         if new == rate or (abs(new - rate) < c.min_step * rate and new != c.configured(direction)):
             return None
+        if not reason.startswith("loaded"):
+            self._probes[direction] = 0
+            if reason.startswith("idle"):
+                self._creeps[direction] = 0
         self.rates_bps[direction] = new
         self._last_change_ms[direction] = t_ms
         self.changes += 1

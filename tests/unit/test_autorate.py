@@ -26,16 +26,27 @@ class SatLink:
     base_ms: float
     jitter_ms: float
     buffer_ms: float = 1500.0  # the modem's dumb buffer, in time at the capacity
+    # GEO: the senders follow a new shaped rate one interval late (their RTT is most of
+    # one), and the RTT samples of an interval echo the queue of the one before.
+    lagged: bool = False
     queue_bits: float = 0.0
     rng: random.Random = field(default_factory=lambda: random.Random(7))
+    _previous: tuple[float | None, float] = (None, 0.0)  # (shaped bit/s, queue ms)
 
     def interval(self, shaped_bps: float, offered_bps: float) -> tuple[float, float, int]:
         """(WAN RTT p50 of the interval in ms, delivered bit/s, samples)."""
+        seen_queue_ms = 0.0
+        if self.lagged:
+            previous, seen_queue_ms = self._previous
+            self._previous = (shaped_bps, 1000 * self.queue_bits / self.capacity_bps)
+            shaped_bps = shaped_bps if previous is None else previous
         arriving = min(shaped_bps, offered_bps)
         self.queue_bits = max(0.0, self.queue_bits + arriving - self.capacity_bps)
         self.queue_bits = min(self.queue_bits, self.capacity_bps * self.buffer_ms / 1000)
         delivered = min(arriving, self.capacity_bps) if not self.queue_bits else self.capacity_bps
         queue_ms = 1000 * self.queue_bits / self.capacity_bps
+        if self.lagged:
+            queue_ms = seen_queue_ms
         samples = sorted(
             self.base_ms + self.rng.uniform(0, self.jitter_ms) + queue_ms for _ in range(25)
         )
@@ -150,3 +161,90 @@ def test_changes_are_rate_limited_and_idle_drifts_back() -> None:
 def test_bounds_must_hold_the_configured_rate() -> None:
     with pytest.raises(ValidationError, match="down_min <= down <= down_max"):
         config(20, 5, 18)
+
+
+def _phase(trace: list[tuple[float, float, float]], capacity_bps: float) -> tuple[float, float]:
+    """(utilisation, p95 modem queue ms) of a phase's trace."""
+    queues = sorted(q for _, _, q in trace)
+    utilisation = sum(d for _, d, _ in trace) / len(trace) / capacity_bps
+    return utilisation, queues[int(0.95 * (len(queues) - 1))]
+
+
+def test_geo_step_20_8_20_keeps_the_queue_short_and_finds_the_capacity_again() -> None:
+    # 600 ms: the senders follow a change an interval late, its RTT shows one more later.
+    ctl = Autorate(config(19, 2, 19))
+    link = SatLink(20 * MBIT, 600.0, 40.0, buffer_ms=400.0, lagged=True)
+    steady, _ = run(ctl, link, 60)
+    assert steady == []
+    link.capacity_bps = 8 * MBIT
+    _, low = run(ctl, link, 120, t0=60)
+    utilisation, queue_p95 = _phase(low[20:], link.capacity_bps)
+    assert utilisation >= 0.8
+    assert queue_p95 <= 100
+    link.capacity_bps = 20 * MBIT
+    _, back = run(ctl, link, 120, t0=180)
+    assert back[-1][0] == 19 * MBIT
+    assert _phase(back[-30:], 19 * MBIT)[0] >= 0.95
+
+
+def test_a_queue_still_draining_after_a_cut_is_not_cut_again() -> None:
+    # The RTT samples trail the modem's queue by an interval and the senders by one more:
+    # the full buffer is still seen for two intervals after the cut that answered it.
+    ctl = Autorate(config(10, 2, 10))
+    link = SatLink(12 * MBIT, 600.0, 20.0, buffer_ms=400.0, lagged=True)
+    run(ctl, link, 30)
+    link.capacity_bps = 5 * MBIT
+    changes, trace = run(ctl, link, 15, t0=30)
+    cuts = [c for c in changes if c.new_bps < c.old_bps]
+    assert len(cuts) == 1
+    assert cuts[0].new_bps >= 0.85 * link.capacity_bps
+    assert trace[-1][2] == 0.0  # and the queue is gone
+
+
+def test_after_a_cut_probing_goes_back_under_the_edge_and_waits_there() -> None:
+    ctl = Autorate(config(10, 2, 10))
+    link = SatLink(12 * MBIT, 600.0, 20.0, buffer_ms=400.0, lagged=True)
+    run(ctl, link, 30)
+    link.capacity_bps = 5 * MBIT
+    changes, trace = run(ctl, link, 60, t0=30)
+    cut, *rest = changes
+    assert cut.new_bps < 0.95 * link.capacity_bps
+    # Straight back to edge_share of what got through, in one probe ...
+    assert len(rest) == 1 and rest[0].new_bps > rest[0].old_bps
+    assert rest[0].new_bps == pytest.approx(ctl.config.edge_share * link.capacity_bps, rel=0.01)
+    # ... and no creep past it for 100 round trips (60 s here) since the cut.
+    assert (rest[0].t_ms - cut.t_ms) < 10_000
+    assert all(rate == rest[0].new_bps for rate, _, _ in trace[(rest[0].t_ms // 1000) - 30 :])
+    later, _ = run(ctl, link, 10, t0=90)
+    assert later and later[0].t_ms - cut.t_ms >= 100 * 600
+
+
+def test_a_busy_link_that_is_not_loaded_keeps_its_rate() -> None:
+    # Traffic that does not use what it has (a few slow flows) says nothing about the
+    # capacity: the rate neither probes nor drifts back up to the configured one.
+    ctl = Autorate(config(19, 2, 19))
+    link = SatLink(20 * MBIT, 40.0, 5.0, buffer_ms=400.0)
+    run(ctl, link, 30)
+    link.capacity_bps = 8 * MBIT
+    run(ctl, link, 30, t0=30)
+    rate = ctl.rates_bps["down"]
+    changes, _ = run(ctl, link, 60, t0=60, offered=0.4 * rate)
+    assert changes == []
+    idle, _ = run(ctl, link, 60, t0=120, offered=0.0)
+    assert idle and ctl.rates_bps["down"] == 19 * MBIT
+
+
+def test_a_slow_starts_burst_above_the_rate_is_no_capacity_drop() -> None:
+    # Senders in slow start push more than the shaped rate through the modem for an
+    # interval: its queue is theirs and the rate drains it within a settle time.
+    ctl = Autorate(config(10, 2, 10))
+    rate = ctl.rates_bps["down"]
+    for s in range(30):
+        ctl.step((s + 1) * 1000, 600.0, 10, {"down": 0.9 * rate, "up": 0.0})
+    burst = ctl.step(31_000, 840.0, 10, {"down": 1.19 * rate, "up": 0.0})
+    after = ctl.step(32_000, 604.0, 10, {"down": 0.95 * rate, "up": 0.0})
+    assert burst == after == []
+    # The same queue with the modem sending barely more than the rate drains for seconds:
+    # a spill near the edge, cut.
+    spill = ctl.step(33_000, 840.0, 10, {"down": 1.02 * rate, "up": 0.0})
+    assert spill and spill[0].new_bps < rate

@@ -1,11 +1,18 @@
-"""The adaptive link rate on the stock kernel: a LEO modem whose capacity drops under load.
+"""The adaptive link rate on the stock kernel: LEO and GEO modems whose capacity drops under load.
 
-One fixed-rate run (what sqm and LibreQoS do) and one adaptive run of the same
-experiment (tests.vm.autorate), about 25 s each; GEO runs in
-`benchmarks.autorate`, which takes longer.
+Per link, one fixed-rate run (what sqm and LibreQoS do: it only has to show the
+modem's queue, so it is short) and one adaptive run of the same experiment
+(tests.vm.autorate), the capacity 12 -> 4.8 Mbit/s under a configured 10 (the
+issue's 20 -> 8 scaled to what TCG carries). LEO, with 5 ms of jitter, also
+steps back to 12, where the controller finds the capacity again within
+seconds; GEO waits 100 round trips (a minute) before it looks past the rate
+that queued, so its way back runs in `benchmarks.autorate`. About 250 s under TCG,
+the village and the datapath's compile included.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 
@@ -15,39 +22,70 @@ from tests.vm.satlink import Gateway
 
 pytestmark = pytest.mark.vm
 
+# (link, adaptive) -> the phases' lengths, seconds. The fixed runs only show the modem's
+# queue; GEO's slow start takes a few round trips of 600 ms before its steady phase.
+PHASES = {
+    ("LEO", False): autorate.Phases(steady_s=3.0, low_s=6.0, settle_s=2.0),
+    ("LEO", True): autorate.Phases(6.0, 12.0, 5.0, back_s=26.0, back_settle_s=18.0),
+    ("GEO", False): autorate.Phases(steady_s=3.0, low_s=6.0, settle_s=2.0),
+    ("GEO", True): autorate.Phases(steady_s=6.0, low_s=28.0, settle_s=12.0, warmup_s=8.0),
+}
+LINKS = {"LEO": autorate.LEO_JITTER, "GEO": autorate.GEO}
+GOAL_MS = {"LEO": 50.0, "GEO": 100.0}
+
 
 @pytest.fixture(scope="module")
-def leo(sat_gateway: tuple[Village, Gateway]) -> dict[bool, autorate.AdaptRun]:
+def runs(sat_gateway: tuple[Village, Gateway]) -> dict[tuple[str, bool], autorate.AdaptRun]:
     v, gw = sat_gateway
-    runs = {adapt: autorate.capacity_drop(v, gw, autorate.LEO, adapt) for adapt in (False, True)}
-    for r in runs.values():
-        print(
-            f"LEO adapt={r.adapt}: base {r.base_ms:.1f} ms, steady ping {r.steady_ping_ms:.1f} ms,"
-            f" gateway's ping {r.steady_gateway_ping_ms:.1f} ms,"
-            f" passive wan p50 {r.steady_wan_p50_ms:.1f} ms, steady changes {r.steady_changes},"
-            f" low p95 {r.low_p95_ms:.1f} ms (inflation {r.inflation_ms:.1f}),"
-            f" utilisation {r.low_utilisation:.2f}, rate {r.low_rate_bps / 1e6:.2f} Mbit/s"
-        )
-    return runs
+    done = {}
+    for (name, adapt), phases in PHASES.items():
+        r = autorate.capacity_drop(v, gw, LINKS[name], adapt, phases)
+        print(f"{name} adapt={adapt}: {r}")
+        done[name, adapt] = r
+    return done
 
 
-def test_passive_rtt_matches_the_path(leo: dict[bool, autorate.AdaptRun]) -> None:
-    # The gateway's own pings cross the WAN path and whatever queues in the modem; the
-    # datapath's WAN RTT of the downloads, taken from their TCP timestamps, the same.
-    for run in leo.values():
-        assert abs(run.steady_wan_p50_ms - run.steady_gateway_ping_ms) <= 5.0
-        assert run.steady_wan_p50_ms >= autorate.LEO.rtt_ms - 1.0
-
-
-def test_no_rate_change_on_a_steady_link(leo: dict[bool, autorate.AdaptRun]) -> None:
-    assert leo[True].steady_changes == 0
-
-
-def test_adaptive_rate_keeps_the_queue_out_of_the_modem(
-    leo: dict[bool, autorate.AdaptRun],
+@pytest.mark.parametrize("name", ["LEO", "GEO"])
+def test_passive_rtt_is_the_path_plus_the_modem_queue(
+    runs: dict[tuple[str, bool], autorate.AdaptRun], name: str
 ) -> None:
-    fixed, adaptive = leo[False], leo[True]
-    assert fixed.inflation_ms >= 150.0  # the modem's buffer fills behind a fixed rate
-    assert adaptive.inflation_ms <= 50.0
+    # The gateway's own pings cross the WAN path and whatever queues in the modem; the
+    # datapath's WAN RTT of the downloads, taken from their TCP timestamps, the same: on
+    # the steady link the configured delay ...
+    adaptive = runs[name, True]
+    assert abs(adaptive.steady_wan_p50_ms - adaptive.steady_gateway_ping_ms) <= 5.0
+    assert adaptive.steady_wan_p50_ms >= LINKS[name].rtt_ms - 1.0
+    # ... and behind the fixed rate, whose modem queue (read from its tbf) is hundreds of
+    # ms, that delay plus the queue. That queue swings (its tail drops halve the senders'
+    # windows) and a flow gives one sample a round trip, so the samples' median and the
+    # pings' (one every 0.2 s) see its swings in different shares: measured 1-26 ms apart
+    # at 340-390 ms of queue, hence the 10 % of it allowed beside the 5 ms.
+    fixed = runs[name, False]
+    assert fixed.low_modem_queue_ms >= 200.0
+    gap_ms = abs(fixed.low_wan_p50_ms - fixed.low_gateway_ping_ms)
+    assert gap_ms <= 5.0 + 0.1 * fixed.low_modem_queue_ms
+
+
+@pytest.mark.parametrize("name", ["LEO", "GEO"])
+def test_no_rate_change_on_a_steady_link(
+    runs: dict[tuple[str, bool], autorate.AdaptRun], name: str
+) -> None:
+    assert runs[name, True].steady_changes == 0
+    assert runs[name, True].steady_utilisation >= 0.8
+
+
+@pytest.mark.parametrize("name", ["LEO", "GEO"])
+def test_adaptive_rate_keeps_the_queue_out_of_the_modem(
+    runs: dict[tuple[str, bool], autorate.AdaptRun], name: str
+) -> None:
+    fixed, adaptive = runs[name, False], runs[name, True]
+    assert fixed.inflation_ms >= 200.0  # the modem's buffer fills behind a fixed rate
+    assert adaptive.inflation_ms <= GOAL_MS[name]
     assert adaptive.low_rate_bps < 0.8 * fixed.low_rate_bps
     assert adaptive.low_utilisation >= 0.8
+
+
+def test_leo_finds_the_capacity_again(runs: dict[tuple[str, bool], autorate.AdaptRun]) -> None:
+    adaptive = runs["LEO", True]
+    assert not math.isnan(adaptive.back_utilisation)
+    assert adaptive.back_utilisation >= 0.8

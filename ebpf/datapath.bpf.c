@@ -1,6 +1,6 @@
+/* Over 400 lines: BCC rewrites map calls in the main source file only, so the RTT tracker cannot
+ * live in a header of its own. */
 /* desanet datapath: per-subscriber metering and HTB steering on the LAN interface.
- * (Over 400 lines: BCC rewrites map calls in the main source file only, so
- * the RTT tracker cannot live in a header of its own.)
  *
  * Attach: tc clsact of the LAN interface, direct-action. desanet_ingress sees
  * what subscribers send (up), desanet_egress what is sent to them (down).

@@ -1,3 +1,6 @@
+# Over 400 lines: it is one class whose attach, open and provisioning share the maps' handles and
+# the owner tables; the policy maps' own work (MACs, the gateway's addresses, drops) is in
+# ebpf/policy_maps.py.
 """The loader: compile the datapath with BCC, pin its maps, attach it to the LAN interface.
 
 Maps live in bpffs under <bpffs>/desanet/<gateway id>/<lan>/, so a restarted
@@ -7,10 +10,6 @@ an attached datapath through those pins alone (bpf(2), no BCC, no compiler);
 `detach()` removes the tc filters, the clsact qdisc and the pins, leaving
 nothing behind. The bpffs must outlive the process (ebpf/bpffs.py checks);
 pins lost while our filters run are taken over from them (ebpf/takeover.py).
-
-Over 400 lines because it is one class whose attach, open and provisioning
-share the maps' handles and the owner tables; the policy maps' own work
-(MACs, the gateway's addresses, drops) is in ebpf/policy_maps.py.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
+# Over 400 lines: every section's checks stand beside the schema, so a field's rule and its error
+# message are found together.
 """The gateway configuration file (TOML): parsed, checked and turned into typed settings.
 
 Every error is a `ConfigError` naming the file, the line and the field, so an
 operator can fix it without reading code ("gateway.toml:7: [link] down: rate
-'20mbps' ..."). Nothing here touches the kernel. (Over 400 lines:
-every section's checks stand beside the schema, so a field's rule and its
-error message are found together.)
+'20mbps' ..."). Nothing here touches the kernel.
 """
 
 from __future__ import annotations

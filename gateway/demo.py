@@ -1,3 +1,5 @@
+# Over 400 lines: one timeline, read top to bottom; the report is gateway/report.py and the
+# console during the run gateway/demo_console.py.
 """`desanet demo`: a village of 8 subscribers in network namespaces, the real service, real traffic.
 
 Timeline: build the village, start `desanet run` in the gateway namespace,
@@ -9,8 +11,6 @@ the end, billed bytes (the usage stream's snapshot) are compared with nftables
 counters of delivered bytes (down in each subscriber's namespace, up on the
 internet side), and a Markdown report with a PNG plot is written.
 Namespaces, processes and pinned maps are removed on exit and on Ctrl-C.
-(A little over 400 lines: one timeline, read top to bottom; the report is
-gateway/report.py and the console during the run gateway/demo_console.py.)
 """
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Over 400 lines: the file's rules and the slot table are the two halves of every reload; the slot
+# table is what moves to its own module next.
 """The subscriber registry: the CSV file operators edit, stable slots, and the diff for hot reload.
 
 Two optional columns may follow the eight, in either order: `mac` lists a
@@ -16,9 +18,6 @@ prefixes and the datapath's single address space (desanet.ebpf.prefixes),
 min <= max <= link (desanet.shaper.plan.rate_fault). Whether the guaranteed
 rates of everyone fit the link is the shaping plan's to say, when the service
 builds it from this file.
-
-(Over 400 lines: the file's rules and the slot table are the two halves of
-every reload; the slot table is what moves to its own module next.)
 """
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Over 400 lines: every step the service takes is ordered here, and nowhere else.
 """`desanet run`: the service loop that sequences datapath, shaper, aggregator, stream and control.
 
 It only sequences steps; every decision lives in a module of its own
@@ -12,8 +13,6 @@ requests, a batch at a time, each batch one transaction and one incremental
 shaper apply. SIGHUP or a changed subscribers file: once the file is complete
 and settled, re-read it and apply only the difference. SIGTERM: flush the last
 usage, close the journals, leave the datapath and the shaping in place.
-(Over 400 lines: every step the service takes is ordered here, and
-nowhere else.)
 """
 
 from __future__ import annotations

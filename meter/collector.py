@@ -1,3 +1,5 @@
+# Over 400 lines: one store for SQLite and PostgreSQL, its schema, migration and the epoch rule
+# together.
 """The reference collector: usage stream -> SQLite (default) or PostgreSQL, idempotently.
 
 Tables (the same in both databases):
@@ -16,8 +18,7 @@ That row may repeat usage the previous epoch already reported (a gateway that
 lost the tail of its journal counts it again from an older state), so it
 bills only what its totals add to the subscriber's latest totals of the
 earlier epoch, and never less than nothing: max(0, total - earlier total).
-See docs/usage-stream.md, "A new epoch". (Over 400 lines: one store for
-SQLite and PostgreSQL, its schema, migration and the epoch rule together.)
+See docs/usage-stream.md, "A new epoch".
 """
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Over 400 lines: the window, the acks, the reconnects and the control replies share one event
+# loop's state; split, each part would reach into the others.
 """The gateway's forwarder: every journaled usage message, in seq order, to the hub's JetStream.
 
 The journal is the outbox. The forwarder reads it from the first message the
@@ -17,9 +19,7 @@ object's own thread. The service loop only calls `notify()` after it journals
 (a non-blocking wake-up), reads `status()`, and calls `stop()`; with a control
 inbox (fleet_control) the same connection also takes the gateway's control
 requests, which cross to the service loop through that inbox's queue only.
-Where to resume in the journal is fleet_outbox's job. (Over 400 lines: the
-window, the acks, the reconnects and the control replies share one event
-loop's state; split, each part would reach into the others.)
+Where to resume in the journal is fleet_outbox's job.
 """
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Over 400 lines: loading, appending, reading, rewriting and retention all keep the same segment
+# index under one lock.
 """The durable, append-only journal of usage messages, one epoch per journal.
 
 Every message is written here, and fsync'd, before it is published. A record
@@ -24,8 +26,7 @@ A consumer that must see every record (the fleet forwarder) `hold()`s the journa
 at the last seq it has delivered: newer segments are kept past both limits, up to
 HOLD_HARD_FACTOR times the size limit, where the disk comes first. Compaction
 (meter.compact) replaces a sealed segment, one record per seq as before, with
-`rewrite_segment`. (Over 400 lines: loading, appending, reading, rewriting and
-retention all keep the same segment index under one lock.)
+`rewrite_segment`.
 """
 
 from __future__ import annotations

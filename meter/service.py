@@ -1,3 +1,5 @@
+# Over 400 lines: journaling, marking and publishing one message are one ordered sequence, kept in
+# one place so the order that makes it exact is visible.
 """The gateway side of the usage stream: journal, publish, replay, all in one object.
 
 The gateway's service loop owns the poll timer and calls `publish(interval,
@@ -8,9 +10,6 @@ also publishes a full snapshot of the totals. On construction it recovers the
 epoch, seq, totals and the aggregator state (meter.recovery): the same epoch
 when its files agree, else a new epoch carrying the newest state it could
 rebuild. Pass `restored_state` to `Aggregator.restore` either way.
-(A little over 400 lines: journaling, marking and publishing one message are
-one ordered sequence, kept in one place so the order that makes it exact is
-visible.)
 """
 
 from __future__ import annotations

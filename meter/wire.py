@@ -1,10 +1,11 @@
+# Over 400 lines: the usage message and the replay protocol are one contract and share their
+# checks.
 """The usage stream's wire formats: the v1 usage message and the replay protocol.
 
 Both sides (gateway and billing client) encode and decode through this module,
 so docs/usage-stream.md and the code describe one format. Decoding checks
 every key and type and raises `StreamError` naming what is wrong; decoding a
-request never raises anything else, whatever the bytes. (Over 400 lines: the
-usage message and the replay protocol are one contract and share their checks.)
+request never raises anything else, whatever the bytes.
 """
 
 from __future__ import annotations

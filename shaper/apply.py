@@ -1,3 +1,6 @@
+# Over 400 lines: applying, rolling back and reading the class statistics back all work on the
+# trees the shaper last wrote and its interface indexes; apart, each would need the others'
+# bookkeeping.
 """The shaper: keeps the kernel's two HTB trees equal to a plan, touching only what differs.
 
 Download is shaped on the LAN interface's egress, upload on an IFB device the
@@ -10,9 +13,6 @@ which request failed and whether the rollback worked.
 
 Everything happens in the network namespace of the calling thread; a fresh
 netlink socket is opened per call so the namespace is always the caller's.
-(Over 400 lines: applying, rolling back and reading the class statistics back all
-work on the trees the shaper last wrote and its interface indexes; apart, each would
-need the others' bookkeeping.)
 """
 
 from __future__ import annotations

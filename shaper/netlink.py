@@ -1,3 +1,6 @@
+# Over 400 lines: the requests that write and the one-leaf read (`encode_leaf_get`) pack the same
+# layouts, and the socket that carries them parses their answers; kept together so they cannot
+# drift apart.
 """The rtnetlink traffic-control messages the shaper sends, and the socket that batches them.
 
 pyroute2 names the protocol here (message types, flags), and its `tcmsg`
@@ -7,9 +10,6 @@ generic message objects take about 240 us to encode one class, which alone
 would make a 10,000-subscriber apply several times slower than `tc -batch`.
 The socket sends hundreds of requests per system call and reads their
 acknowledgements afterwards, so one apply costs a few dozen system calls.
-(Over 400 lines: the requests that write and the one-leaf read (`encode_leaf_get`)
-pack the same layouts, and the socket that carries them parses their answers; kept
-together so they cannot drift apart.)
 """
 
 from __future__ import annotations

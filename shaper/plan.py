@@ -1,3 +1,4 @@
+# Over 400 lines: the trees and the rules that validate them change together.
 """Plans: from the link and every subscriber's rates, the desired HTB tree of each direction.
 
 Each direction has one tree: download on the LAN interface's egress, upload
@@ -14,8 +15,7 @@ on the IFB device the datapath redirects LAN ingress to. In each tree:
 
 Class ids depend only on the slot, so they are stable across reloads.
 Validation happens here, before anything touches the kernel, and every error
-names the subscriber. (Over 400 lines: the trees and the rules that validate
-them change together.)
+names the subscriber.
 """
 
 from __future__ import annotations

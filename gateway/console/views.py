@@ -1,9 +1,10 @@
+# Over 400 lines: every page's view of the status, one place where the console decides what an
+# operator sees.
 """What each page shows, prepared for templates that hold no logic: rows of formatted strings.
 
 Search, sort and paging of the subscribers table happen here, on the
 server, over the cached status: a page renders the rows it shows, never all
-of them. (A little over 400 lines: every page's view of the status, one
-place where the console decides what an operator sees.)
+of them.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="run every benchmark with its peer")
     bench.add_argument("--quick", action="store_true", help="seconds-long smoke runs")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="JSON folder")
+    bench.add_argument("names", nargs="*", metavar="NAME", help="only these (default: all)")
     bench.set_defaults(func=cmd_bench)
 
 
@@ -158,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run every benchmarks/<name>.py module, each writing <out>/<name>.json.
+    """Run every benchmarks/<name>.py module (or those named), each writing <out>/<name>.json.
 
     Each runs as its own program (`python -m`): the gateway starts benchmarks, it never
     imports them (they sit above it). One this machine cannot run says why and skips.
@@ -167,6 +168,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     folder = Path(desanet.__file__).parent / "benchmarks"
     names = sorted(p.stem for p in folder.glob("*.py") if p.stem not in ("__init__", "common"))
+    unknown = sorted(set(args.names) - set(names))
+    if unknown:
+        raise DesanetError(
+            f"no benchmark named {', '.join(unknown)}; there are: {', '.join(names)}"
+        )
+    if args.names:
+        names = [n for n in names if n in args.names]
     failed = []
     for name in names:
         print(f"== benchmarks.{name}", flush=True)

@@ -52,6 +52,21 @@ def test_vm_benchmark_outside_a_checkout_says_why_and_skips(tmp_path: Path) -> N
     assert doc["rows"] == [] and doc["headline"] == {}
 
 
+def test_bench_runs_only_the_benchmarks_named(tmp_path: Path) -> None:
+    # bufferbloat and autorate skip outside the VM harness at once: a quick, real run.
+    assert cli.main(["bench", "--quick", "--out", str(tmp_path), "autorate", "bufferbloat"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["autorate.json", "bufferbloat.json"]
+
+
+def test_bench_refuses_an_unknown_name_and_lists_the_known(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["bench", "--out", str(tmp_path), "shaper", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "no benchmark named nosuch" in err and "aggregate" in err and "stream" in err
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing ran
+
+
 def _make_dry_run(target: str, arch: str) -> str:
     proc = subprocess.run(
         ["make", "-s", "-n", "--no-print-directory", "-C", str(REPO), target, f"DEB_ARCH={arch}"],
@@ -98,3 +113,16 @@ def test_vm_tier_says_it_is_x86_only_elsewhere() -> None:
     assert "runs on x86-64 (amd64) hosts only; this one is arm64" in dry
     assert "tests.vm.run" not in dry
     assert "tests.vm.run" in _make_dry_run("test-vm", "amd64")
+
+
+def test_make_test_runs_every_quick_benchmark_once() -> None:
+    # The wheel tier runs the quick benchmarks from the installed wheel; the checkout runs
+    # exactly those the wheel skips for a harness or an extra, so none is left out.
+    from tests.wheel.run import EXTRA_BENCHMARKS, HARNESS_BENCHMARKS
+
+    dry = _make_dry_run("test", "amd64")
+    assert "tests.wheel.run" in dry
+    runs = [line.split() for line in dry.splitlines() if "desanet bench --quick" in line]
+    assert len(runs) == 1, runs
+    named = set(runs[0][runs[0].index("/tmp/desanet-bench") + 1 :])
+    assert named == HARNESS_BENCHMARKS.keys() | EXTRA_BENCHMARKS.keys()

@@ -12,6 +12,8 @@
    --version, --help, `usage --help`, `collect --help`; `desanet demo` without the demo
    extra stops at once naming it; `desanet bench --quick` runs every benchmark that
    needs no VM and skips bufferbloat and autorate, saying they need a checkout's tests/vm.
+   These are `make test`'s quick runs of those benchmarks: its bench-quick-checkout runs
+   only the ones skipped here for a harness or an extra (CHECKOUT_BENCHMARKS).
 
 Exit code 0 when every check held; else 1, with the failed check and its output.
 """

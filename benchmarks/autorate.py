@@ -18,8 +18,9 @@ what sqm and LibreQoS do) and with `[link] adapt`, one after the other:
 - `changes_steady_adaptive_<leo|geo>`: rate changes on the steady link;
 - `rtt_p95_inflation_ms_adaptive_leo_sawtooth`, `utilisation_adaptive_leo_sawtooth`:
   LEO with 5 ms of netem jitter (on the paced return half, so not reordered)
-  and a slow sawtooth of capacity, 12 -> 4.8 -> 12 Mbit/s over 24 s, adaptive
-  only (utilisation over what the link could carry under `max`);
+  and a slow sawtooth of capacity, 12 -> 4.8 -> 12 Mbit/s over 120 s (set anew
+  each second), adaptive only (utilisation over what the link could carry
+  under `max`);
 - `rtt_error_ms`: the largest gap between the datapath's passive WAN RTT
   (p50 of the downloads' TCP timestamps) and the median of the gateway's own
   pings to the internet host (the same path) during the steady phase, and
@@ -123,6 +124,7 @@ def measure(report: Report) -> None:
                         report.headline[f"utilisation_adaptive_{name}_{phase}"] = round(share, 3)
                     report.headline[f"changes_steady_adaptive_{name}"] = r.steady_changes
             # LEO with 5 ms of jitter, the capacity a slow sawtooth 12 -> 4.8 -> 12 Mbit/s.
+            # Rain fades over minutes: two minutes down and up again.
             saw = autorate.sawtooth(v, gw, autorate.LEO_JITTER, adapt=True)
             print(f"note: LEO sawtooth with jitter, adaptive: {saw}", flush=True)
             report.add(
@@ -148,7 +150,7 @@ def measure(report: Report) -> None:
     )
     report.notes.append(
         "sawtooth: LEO with netem jitter 5 ms on the return half (paced, so not reordered), "
-        "capacity 12 -> 4.8 -> 12 Mbit/s over 24 s, a step a second; utilisation over "
+        "capacity 12 -> 4.8 -> 12 Mbit/s over 120 s, set anew each second; utilisation over "
         "min(capacity, max)"
     )
 

@@ -33,13 +33,18 @@ Theory of operation:
    that queue drains, what gets through is the modem's whole capacity: the
    edge takes the largest). Probing goes straight back to `edge_share` of
    the edge and stays there for `edge_hold_rtts` baselines since the last
-   cut (a minute on GEO, 4 s on LEO); only then does it creep past, by
-   `increase_near_edge`, doubled by each creep that found no queue, up to
-   `increase`. On a long path a TCP sender's own surplus spills into the
-   modem before the shaped rate reaches the capacity, and each spill is
-   hundreds of ms of queue for seconds: what an overshoot costs grows with
-   the round trip, so the wait does. Well past the edge (a cut by
-   `decrease` would not reach back to it) the capacity came back:
+   cut (a minute on GEO, 4 s on LEO): on a long path a TCP sender's own
+   surplus spills into the modem before the shaped rate reaches the
+   capacity, each spill hundreds of ms of queue for seconds, so what an
+   overshoot costs grows with the round trip, and the wait does. Then it
+   creeps: up to the edge in one step, across it by `increase_near_edge`
+   at a time (what gets through and the shaped rate differ by a few %: the
+   headroom, the framing); once twice that past it with no queue (the
+   capacity is rising) by twice that, each creep that found no queue
+   doubling the next, up to `increase`. A probe that meets a
+   queue is cut for at the first interval over the threshold, half a hold
+   after it: it found the edge, it is not noise. Well past the edge (a cut
+   by `decrease` would not reach back to it) the capacity came back:
    `increase` x, doubled by each probe in a row that found no queue, up to
    `increase_max`. Idle (under `busy_share` of the rate) with
    the RTT flat: drift back toward the configured rate; busy but not loaded,
@@ -47,8 +52,10 @@ Theory of operation:
    The result is clamped to [min, max]. An RTT that rises with no traffic of
    ours (a route change) moves nothing; one that rises while the link is
    busy is taken for a queue, and the baseline learns it within minutes.
-5. Rate limits: at most one change per `hold_ms` per direction, and
-   changes smaller than `min_step` of the rate are not made. A change shows
+5. Rate limits: at most one change per `hold_ms` per direction (half
+   that for a cut answering a probe up), and changes smaller than
+   `min_step` of the rate are not made. Waits end on an interval: a tenth
+   of one is forgiven, so a timer a few ms early costs no interval. A change shows
    in the RTT a round trip after it, seen an interval later: a probe waits
    the settle time, `hold_ms` plus two baselines, since the last change (on
    a GEO link 3.2 s: a second probe made before the first one's queue shows
@@ -151,12 +158,16 @@ class Autorate:
     _over: int = 0
     _last_excess: float | None = None
     # Per direction: the last cut (time, the excess it answered); when creeping past the
-    # edge may start, and how many settle times the next wait is; probes in a row that
-    # found no queue (0: the last change was no probe).
+    # edge may start; probes in a row that found no queue (0: the last change was no
+    # probe); creeps in a row made past the edge; the time of the last probe up.
     _last_cut: dict[str, tuple[int, float]] = field(default_factory=dict)
     _creep_at_ms: dict[str, int] = field(default_factory=dict)
     _probes: dict[str, int] = field(default_factory=dict)
     _creeps: dict[str, int] = field(default_factory=dict)
+    _raised_ms: dict[str, int] = field(default_factory=dict)
+    # The last step's time and the interval before it.
+    _t_ms: int | None = None
+    _interval_ms: int = 0
 
     def __post_init__(self) -> None:
         if not self.rates_bps:
@@ -181,6 +192,9 @@ class Autorate:
     ) -> list[RateChange]:
         """Feed one interval; returns the rate changes it decided (often none)."""
         c = self.config
+        if self._t_ms is not None:
+            self._interval_ms = max(0, t_ms - self._t_ms)
+        self._t_ms = t_ms
         excess = None
         if wan_rtt_ms is not None and samples >= c.min_samples:
             excess = self._observe(wan_rtt_ms, throughput_bps)
@@ -223,9 +237,17 @@ class Autorate:
         if excess is not None and excess > threshold:
             self._learn_edge(t_ms, direction, throughput)
         last = self._last_change_ms.get(direction)
-        if last is not None and t_ms - last < c.hold_ms:
+        # Just after a probe up a queue is the edge found again: answered at its first
+        # interval over the threshold, and sooner than the hold.
+        probed = (
+            last is not None
+            and self._raised_ms.get(direction) == last
+            and t_ms - last <= 2 * self.settle_ms()
+        )
+        hold = c.hold_ms // 2 if probed else c.hold_ms
+        if last is not None and not self._waited(t_ms, last, hold):
             return None
-        settled = last is None or t_ms - last >= self.settle_ms()
+        settled = last is None or self._waited(t_ms, last, self.settle_ms())
         loaded = self._loaded(direction, throughput)
         # A link whose capacity fell carries less than the shaped rate: busy, not loaded.
         busy = throughput >= c.busy_share * rate
@@ -233,7 +255,9 @@ class Autorate:
         # A queue shows in two intervals running, a big one at once: one noisy interval
         # (a host busy elsewhere, a burst of cross traffic) moves nothing.
         big = excess is not None and excess > 2 * threshold
-        queueing = excess is not None and (big or (excess > threshold and self._over >= 2))
+        queueing = excess is not None and (
+            big or (excess > threshold and (self._over >= 2 or probed))
+        )
         if (
             busy
             and queueing
@@ -241,6 +265,8 @@ class Autorate:
             and self._cut_due(t_ms, direction, excess, throughput)
         ):
             return self._cut(t_ms, direction, excess, throughput, big)
+        if last is not None and not self._waited(t_ms, last, c.hold_ms):
+            return None
         if loaded and excess is not None and flat:
             if not settled:
                 return None
@@ -253,6 +279,11 @@ class Autorate:
             target = rate + min(step, abs(gap)) * (1 if gap > 0 else -1)
             return self._change(t_ms, direction, target, "idle: back toward the configured rate")
         return None
+
+    def _waited(self, t_ms: int, since_ms: int, wait_ms: float) -> bool:
+        """Whether `wait_ms` has passed since `since_ms`: waits end on an interval, so a
+        tenth of one is forgiven (a timer a few ms early does not cost a whole interval)."""
+        return t_ms - since_ms >= wait_ms - self._interval_ms / 10
 
     def _drain_ms(self, answered_ms: float) -> float:
         """How long a cut's queue of `answered_ms` takes to show it stopped and drain."""
@@ -329,17 +360,24 @@ class Autorate:
             below = c.edge_share * edge / rate - 1
             if below > c.min_step:
                 step = min(step, below)  # straight back to just under the edge
-            elif t_ms < self._creep_at_ms.get(direction, 0):
+            elif not self._waited(t_ms, self._creep_at_ms.get(direction, 0), 0):
                 return None  # at the edge: past it only once the wait is over
+            elif rate < edge * (1 - c.min_step):
+                step, creep = min(step, edge / rate - 1), True  # up to the edge itself
             else:
-                # A creep: a small queue if the edge is still there; doubled by each creep
-                # that found none, up to a far probe's first step.
-                near = min(c.increase - 1, c.increase_near_edge * 2**creeps)
-                step, creep = min(step, near), True
+                # A creep: a small queue if the edge is still there. The edge is crossed
+                # by `increase_near_edge` (what got through and the shaped rate differ by
+                # a few %: the headroom, the framing); past it each creep that found no
+                # queue doubles the next, up to a far probe's first step.
+                past = rate >= edge * (1 + 2 * c.increase_near_edge)
+                near = c.increase_near_edge * (2 ** (creeps + 1) if past else 1)
+                step, creep = min(step, c.increase - 1, near), True
+                creeps += past
         change = self._change(t_ms, direction, rate * (1 + step), "loaded, rtt flat: probing")
         if change is not None:
             self._probes[direction] = probes + 1
-            self._creeps[direction] = creeps + 1 if creep else 0
+            self._creeps[direction] = creeps if creep else 0
+            self._raised_ms[direction] = t_ms
         return change
 
     def _change(self, t_ms: int, direction: str, target: float, reason: str) -> RateChange | None:

@@ -149,9 +149,12 @@ def test_changes_are_rate_limited_and_idle_drifts_back() -> None:
     run(ctl, link, 30)
     link.capacity_bps = 4 * MBIT
     changes, _ = run(ctl, link, 60, t0=30)
-    times = [c.t_ms for c in changes if c.direction == "down"]
-    assert len(times) >= 2
-    assert all(b - a >= ctl.config.hold_ms for a, b in itertools.pairwise(times))
+    down = [c for c in changes if c.direction == "down"]
+    assert len(down) >= 2
+    # A hold between changes; half of one when a cut answers the probe up before it.
+    for a, b in itertools.pairwise(down):
+        answer = a.new_bps > a.old_bps and b.new_bps < b.old_bps
+        assert b.t_ms - a.t_ms >= ctl.config.hold_ms // (2 if answer else 1)
     link.capacity_bps = 20 * MBIT
     drift, _ = run(ctl, link, 120, t0=90, offered=0.0)
     assert drift and all(c.new_bps > c.old_bps for c in drift)
@@ -248,3 +251,29 @@ def test_a_slow_starts_burst_above_the_rate_is_no_capacity_drop() -> None:
     # a spill near the edge, cut.
     spill = ctl.step(33_000, 840.0, 10, {"down": 1.02 * rate, "up": 0.0})
     assert spill and spill[0].new_bps < rate
+
+
+def test_leo_crosses_the_edge_in_small_creeps_and_answers_the_first_queue_at_once() -> None:
+    ctl = Autorate(config(10, 2, 10))
+    link = SatLink(12 * MBIT, 40.0, 5.0, buffer_ms=400.0)
+    run(ctl, link, 20)
+    link.capacity_bps = 4.8 * MBIT
+    run(ctl, link, 3, t0=20)
+    edge = ctl._edge_bps["down"]
+    assert edge == pytest.approx(4.8 * MBIT, rel=0.01)
+    link.capacity_bps = 5.3 * MBIT  # the fade eases: the edge learned is 10 % low
+    changes, trace = run(ctl, link, 60, t0=23)
+    first_cut = next(c for c in changes if c.new_bps < c.old_bps)
+    ups = [c for c in changes if c.new_bps > c.old_bps and c.t_ms < first_cut.t_ms]
+    # The edge is crossed in creeps of increase_near_edge; only past it do they grow ...
+    near = ctl.config.increase_near_edge
+    for c in ups:
+        if 0.95 * edge <= c.old_bps < edge:
+            assert c.new_bps <= c.old_bps * (1 + near) + 1, ups
+    assert any(c.new_bps > c.old_bps * (1 + 1.5 * near) for c in ups if c.old_bps >= edge), ups
+    # ... and the queue the last probe finds is cut for at its first interval over the
+    # threshold, half a hold after it: one interval's worth, under LEO's 50 ms goal.
+    probe = ups[-1]
+    assert first_cut.t_ms - probe.t_ms <= ctl.config.hold_ms // 2
+    queue_at_cut_ms = trace[first_cut.t_ms // 1000 - 24][2]
+    assert queue_at_cut_ms < 50

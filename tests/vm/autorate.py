@@ -21,9 +21,10 @@ back at `high` after `back_settle_s`, the delivered rate.
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -82,6 +83,13 @@ def modem(v: Village, link: ModemLink, capacity_bps: int) -> None:
          "rate", f"{link.up_bps}bit", "limit", limit], v.gw_ns)  # fmt: skip
 
 
+def set_capacity(v: Village, capacity_bps: int) -> None:
+    """Change the modem's capacity in place: its queue and the path's delay stay."""
+    run(["tc", "qdisc", "change", "dev", "uplink", "parent", "1:1", "handle", "2:", "tbf",
+         "rate", f"{capacity_bps}bit", "burst", "16kb", "latency", f"{MODEM_BUFFER_MS}ms"],
+        v.inet_ns)  # fmt: skip
+
+
 def modem_queue_ms(v: Village, capacity_bps: int) -> float:
     """The modem's queue now: its tbf's backlog at `capacity_bps`, in ms."""
     out = run(["tc", "-s", "qdisc", "show", "dev", "uplink"], v.inet_ns, check=False)
@@ -116,6 +124,7 @@ class AdaptRun:
     low_modem_queue_ms: float  # the modem's queue meanwhile (median of one read a second)
     back_utilisation: float  # back at high: delivered over min(high, configured); NaN: no phase
     back_rate_bps: int  # the shaped rate at the end
+    trace: tuple[str, ...] = field(default=(), repr=False)  # _Driver.trace
 
     @property
     def inflation_ms(self) -> float:
@@ -144,6 +153,25 @@ def time_weighted_p50_ms(wan: np.ndarray) -> float:
     middle_ms = LINK_EDGES_MS[:-1] + 0.5
     weights = np.rint(wan.astype(np.float64) * middle_ms).astype(np.int64)
     return percentile_ms(weights, LINK_EDGES_MS, 0.5) or float("nan")
+
+
+def _downloads(
+    v: Village, busy: list[SubscriberHost], seconds: float, streams: int
+) -> list[subprocess.Popen[bytes]]:
+    """Greedy downloads for `seconds` and a margin: under TCG every tc and ping call
+    stretches the phases, so the run stops them itself (`_stop`) once measured."""
+    return satlink.start_downloads(v, busy, seconds + 20, streams)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the downloads; one that had already ended ended inside a measured phase."""
+    ended = [p.args for p in procs if p.poll() is not None]
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(timeout=30)
+    if ended:
+        raise RuntimeError(f"downloads ended before the run did: {ended}")
 
 
 def _p95(values: list[float]) -> float:
@@ -182,6 +210,10 @@ class _Driver:
         self.changes = 0
         self.queue_of: int | None = None  # the capacity whose queue each step reads
         self.queues_ms: list[float] = []
+        # One line per interval: seconds since the start, the shaped rate and the delivered
+        # download (Mbit/s), the interval's WAN RTT p50 and samples, the changes decided.
+        self.trace: list[str] = []
+        self._start = time.monotonic()
         self._last = gw.counters()
         self._t = time.monotonic()
         self.latency.window.update(int(self._t * 1000))
@@ -196,7 +228,16 @@ class _Driver:
         delta = (counters - self._last).astype(np.float64) * 8 / elapsed
         rates = np.stack([delta[:, _UP], delta[:, _DOWN]], axis=1)
         self._last, self._t = counters, now
-        self.changes += len(self.latency.tick(int(now * 1000), rates))
+        decided = self.latency.tick(int(now * 1000), rates)
+        self.changes += len(decided)
+        wan = self.latency.window.last_interval[abi.RTT_WAN]
+        p50 = percentile_ms(wan, LINK_EDGES_MS, 0.5)
+        self.trace.append(
+            f"{now - self._start:6.1f} s  rate {self.rate_bps() / 1e6:5.2f}  "
+            f"got {rates[:, 1].sum() / 1e6:5.2f}  wan p50 {p50 or 0:6.1f} ms "
+            f"({int(wan.sum())})  "
+            + "; ".join(f"{c.direction} {c.new_bps / 1e6:.2f} {c.reason}" for c in decided)
+        )
         with in_netns(self.v.gw_ns):
             self.latency.enforce(self.applier)
         if self.queue_of is not None:
@@ -244,8 +285,8 @@ def capacity_drop(
         driver = _Driver(v, gw, link, adapt)
         idle, busy = v.subscribers[0], v.subscribers[1:]
         base = satlink.median(pings_ms(v, idle.netns, 2.0))
-        length = phases.warmup_s + steady_s + low_s + back_s + 3
-        procs = satlink.start_downloads(v, busy, length, streams)
+        length = phases.warmup_s + steady_s + low_s + back_s
+        procs = _downloads(v, busy, length, streams)
         driver.drive(phases.warmup_s)  # slow start, and the controller's baseline
         changes_before = driver.changes
         available = min(link.high_bps, link.configured_bps)
@@ -259,16 +300,16 @@ def capacity_drop(
             steady_pings, gateway_pings = pings.result(), own.result()
         steady_changes = driver.changes - changes_before
         steady = _share(gw, busy, down0, t0, available)
-        modem(v, link, link.low_bps)
+        set_capacity(v, link.low_bps)
         driver.drive(settle_s)
         low = _window(gw, busy, link.low_bps, driver, low_s - settle_s, idle)
         low_rate = driver.rate_bps()
         back = float("nan")
         if back_s:
-            modem(v, link, link.high_bps)
+            set_capacity(v, link.high_bps)
             driver.drive(back_settle_s)
             back = _window(gw, busy, available, driver, back_s - back_settle_s).share
-        satlink.finish(procs)
+        _stop(procs)
         return AdaptRun(
             link=link.name,
             adapt=adapt,
@@ -287,6 +328,7 @@ def capacity_drop(
             low_modem_queue_ms=satlink.median(driver.queues_ms),
             back_utilisation=back,
             back_rate_bps=driver.rate_bps(),
+            trace=tuple(driver.trace),
         )
     finally:
         remove_modem(v)
@@ -339,6 +381,7 @@ class SawtoothRun:
     p95_ms: float  # its p95 ping RTT while the capacity moves
     utilisation: float  # delivered download over what the link could carry under max
     changes: int  # rate changes during the sawtooth
+    trace: tuple[str, ...] = field(default=(), repr=False)  # _Driver.trace, the capacities
 
     @property
     def inflation_ms(self) -> float:
@@ -347,38 +390,49 @@ class SawtoothRun:
 
 
 def sawtooth(
-    v: Village, gw: Gateway, link: ModemLink, adapt: bool, seconds: int = 24, streams: int = 2
+    v: Village,
+    gw: Gateway,
+    link: ModemLink,
+    adapt: bool,
+    period_s: float = 120.0,
+    streams: int = 2,
 ) -> SawtoothRun:
-    """The capacity falls from `high` to `low` and climbs back, a step each second."""
+    """The capacity falls from `high` to `low` and climbs back over `period_s`, set anew
+    each second from the time since the start."""
     modem(v, link, link.high_bps)
     try:
         driver = _Driver(v, gw, link, adapt)
         idle, busy = v.subscribers[0], v.subscribers[1:]
         base = satlink.median(pings_ms(v, idle.netns, 2.0))
-        procs = satlink.start_downloads(v, busy, seconds + 6, streams)
+        procs = _downloads(v, busy, 3.0 + period_s, streams)
         driver.drive(3.0)  # slow start
         changes_before = driver.changes
         down0 = gw.down_bytes()
         carried = 0.0  # bits the link could have carried below the shaper's max
+        capacity = link.high_bps
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pings = pool.submit(pings_ms, v, idle.netns, seconds - 1)
-            last = time.monotonic()
-            for s in range(seconds):
-                fall = abs(2 * s / seconds - 1)  # 1 -> 0 -> 1
-                capacity = int(link.low_bps + (link.high_bps - link.low_bps) * fall)
-                modem(v, link, capacity)
-                driver.drive(1.0)
+            pings = pool.submit(pings_ms, v, idle.netns, period_s - 1)
+            start = since = time.monotonic()
+            while (elapsed := time.monotonic() - start) < period_s:
+                # The old capacity holds until the new one is set (a tc call: slow here).
+                fall = abs(2 * elapsed / period_s - 1)  # 1 -> 0 -> 1
+                new = int(link.low_bps + (link.high_bps - link.low_bps) * fall)
+                set_capacity(v, new)
                 now = time.monotonic()
-                carried += min(capacity, link.configured_bps) * (now - last)
-                last = now
+                carried += min(capacity, link.configured_bps) * (now - since)
+                capacity, since = new, now
+                driver.trace.append(f"capacity {capacity / 1e6:.2f}")
+                driver.drive(min(1.0, period_s - elapsed))
+            carried += min(capacity, link.configured_bps) * (time.monotonic() - since)
             low_pings = pings.result()
         delivered = float((gw.down_bytes() - down0)[[s.index for s in busy]].sum()) * 8
-        satlink.finish(procs)
+        _stop(procs)
         return SawtoothRun(
             base_ms=base,
             p95_ms=_p95(low_pings),
             utilisation=delivered / carried if carried else 0.0,
             changes=driver.changes - changes_before,
+            trace=tuple(driver.trace),
         )
     finally:
         remove_modem(v)

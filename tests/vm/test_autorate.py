@@ -41,6 +41,7 @@ def runs(sat_gateway: tuple[Village, Gateway]) -> dict[tuple[str, bool], autorat
     for (name, adapt), phases in PHASES.items():
         r = autorate.capacity_drop(v, gw, LINKS[name], adapt, phases)
         print(f"{name} adapt={adapt}: {r}")
+        print("\n".join(r.trace))  # shown when a test fails: the controller's every step
         done[name, adapt] = r
     return done
 

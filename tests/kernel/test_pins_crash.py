@@ -42,7 +42,7 @@ IP_NETNS_EXEC = "ip netns exec"
 OWN_BPFFS = "ip netns exec, with a bpffs mounted inside"
 NSENTER = "nsenter --net"
 HEADER = "id,name,prefixes,down_min,down_max,up_min,up_max,quota\n"
-KILLS = 3
+KILLS = 2
 # The transfers run until the kills are over (a restart compiles under full load, 3-6 s),
 # then 2 s more; about 25 s in all. The limit only bounds a run gone wrong.
 TRAFFIC_LIMIT_S = 90

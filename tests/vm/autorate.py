@@ -119,7 +119,6 @@ class AdaptRun:
     low_utilisation: float  # delivered download over the low capacity
     low_rate_bps: int  # the shaped rate at the end of the low phase
     low_wan_p50_ms: float  # the passive WAN RTT of the low phase
-    low_wan_time_p50_ms: float  # ... each sample weighted by its RTT (see time_weighted_p50_ms)
     low_gateway_ping_ms: float  # the gateway's own pings meanwhile
     low_modem_queue_ms: float  # the modem's queue meanwhile (median of one read a second)
     back_utilisation: float  # back at high: delivered over min(high, configured); NaN: no phase
@@ -139,20 +138,6 @@ def pings_ms(v: Village, netns: str, seconds: float, interval_s: float = 0.2) ->
     out = run(["ping", "-n", "-i", f"{interval_s:g}", "-c", count, "-w", f"{seconds + 3:g}",
                "-W", "3", INET_V4], netns, check=False)  # fmt: skip
     return [float(m) for m in _RTT.findall(out)]
-
-
-def time_weighted_p50_ms(wan: np.ndarray) -> float:
-    """The median of the passive WAN RTT over time rather than over samples.
-
-    A flow gives one sample a round trip: while a fixed rate's modem queue swings
-    (its tail drops halve the senders' windows), the short round trips give more
-    samples than the long ones. Weighting each sample by its RTT (the time it
-    stands for) is the benchmark's second view of the samples beside the pings
-    (one every 0.2 s); neither view is the pings' exactly, as the flows' round
-    trips overlap."""
-    middle_ms = LINK_EDGES_MS[:-1] + 0.5
-    weights = np.rint(wan.astype(np.float64) * middle_ms).astype(np.int64)
-    return percentile_ms(weights, LINK_EDGES_MS, 0.5) or float("nan")
 
 
 def _downloads(
@@ -323,7 +308,6 @@ def capacity_drop(
             low_utilisation=low.share,
             low_rate_bps=low_rate,
             low_wan_p50_ms=percentile_ms(low.wan, LINK_EDGES_MS, 0.5) or float("nan"),
-            low_wan_time_p50_ms=time_weighted_p50_ms(low.wan),
             low_gateway_ping_ms=satlink.median(low.gateway_pings),
             low_modem_queue_ms=satlink.median(driver.queues_ms),
             back_utilisation=back,

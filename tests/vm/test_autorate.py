@@ -25,9 +25,9 @@ pytestmark = pytest.mark.vm
 # (link, adaptive) -> the phases' lengths, seconds. The fixed runs only show the modem's
 # queue; GEO's slow start takes a few round trips of 600 ms before its steady phase.
 PHASES = {
-    ("LEO", False): autorate.Phases(steady_s=3.0, low_s=6.0, settle_s=2.0),
+    ("LEO", False): autorate.Phases(steady_s=3.0, low_s=8.0, settle_s=2.0),
     ("LEO", True): autorate.Phases(6.0, 12.0, 5.0, back_s=26.0, back_settle_s=18.0),
-    ("GEO", False): autorate.Phases(steady_s=3.0, low_s=6.0, settle_s=2.0),
+    ("GEO", False): autorate.Phases(steady_s=3.0, low_s=8.0, settle_s=2.0),
     ("GEO", True): autorate.Phases(steady_s=6.0, low_s=28.0, settle_s=12.0, warmup_s=8.0),
 }
 LINKS = {"LEO": autorate.LEO_JITTER, "GEO": autorate.GEO}
@@ -56,11 +56,13 @@ def test_passive_rtt_is_the_path_plus_the_modem_queue(
     adaptive = runs[name, True]
     assert abs(adaptive.steady_wan_p50_ms - adaptive.steady_gateway_ping_ms) <= 5.0
     assert adaptive.steady_wan_p50_ms >= LINKS[name].rtt_ms - 1.0
-    # ... and behind the fixed rate, whose modem queue (read from its tbf) is hundreds of
-    # ms, that delay plus the queue. That queue swings (its tail drops halve the senders'
-    # windows) and a flow gives one sample a round trip, so the samples' median and the
-    # pings' (one every 0.2 s) see its swings in different shares: measured 1-26 ms apart
-    # at 340-390 ms of queue, hence the 10 % of it allowed beside the 5 ms.
+    # ... and behind the fixed rate the configured delay plus the modem's queue (hundreds of
+    # ms, read from its tbf), as the pings see it. That queue swings (tail drops halve the
+    # senders' windows), and over these few seconds a sample a round trip per flow and a
+    # ping every 0.2 s catch its swings in different shares: measured 1-26 ms apart at
+    # 280-390 ms of queue, hence 10 % of it allowed beside the 5 ms. (benchmarks.autorate's
+    # longer windows put the passive RTT within 0.0-3.4 ms of the delay plus the queue and
+    # 1.4-2.3 ms of the pings.)
     fixed = runs[name, False]
     assert fixed.low_modem_queue_ms >= 200.0
     gap_ms = abs(fixed.low_wan_p50_ms - fixed.low_gateway_ping_ms)

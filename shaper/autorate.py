@@ -41,9 +41,9 @@ Theory of operation:
    at a time (what gets through and the shaped rate differ by a few %: the
    headroom, the framing); once twice that past it with no queue (the
    capacity is rising) by twice that, each creep that found no queue
-   doubling the next, up to `increase`. A probe that meets a
-   queue is cut for at the first interval over the threshold, half a hold
-   after it: it found the edge, it is not noise. Well past the edge (a cut
+   doubling the next, up to `increase`. A probe that meets a queue is cut
+   for at the first interval over the threshold, half a hold after it: it
+   found the edge, it is not noise. Well past the edge (a cut
    by `decrease` would not reach back to it) the capacity came back:
    `increase` x, doubled by each probe in a row that found no queue, up to
    `increase_max`. Idle (under `busy_share` of the rate) with
@@ -55,11 +55,11 @@ Theory of operation:
 5. Rate limits: at most one change per `hold_ms` per direction (half
    that for a cut answering a probe up), and changes smaller than
    `min_step` of the rate are not made. Waits end on an interval: a tenth
-   of one is forgiven, so a timer a few ms early costs no interval. A change shows
-   in the RTT a round trip after it, seen an interval later: a probe waits
-   the settle time, `hold_ms` plus two baselines, since the last change (on
-   a GEO link 3.2 s: a second probe made before the first one's queue shows
-   would stack on it). Within the settle time of the last cut plus the time
+   of one is forgiven, so a timer a few ms early costs no interval. A
+   change shows in the RTT a round trip after it, seen an interval later: a
+   probe waits the settle time, `hold_ms` plus two baselines, since the
+   last change (on a GEO link 3.2 s: a second probe made before the first
+   one's queue shows would stack on it). Within the settle time of the last cut plus the time
    its queue takes to drain (the excess it answered over 1 - `decrease`),
    another cut is made only for an excess grown by more than the threshold
    past the one that cut answered (the capacity still falling): the RTT

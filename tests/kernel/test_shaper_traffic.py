@@ -29,8 +29,8 @@ pytestmark = pytest.mark.kernel
 
 # Both directions at 20 Mbit/s, so a 2 Mbit/s cap binds below the fair share both ways.
 LINK = Link(down_bps=20_000_000, up_bps=20_000_000)
-RUN_S = 9
-WINDOW = (3.0, 8.5)
+RUN_S = 7
+WINDOW = (2.5, 6.5)
 M = 1_000_000
 
 

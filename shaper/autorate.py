@@ -1,3 +1,5 @@
+# Over 400 lines: the controller is one state machine whose rules read each other's state;
+# its theory of operation, a third of the file, stands beside the code it explains.
 """The adaptive link rate: a pure controller that follows the uplink's capacity from the WAN RTT.
 
 No I/O: it is fed, once an interval, the time, the link's WAN RTT samples of

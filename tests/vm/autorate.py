@@ -1,3 +1,5 @@
+# Over 400 lines: one experiment shared by the VM test and the benchmark: the emulated modem,
+# the service's latency step driven as the service drives it, and the runs with what they measure.
 """The adaptive link rate on a lab village, shared by the VM test and `benchmarks.autorate`.
 
 The emulated modem (tests.vm.satlink's village, replaced here) is netem's

@@ -12,16 +12,14 @@ from desanet.gateway.demo import run_demo
 
 pytestmark = pytest.mark.kernel
 
-SECONDS = 22  # of load: the demo's least is 20
-
 
 def test_demo_report_meets_its_checks_and_cleans_up(tmp_path: Path) -> None:
-    summary = run_demo(seconds=SECONDS, out_dir=tmp_path, print_=lambda *_: None)
+    summary = run_demo(seconds=30, out_dir=tmp_path, print_=lambda *_: None)
     fairness = summary["fairness"]
     assert fairness["down_before"] >= 0.95 and fairness["down_after"] >= 0.95
     assert summary["jain"] >= 0.95
     assert summary["billing_error"] <= 0.001
-    assert summary["throttled_at_s"] is not None and summary["throttled_at_s"] < SECONDS
+    assert summary["throttled_at_s"] is not None and summary["throttled_at_s"] < 30
     # The suspended subscriber is walled, the throttled one held near its fair-use plan.
     after = summary["rates_after"]
     assert after["s6"][0] < 200_000
@@ -39,7 +37,7 @@ def test_demo_report_meets_its_checks_and_cleans_up(tmp_path: Path) -> None:
     # directions read most intervals, with percentiles that are real times (p50 <= p95).
     rtt = summary["passive_rtt_ms"]
     for direction in ("wan", "lan"):
-        assert rtt[direction]["points"] >= 0.6 * SECONDS, rtt
+        assert rtt[direction]["points"] >= 20, rtt
         assert 0 < rtt[direction]["p50_median"] <= rtt[direction]["p95_max"] < 1000, rtt
     record = json.loads((tmp_path / "summary.json").read_text())["record"]
     assert all(p50 <= p95 for s in record["latency"] for p50, p95 in s["link"].values())
